@@ -1,0 +1,3 @@
+fn main() {
+    vlmhost_build::link_libtorch();
+}

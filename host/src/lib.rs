@@ -1,0 +1,13 @@
+//! # vlmhost: a trainer for vision-language models whose families are plugins
+//!
+//! The host knows no model. Plugins (`cdylib`s speaking
+//! [`vlmhost_plugin_api`]) serve model families; the host finds and loads
+//! them ([`loader`]), checks the machine ([`doctor`], [`torch_env`]), and owns
+//! everything that is the same for every family.
+
+pub mod cli;
+pub mod doctor;
+pub mod loader;
+pub mod torch_env;
+
+pub use vlmhost_plugin_api as plugin_api;

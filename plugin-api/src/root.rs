@@ -1,0 +1,32 @@
+//! The root module every plugin library exports.
+
+use crate::{PluginError, PluginManifest};
+use abi_stable::library::RootModule;
+use abi_stable::package_version_strings;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::RResult;
+use abi_stable::StableAbi;
+
+/// The plugin's table of entry points.
+///
+/// A prefix type: fields after the `last_prefix_field` are optional, so new
+/// entry points can be appended in a minor version and older plugins still
+/// load (the host then sees `None` for what they lack). Every entry point is
+/// `extern "C"`, returns `RResult<_, PluginError>`, and is wrapped by
+/// [`export_plugin!`](crate::export_plugin) in a panic guard.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+pub struct PluginMod {
+    /// Who the plugin is and which families it serves. Cheap and side-effect
+    /// free: the host calls it for every library it discovers.
+    #[sabi(last_prefix_field)]
+    pub manifest: extern "C" fn() -> RResult<PluginManifest, PluginError>,
+}
+
+impl RootModule for PluginModRef {
+    abi_stable::declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "vlmhost_plugin";
+    const NAME: &'static str = "vlmhost plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

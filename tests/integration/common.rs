@@ -1,0 +1,86 @@
+//! Helpers: run the binary, find the plugin libraries the workspace built.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `vlmhost` binary under test.
+pub fn vlmhost_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vlmhost"))
+}
+
+/// `target/<profile>`: where the binary and the workspace's plugins are.
+pub fn profile_dir() -> PathBuf {
+    vlmhost_bin().parent().unwrap().to_path_buf()
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn must_exist(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's plugins first \
+         (scripts/test.sh does: cargo build --workspace --examples)",
+        path.display()
+    );
+    path
+}
+
+/// A plugin library built as a workspace member (`libNAME.so` next to the binary).
+pub fn member_plugin(lib_name: &str) -> PathBuf {
+    must_exist(profile_dir().join(format!("lib{lib_name}.so")))
+}
+
+/// A deliberately broken plugin built as an example of `vlmhost-test-broken`.
+pub fn broken_plugin(example: &str) -> PathBuf {
+    must_exist(profile_dir().join("examples").join(format!("lib{example}.so")))
+}
+
+/// The outcome of one `vlmhost` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+    /// stdout and stderr, for assertions and failure messages.
+    pub fn all(&self) -> String {
+        format!("--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Run `vlmhost ARGS` in `cwd` with `$VLMHOST_PLUGIN_PATH` set to `plugin_path`
+/// (or unset).
+pub fn vlmhost(args: &[&str], cwd: &Path, plugin_path: Option<&str>) -> Run {
+    let mut cmd = Command::new(vlmhost_bin());
+    cmd.args(args).current_dir(cwd).env_remove("VLMHOST_PLUGIN_PATH");
+    if let Some(p) = plugin_path {
+        cmd.env("VLMHOST_PLUGIN_PATH", p);
+    }
+    let run: Run = cmd.output().expect("cannot run vlmhost").into();
+    // Whatever the outcome, a crash is never acceptable.
+    assert!(run.code >= 0, "vlmhost was killed by a signal\n{}", run.all());
+    assert!(!run.stderr.contains("panicked at"), "vlmhost panicked\n{}", run.all());
+    run
+}
+
+/// A fresh temporary folder.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("cannot create a temporary folder")
+}

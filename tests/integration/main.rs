@@ -1,0 +1,7 @@
+//! Cross-crate tests: the `vlmhost` binary against real plugin libraries.
+//!
+//! They need the workspace's plugins built: `scripts/test.sh` builds them
+//! (`cargo build --workspace --examples`) before `cargo test --workspace`.
+
+mod common;
+mod plugins;

@@ -1,0 +1,14 @@
+//! A plugin built against vlmhost-plugin-api 2.0.0: the host must refuse it
+//! with a message naming both versions, not crash on a layout it cannot know.
+
+use plugin_api_v2::{export_plugin, FamilyInfo, Plugin};
+
+pub struct FromTheFuture;
+
+impl Plugin for FromTheFuture {
+    fn families() -> Vec<FamilyInfo> {
+        vec![FamilyInfo::new("test_api_v2", "Test plugin built against plugin-api 2.0.0")]
+    }
+}
+
+export_plugin!(FromTheFuture);

@@ -1,0 +1,1 @@
+//! Nothing here: the broken plugins are the examples of this package.

@@ -1,0 +1,16 @@
+//! The smallest valid plugin: one family, nothing else. The host's tests load it,
+//! copy it to make duplicates, and list it.
+
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, Plugin};
+
+pub struct Minimal;
+
+impl Plugin for Minimal {
+    fn families() -> Vec<FamilyInfo> {
+        vec![FamilyInfo::new("test_minimal", "Test plugin: serves one family and nothing else")
+            .model_types(["test_minimal"])
+            .architectures(["TestMinimalForConditionalGeneration"])]
+    }
+}
+
+export_plugin!(Minimal);
