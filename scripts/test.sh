@@ -7,5 +7,6 @@ if [[ ! -e .libtorch ]]; then
     echo "test: .libtorch is missing; run scripts/setup.sh first" >&2
     exit 1
 fi
+scripts/fixtures.sh
 cargo build --workspace --lib --bins --examples
 cargo test --workspace "$@"

@@ -96,7 +96,7 @@ fn plugins(spec: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     for p in &report.problems {
         eprintln!("warning: {}", p.error);
     }
-    for (family, libs) in discovery.duplicates() {
+    for (family, libs) in &report.duplicates {
         let libs: Vec<String> = libs.iter().map(|p| p.display().to_string()).collect();
         eprintln!("warning: family {family:?} is served by several libraries: {}", libs.join(", "));
     }

@@ -60,6 +60,8 @@ pub struct ProblemEntry {
 pub struct PluginsReport {
     pub plugins: Vec<PluginEntry>,
     pub problems: Vec<ProblemEntry>,
+    /// Families served by more than one library: family -> libraries.
+    pub duplicates: std::collections::BTreeMap<String, Vec<PathBuf>>,
     pub searched: Vec<SearchDir>,
 }
 
@@ -99,6 +101,7 @@ impl PluginsReport {
                 .iter()
                 .map(|e| ProblemEntry { path: e.path().to_path_buf(), error: e.to_string() })
                 .collect(),
+            duplicates: d.duplicates(),
             searched: d.searched.clone(),
         }
     }
@@ -187,7 +190,7 @@ impl DoctorReport {
         for p in &plugins.problems {
             issues.push(p.error.clone());
         }
-        for (family, libs) in discovery.duplicates() {
+        for (family, libs) in &plugins.duplicates {
             let libs: Vec<String> = libs.iter().map(|p| p.display().to_string()).collect();
             issues.push(format!(
                 "family {family:?} is served by several libraries: {}; remove all but one",

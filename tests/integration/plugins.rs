@@ -83,7 +83,9 @@ fn plugins_in_working_dir_plugins_folder_are_found() {
     let paths: Vec<&str> =
         v["plugins"].as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap()).collect();
     assert!(paths.iter().any(|p| p.ends_with("plugins/libcopy.so")), "{paths:?}");
-    assert!(run.stderr.contains("served by several libraries"), "{}", run.all());
+    assert_eq!(v["duplicates"]["test_minimal"].as_array().map(Vec::len), Some(2), "{}", run.all());
+    let text = vlmhost(&["plugins"], dir.path(), None);
+    assert!(text.stderr.contains("family \"test_minimal\" is served by several libraries"), "{}", text.all());
 }
 
 #[test]

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Regenerate the reference fixtures the parity tests read, when their script
+# changed. Each scripts/fixtures/make_NAME_fixture.py writes target/fixtures/NAME/,
+# computed by the pinned reference packages in .venv (transformers, peft, ...);
+# a stamp holding the script's sha256 (and the requirements') marks it fresh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=.venv/bin/python
+[[ -x "$py" ]] || { echo "fixtures: .venv is missing; run scripts/setup.sh first" >&2; exit 1; }
+mkdir -p target/fixtures
+for script in scripts/fixtures/make_*_fixture.py; do
+    name="$(basename "$script")"; name="${name#make_}"; name="${name%_fixture.py}"
+    out="target/fixtures/$name"
+    want="$(cat "$script" scripts/requirements-ref.txt | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$want" ]]; then
+        continue
+    fi
+    echo "fixtures: generating $out with $script"
+    rm -rf "$out.tmp"
+    "$py" "$script" --output "$out.tmp"
+    echo "$want" > "$out.tmp/.stamp"
+    rm -rf "$out"
+    mv "$out.tmp" "$out"
+done
