@@ -8,6 +8,10 @@
 pub mod cli;
 pub mod doctor;
 pub mod loader;
+pub mod config;
+pub mod patterns;
+pub mod rules;
+pub mod weights;
 pub mod torch_env;
 
 pub use vlmhost_plugin_api as plugin_api;

@@ -26,7 +26,7 @@
 //!
 //! ## Writing a plugin
 //! ```ignore
-//! use vlmhost_plugin_api::{export_plugin, FamilyInfo, Plugin};
+//! use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
 //!
 //! pub struct MyPlugin;
 //! impl Plugin for MyPlugin {
@@ -35,22 +35,32 @@
 //!             .model_types(["my_vlm"])
 //!             .architectures(["MyVlmForConditionalGeneration"])]
 //!     }
+//!     fn open(family: &str, dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+//!         Ok(Box::new(MyModel::from_dir(dir)?))
+//!     }
 //! }
 //! export_plugin!(MyPlugin);
 //! ```
 //! The crate needs `crate-type = ["cdylib", "rlib"]` and, in its `build.rs`,
 //! `vlmhost_build::link_libtorch()` (so a stand-alone plugin links CUDA for real).
 
+pub mod builder;
 pub mod error;
+pub mod host;
 pub mod manifest;
+pub mod model;
 pub mod root;
+pub mod sample;
 pub mod sdk;
 pub mod tensor;
 
+pub use builder::{LinearId, ParamId, SpecBuilder, SpecPath};
 pub use error::PluginError;
+pub use host::Host;
 pub use manifest::{FamilyInfo, PluginManifest};
+pub use model::{ModelSpec, ParamKind, Role};
 pub use root::{PluginMod, PluginModRef};
-pub use sdk::Plugin;
+pub use sdk::{BatchInputs, FamilyModel, Plugin, PreparedSample};
 pub use tensor::{OwnedTensor, TensorRef};
 
 #[doc(hidden)]

@@ -1,10 +1,11 @@
 //! The root module every plugin library exports.
 
+use crate::model::ModelBox;
 use crate::{PluginError, PluginManifest};
 use abi_stable::library::RootModule;
 use abi_stable::package_version_strings;
 use abi_stable::sabi_types::VersionStrings;
-use abi_stable::std_types::RResult;
+use abi_stable::std_types::{RResult, RStr};
 use abi_stable::StableAbi;
 
 /// The plugin's table of entry points.
@@ -20,8 +21,12 @@ use abi_stable::StableAbi;
 pub struct PluginMod {
     /// Who the plugin is and which families it serves. Cheap and side-effect
     /// free: the host calls it for every library it discovers.
-    #[sabi(last_prefix_field)]
     pub manifest: extern "C" fn() -> RResult<PluginManifest, PluginError>,
+    /// Open the checkpoint folder `model_dir` as family `family`: parse its
+    /// `config.json`, tokenizer and processor files (not the weights).
+    #[sabi(last_prefix_field)]
+    pub open_model:
+        extern "C" fn(family: RStr<'_>, model_dir: RStr<'_>) -> RResult<ModelBox, PluginError>,
 }
 
 impl RootModule for PluginModRef {

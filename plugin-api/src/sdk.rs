@@ -3,15 +3,150 @@
 //!
 //! [`export_plugin!`]: crate::export_plugin
 
+use crate::host::Host;
+use crate::model::{Batch, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared};
+use crate::sample::Sample;
+use crate::tensor::OwnedTensor;
 use crate::{FamilyInfo, PluginError, PluginManifest};
-use abi_stable::std_types::{RResult, RString};
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RStr, RString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use tch::Tensor;
 
 /// What a plugin crate implements. Plain Rust: no FFI types, no `unsafe`.
 pub trait Plugin: 'static {
     /// The families this library serves (at least one).
     fn families() -> Vec<FamilyInfo>;
+
+    /// Open the model in `model_dir` (a Hugging Face checkpoint folder: its
+    /// `config.json`, tokenizer and processor files) as family `family`.
+    /// Weights are the host's business: do not read the safetensors here.
+    fn open(family: &str, model_dir: &Path) -> Result<Box<dyn FamilyModel>, PluginError>;
 }
+
+/// One sample turned into inputs, plugin side (see [`Prepared`]).
+pub struct PreparedSample {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub image_token_mask: Vec<bool>,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// A batch, plugin side (see [`Batch`]).
+pub struct BatchInputs {
+    /// `[batch, seq]` int64.
+    pub input_ids: Tensor,
+    /// `[batch, seq]` int64.
+    pub attention_mask: Tensor,
+    /// The prepared tensors, concatenated along dimension 0.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl BatchInputs {
+    /// The tensor named `name`, or an error saying the host did not pass it.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor, PluginError> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| PluginError::invalid("batch", format!("missing input tensor {name:?}")))
+    }
+
+    /// The tensor named `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// A model opened by a plugin, in plain Rust.
+pub trait FamilyModel: Send + Sync + 'static {
+    /// Parameters, modules, roles and key layouts, under checkpoint names.
+    fn spec(&self) -> ModelSpec;
+
+    /// Turn one sample into inputs.
+    fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError>;
+
+    /// Logits `[batch, seq, vocab]` for a batch, with the host's parameters.
+    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError>;
+}
+
+/// Adapts a [`FamilyModel`] to the ABI's [`Model`], with a panic guard on every call.
+struct ModelAdapter(Box<dyn FamilyModel>);
+
+impl Model for ModelAdapter {
+    fn spec(&self) -> ModelSpec {
+        // `spec` has no error channel: a panic here becomes an empty spec,
+        // which the host refuses with a message.
+        match guard(|| Ok(self.0.spec())) {
+            RResult::ROk(spec) => spec,
+            RResult::RErr(e) => ModelSpec {
+                family: format!("<spec failed: {e}>").into(),
+                params: Default::default(),
+                modules: Default::default(),
+                roles: Default::default(),
+                key_rules: Default::default(),
+                ignored_keys: Default::default(),
+                has_vision_encoder: false,
+            },
+        }
+    }
+
+    fn prepare(&self, sample_json: RStr<'_>) -> RResult<Prepared, PluginError> {
+        guard(|| {
+            let sample: Sample = serde_json::from_str(sample_json.as_str()).map_err(|e| {
+                PluginError::invalid("sample", format!("not a vlmhost sample: {e}"))
+            })?;
+            let p = self.0.prepare(&sample)?;
+            if p.labels.len() != p.input_ids.len() || p.image_token_mask.len() != p.input_ids.len() {
+                return Err(PluginError::invalid(
+                    "prepare",
+                    "input_ids, labels and image_token_mask differ in length (plugin bug)",
+                ));
+            }
+            Ok(Prepared {
+                input_ids: p.input_ids.into(),
+                labels: p.labels.into(),
+                image_token_mask: p.image_token_mask.into(),
+                tensors: p
+                    .tensors
+                    .into_iter()
+                    .map(|(name, t)| NamedTensor { name: name.into(), tensor: OwnedTensor::new(t) })
+                    .collect(),
+            })
+        })
+    }
+
+    fn forward(&self, host: &HostOpsRef<'_>, batch: &Batch<'_>) -> RResult<OwnedTensor, PluginError> {
+        guard(|| {
+            let inputs = BatchInputs {
+                input_ids: batch.input_ids.to_tensor(),
+                attention_mask: batch.attention_mask.to_tensor(),
+                tensors: batch
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.as_str().to_owned(), t.tensor.to_tensor()))
+                    .collect(),
+            };
+            let logits = self.0.forward(Host::new(host), &inputs)?;
+            Ok(OwnedTensor::new(logits))
+        })
+    }
+}
+
+/// Open a model through `P` (used by [`export_plugin!`](crate::export_plugin)).
+#[doc(hidden)]
+pub fn open_model<P: Plugin>(family: RStr<'_>, model_dir: RStr<'_>) -> RResult<ModelBox, PluginError> {
+    guard(|| {
+        let family = family.as_str();
+        if !P::families().iter().any(|f| f.name == family) {
+            return Err(PluginError::invalid("family", format!("this plugin does not serve {family:?}")));
+        }
+        let model = P::open(family, Path::new(model_dir.as_str()))?;
+        Ok(ModelBox::from_value(ModelAdapter(model), TD_Opaque))
+    })
+}
+
 
 thread_local! {
     /// Where the last panic on this thread happened (set by the SDK's hook).
@@ -133,6 +268,13 @@ macro_rules! export_plugin {
             use super::*;
             use $crate::abi_stable;
 
+            extern "C" fn open_model(
+                family: abi_stable::std_types::RStr<'_>,
+                model_dir: abi_stable::std_types::RStr<'_>,
+            ) -> abi_stable::std_types::RResult<$crate::model::ModelBox, $crate::PluginError> {
+                $crate::sdk::open_model::<$plugin>(family, model_dir)
+            }
+
             extern "C" fn manifest(
             ) -> abi_stable::std_types::RResult<$crate::PluginManifest, $crate::PluginError> {
                 $crate::sdk::guard(|| {
@@ -146,7 +288,7 @@ macro_rules! export_plugin {
 
             fn root_module() -> $crate::PluginModRef {
                 use abi_stable::prefix_type::PrefixTypeTrait;
-                $crate::PluginMod { manifest }.leak_into_prefix()
+                $crate::PluginMod { manifest, open_model }.leak_into_prefix()
             }
 
             extern "C" fn erased_root_module() -> abi_stable::library::RootModuleResult {
@@ -179,6 +321,9 @@ mod tests {
         fn families() -> Vec<FamilyInfo> {
             panic!("boom at {}", 42)
         }
+        fn open(_: &str, _: &Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+            unreachable!()
+        }
     }
 
     #[test]
@@ -197,6 +342,9 @@ mod tests {
     impl Plugin for BadName {
         fn families() -> Vec<FamilyInfo> {
             vec![FamilyInfo::new("Bad-Name", "x")]
+        }
+        fn open(_: &str, _: &Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+            unreachable!()
         }
     }
 

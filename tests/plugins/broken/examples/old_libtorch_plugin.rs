@@ -1,13 +1,17 @@
 //! A plugin that reports another libtorch release than the host's. (Building
 //! one for real needs a second libtorch; the report is what the host checks.)
 
-use vlmhost_plugin_api::{export_plugin, FamilyInfo, Plugin};
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
 
 pub struct OldTorch;
 
 impl Plugin for OldTorch {
     fn families() -> Vec<FamilyInfo> {
         vec![FamilyInfo::new("test_old_libtorch", "Test plugin reporting libtorch 1.13.1")]
+    }
+
+    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+        Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }
 

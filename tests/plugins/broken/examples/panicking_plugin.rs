@@ -1,7 +1,7 @@
 //! A plugin whose code panics: the panic must reach the host as an error, not
 //! abort the process.
 
-use vlmhost_plugin_api::{export_plugin, FamilyInfo, Plugin};
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
 
 pub struct Panicking;
 
@@ -10,6 +10,10 @@ impl Plugin for Panicking {
         let families: Vec<FamilyInfo> = Vec::new();
         // An index out of bounds, as a real bug would be.
         vec![families[3].clone()]
+    }
+
+    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+        Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The smallest valid plugin: one family, nothing else. The host's tests load it,
 //! copy it to make duplicates, and list it.
 
-use vlmhost_plugin_api::{export_plugin, FamilyInfo, Plugin};
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
 
 pub struct Minimal;
 
@@ -10,6 +10,10 @@ impl Plugin for Minimal {
         vec![FamilyInfo::new("test_minimal", "Test plugin: serves one family and nothing else")
             .model_types(["test_minimal"])
             .architectures(["TestMinimalForConditionalGeneration"])]
+    }
+
+    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+        Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }
 

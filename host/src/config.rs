@@ -1,0 +1,338 @@
+//! The training configuration: `config/train_config.yaml`, the schema of the
+//! user's guide (section 9.3: `lora.*_target_modules`, modes) extended with
+//! per-role strategies, learning-rate scales, last-k-layers, `modules_to_save`
+//! and regex overrides. Every key has a default, so an empty file is valid.
+//! Unknown keys are refused (a typo must not silently do nothing).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vlmhost_plugin_api::Role;
+
+/// What trains: the projector always; the LLM in `llm` and `both`; the vision
+/// encoder in `vision` and `both`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Stage 1: the projector only.
+    Projector,
+    /// Stage 2: projector + LLM.
+    Llm,
+    /// Projector + vision encoder.
+    Vision,
+    /// Stage 3: everything.
+    Both,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "projector" => Some(Mode::Projector),
+            "llm" => Some(Mode::Llm),
+            "vision" => Some(Mode::Vision),
+            "both" => Some(Mode::Both),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Projector => "projector",
+            Mode::Llm => "llm",
+            Mode::Vision => "vision",
+            Mode::Both => "both",
+        }
+    }
+
+    /// Whether this mode trains `role`.
+    pub fn trains(self, role: Role) -> bool {
+        match role {
+            Role::Projector => true,
+            Role::Llm => matches!(self, Mode::Llm | Mode::Both),
+            Role::Vision => matches!(self, Mode::Vision | Mode::Both),
+        }
+    }
+}
+
+/// How a role the mode trains is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Frozen,
+    Full,
+    Lora,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Frozen => "frozen",
+            Strategy::Full => "full",
+            Strategy::Lora => "lora",
+        }
+    }
+}
+
+/// LoRA hyper-parameters and per-role targets (the user's guide's keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    /// Module names (matched segment-wise at the end of module paths, or
+    /// naming a module that contains linears) or `["all-linear"]`; absent:
+    /// every linear layer of the role.
+    pub projector_target_modules: Option<Vec<String>>,
+    pub vision_target_modules: Option<Vec<String>>,
+    pub llm_target_modules: Option<Vec<String>>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            use_rslora: false,
+            projector_target_modules: None,
+            vision_target_modules: None,
+            llm_target_modules: None,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The scale applied to `B A x`: alpha / r, or alpha / sqrt(r) (rsLoRA).
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    pub fn targets(&self, role: Role) -> Option<&[String]> {
+        match role {
+            Role::Vision => self.vision_target_modules.as_deref(),
+            Role::Projector => self.projector_target_modules.as_deref(),
+            Role::Llm => self.llm_target_modules.as_deref(),
+        }
+    }
+}
+
+/// Settings of one role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoleConfig {
+    /// How the role trains when the mode trains it (`full` or `lora`).
+    pub strategy: Option<Strategy>,
+    /// Learning-rate multiplier for the role's parameters.
+    pub lr_scale: f64,
+    /// Train only the last k of the role's layers (everything else in the
+    /// role stays frozen).
+    pub train_last_layers: Option<usize>,
+}
+
+impl Default for RoleConfig {
+    fn default() -> Self {
+        RoleConfig { strategy: None, lr_scale: 1.0, train_last_layers: None }
+    }
+}
+
+/// Per-role settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolesConfig {
+    pub vision: RoleConfig,
+    pub projector: RoleConfig,
+    pub llm: RoleConfig,
+}
+
+impl Default for RolesConfig {
+    fn default() -> Self {
+        RolesConfig {
+            // The usual advice: the vision encoder at a tenth of the LLM's rate.
+            vision: RoleConfig { lr_scale: 0.1, ..Default::default() },
+            projector: RoleConfig::default(),
+            llm: RoleConfig::default(),
+        }
+    }
+}
+
+impl RolesConfig {
+    pub fn get(&self, role: Role) -> &RoleConfig {
+        match role {
+            Role::Vision => &self.vision,
+            Role::Projector => &self.projector,
+            Role::Llm => &self.llm,
+        }
+    }
+
+    /// The strategy for a role the mode trains: the configured one, else LoRA
+    /// for the vision encoder and the LLM and full training for the projector.
+    pub fn strategy(&self, role: Role) -> Strategy {
+        self.get(role).strategy.unwrap_or(match role {
+            Role::Projector => Strategy::Full,
+            Role::Vision | Role::Llm => Strategy::Lora,
+        })
+    }
+}
+
+/// A regex override: parameters whose full name matches (anchored) train or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    pub pattern: String,
+    pub train: bool,
+}
+
+/// AdamW settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig { lr: 2e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1e-8 }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Family name or plugin library path (`--plugin` overrides).
+    pub plugin: Option<String>,
+    /// Checkpoint folder (`--model` overrides).
+    pub model: Option<PathBuf>,
+    /// `--mode` > `TRAINING_MODE` > this > `llm`.
+    pub mode: Option<Mode>,
+    pub lora: LoraConfig,
+    pub roles: RolesConfig,
+    /// Modules trained fully and saved whole, whatever the mode (PEFT's
+    /// `modules_to_save`).
+    pub modules_to_save: Vec<String>,
+    pub overrides: Vec<Override>,
+    pub optimizer: OptimizerConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            plugin: None,
+            model: None,
+            mode: None,
+            lora: LoraConfig::default(),
+            roles: RolesConfig::default(),
+            modules_to_save: Vec::new(),
+            overrides: Vec::new(),
+            optimizer: OptimizerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{source_name}: {value:?} is not a mode; use projector, llm, vision or both")]
+    Mode { source_name: String, value: String },
+}
+
+impl TrainConfig {
+    /// Read a YAML file; errors name the file, line and key.
+    pub fn from_file(path: &Path) -> Result<TrainConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        Self::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<TrainConfig, String> {
+        if text.trim().is_empty() {
+            return Ok(TrainConfig::default());
+        }
+        let cfg: TrainConfig = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(l) => format!("line {}, column {}: {e}", l.line(), l.column()),
+            None => e.to_string(),
+        })?;
+        if cfg.lora.r <= 0 {
+            return Err(format!("lora.r must be positive, not {}", cfg.lora.r));
+        }
+        if !(0.0..1.0).contains(&cfg.lora.lora_dropout) {
+            return Err(format!("lora.lora_dropout must be in [0, 1), not {}", cfg.lora.lora_dropout));
+        }
+        Ok(cfg)
+    }
+
+    /// The mode: `--mode` > `TRAINING_MODE` > the file > `llm`.
+    pub fn resolve_mode(&self, flag: Option<&str>, env: Option<&str>) -> Result<Mode, ConfigError> {
+        if let Some(f) = flag {
+            return Mode::parse(f).ok_or_else(|| ConfigError::Mode { source_name: "--mode".into(), value: f.into() });
+        }
+        if let Some(e) = env.filter(|e| !e.trim().is_empty()) {
+            return Mode::parse(e)
+                .ok_or_else(|| ConfigError::Mode { source_name: "TRAINING_MODE".into(), value: e.into() });
+        }
+        Ok(self.mode.unwrap_or(Mode::Llm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_users_guide_config_parses() {
+        let cfg = TrainConfig::from_yaml(
+            r#"
+lora:
+  # projector: included automatically in every mode
+  projector_target_modules: ["multi_modal_projector", "vision_embed_tokens"]
+  vision_target_modules: ["qkv_proj", "out_proj", "fc1", "fc2"]
+  llm_target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.lora.llm_target_modules.as_ref().unwrap().len(), 7);
+        assert_eq!(cfg.lora.r, 16);
+    }
+
+    #[test]
+    fn the_shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/train_config.yaml");
+        TrainConfig::from_file(&path).unwrap();
+    }
+
+    #[test]
+    fn mode_precedence() {
+        let cfg = TrainConfig { mode: Some(Mode::Vision), ..Default::default() };
+        assert_eq!(cfg.resolve_mode(Some("both"), Some("llm")).unwrap(), Mode::Both);
+        assert_eq!(cfg.resolve_mode(None, Some("llm")).unwrap(), Mode::Llm);
+        assert_eq!(cfg.resolve_mode(None, None).unwrap(), Mode::Vision);
+        assert_eq!(TrainConfig::default().resolve_mode(None, Some("")).unwrap(), Mode::Llm);
+        let err = cfg.resolve_mode(None, Some("stage2")).unwrap_err().to_string();
+        assert!(err.contains("TRAINING_MODE: \"stage2\" is not a mode"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_line() {
+        let err = TrainConfig::from_yaml("lora:\n  r: 8\n  alpha: 16\n").unwrap_err();
+        assert!(err.contains("line 3") && err.contains("unknown field `alpha`"), "{err}");
+    }
+
+    #[test]
+    fn rslora_scaling() {
+        let mut l = LoraConfig { r: 16, lora_alpha: 32.0, ..Default::default() };
+        assert_eq!(l.scaling(), 2.0);
+        l.use_rslora = true;
+        assert_eq!(l.scaling(), 8.0);
+    }
+}

@@ -1,0 +1,483 @@
+//! Loading Hugging Face checkpoints into the host's parameters.
+//!
+//! Reads `model.safetensors` or a sharded `model.safetensors.index.json`, one
+//! shard at a time over a memory map, one tensor at a time: each tensor is
+//! copied out of the map, converted to the chosen dtype and moved to the
+//! device, so peak memory stays near the model's size. Keys in any layout the
+//! plugin declares ([`KeyRule`]s) are mapped onto the plugin's names. The load
+//! report lists missing, unexpected and shape-mismatched keys; any of them is
+//! an error, except missing keys when the user allows them (a new head), which
+//! are then initialised as PyTorch would.
+
+use crate::patterns::Pattern;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+use vlmhost_plugin_api::model::{KeyRule, ModelSpec, ParamKind};
+
+/// How to load.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub kind: Kind,
+    pub device: Device,
+    /// Initialise parameters the checkpoint lacks instead of failing.
+    pub allow_missing: bool,
+}
+
+/// A key whose shape differs from the model's.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShapeMismatch {
+    pub key: String,
+    pub param: String,
+    pub expected: Vec<i64>,
+    pub found: Vec<i64>,
+    pub file: PathBuf,
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    pub files: Vec<PathBuf>,
+    pub loaded: usize,
+    /// Parameters not in the checkpoint (initialised when allowed).
+    pub missing: Vec<String>,
+    /// Checkpoint keys that map to no parameter.
+    pub unexpected: Vec<String>,
+    pub mismatched: Vec<ShapeMismatch>,
+    /// Keys skipped on purpose (buffers the plugin declares ignorable, tied copies).
+    pub ignored: Vec<String>,
+}
+
+impl LoadReport {
+    fn is_clean(&self, allow_missing: bool) -> bool {
+        (allow_missing || self.missing.is_empty())
+            && self.unexpected.is_empty()
+            && self.mismatched.is_empty()
+    }
+
+    fn describe(&self, allow_missing: bool) -> String {
+        let mut s = String::new();
+        let list = |s: &mut String, title: &str, items: &[String]| {
+            if items.is_empty() {
+                return;
+            }
+            s.push_str(&format!("\n  {} {title}:", items.len()));
+            for k in items.iter().take(20) {
+                s.push_str(&format!("\n    {k}"));
+            }
+            if items.len() > 20 {
+                s.push_str(&format!("\n    ... and {} more", items.len() - 20));
+            }
+        };
+        if !allow_missing {
+            list(&mut s, "parameters missing from the checkpoint", &self.missing);
+        }
+        list(&mut s, "checkpoint keys that match no parameter", &self.unexpected);
+        if !self.mismatched.is_empty() {
+            s.push_str(&format!("\n  {} shape mismatches:", self.mismatched.len()));
+            for m in &self.mismatched {
+                s.push_str(&format!(
+                    "\n    {} ({}): the model expects {:?}, the checkpoint has {:?}",
+                    m.key,
+                    m.file.display(),
+                    m.expected,
+                    m.found
+                ));
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error(
+        "{dir}: no model.safetensors or model.safetensors.index.json; \
+         point --model at a Hugging Face checkpoint folder"
+    )]
+    NoCheckpoint { dir: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("{path}: tensor {key} has dtype {dtype:?}, which cannot be a parameter")]
+    Dtype { path: PathBuf, key: String, dtype: String },
+    #[error(
+        "the checkpoint does not fit the model:{details}\n\
+         (a parameter the checkpoint lacks, such as a new head, can be allowed with --allow-missing)"
+    )]
+    Mismatch { details: String, report: Box<LoadReport> },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The safetensors files of a checkpoint folder, in order.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(WeightsError::NoCheckpoint { dir: dir.to_path_buf() });
+    }
+    let text = std::fs::read_to_string(&index)
+        .map_err(|source| WeightsError::Io { path: index.clone(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| WeightsError::Index { path: index.clone(), message: format!("invalid JSON: {e}") })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| WeightsError::Index {
+        path: index.clone(),
+        message: "no \"weight_map\" object".into(),
+    })?;
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+    files.sort();
+    files.dedup();
+    let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+    for f in &files {
+        if !f.is_file() {
+            return Err(WeightsError::Index {
+                path: index.clone(),
+                message: format!("shard {} is listed but missing", f.display()),
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// Map a checkpoint key onto the plugin's names with the first matching rule.
+pub fn map_key(rules: &[KeyRule], key: &str) -> String {
+    for r in rules {
+        if let Some(rest) = key.strip_prefix(r.from.as_str()) {
+            return format!("{}{rest}", r.to);
+        }
+    }
+    key.to_owned()
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        _ => return None,
+    })
+}
+
+/// Load the checkpoint in `dir` into tensors ordered as `spec.params`.
+/// Tied parameters share storage with their target.
+pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tensor>, LoadReport), WeightsError> {
+    let files = checkpoint_files(dir)?;
+    let index: HashMap<&str, usize> =
+        spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let ignored: Vec<Pattern> =
+        spec.ignored_keys.iter().filter_map(|p| Pattern::new(p).ok()).collect();
+    let mut slots: Vec<Option<Tensor>> = (0..spec.params.len()).map(|_| None).collect();
+    let mut report = LoadReport { files: files.clone(), ..Default::default() };
+
+    for file in &files {
+        let handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+        // SAFETY: the file is only read; a concurrent writer would be a user error
+        // that safetensors' header checks catch in most cases.
+        let mmap = unsafe { Mmap::map(&handle) }
+            .map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| WeightsError::Format { path: file.clone(), message: e.to_string() })?;
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        names.sort();
+        for key in names {
+            let name = map_key(&spec.key_rules, &key);
+            let Some(&i) = index.get(name.as_str()) else {
+                if ignored.iter().any(|p| p.matches(&name)) {
+                    report.ignored.push(key);
+                } else {
+                    report.unexpected.push(key);
+                }
+                continue;
+            };
+            if !spec.params[i].tied_to.is_empty() {
+                report.ignored.push(key);
+                continue;
+            }
+            let view = st
+                .tensor(&key)
+                .map_err(|e| WeightsError::Format { path: file.clone(), message: e.to_string() })?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            if shape.as_slice() != spec.params[i].shape.as_slice() {
+                report.mismatched.push(ShapeMismatch {
+                    key,
+                    param: name,
+                    expected: spec.params[i].shape.to_vec(),
+                    found: shape,
+                    file: file.clone(),
+                });
+                continue;
+            }
+            let kind = kind_of(view.dtype()).ok_or_else(|| WeightsError::Dtype {
+                path: file.clone(),
+                key: key.clone(),
+                dtype: format!("{:?}", view.dtype()),
+            })?;
+            let cpu = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+            let t = cpu.f_to_dtype(opts.kind, false, false)?.f_to_device(opts.device)?;
+            if slots[i].replace(t).is_some() {
+                return Err(WeightsError::Index {
+                    path: file.clone(),
+                    message: format!("{name} appears twice in the checkpoint"),
+                });
+            }
+            report.loaded += 1;
+        }
+    }
+
+    for (i, p) in spec.params.iter().enumerate() {
+        if slots[i].is_none() && p.tied_to.is_empty() {
+            report.missing.push(p.name.to_string());
+        }
+    }
+    if !report.is_clean(opts.allow_missing) {
+        return Err(WeightsError::Mismatch {
+            details: report.describe(opts.allow_missing),
+            report: Box::new(report),
+        });
+    }
+    for (i, p) in spec.params.iter().enumerate() {
+        if slots[i].is_none() && p.tied_to.is_empty() {
+            slots[i] = Some(init_param(&p.name, &p.shape, p.kind, opts)?);
+        }
+    }
+    // Tied parameters share the target's tensor.
+    for (i, p) in spec.params.iter().enumerate() {
+        if !p.tied_to.is_empty() {
+            let target = index.get(p.tied_to.as_str()).copied().ok_or_else(|| WeightsError::Index {
+                path: dir.to_path_buf(),
+                message: format!("{} is tied to {}, which the model does not declare", p.name, p.tied_to),
+            })?;
+            let shared = slots[target].as_ref().map(Tensor::shallow_clone);
+            slots[i] = shared;
+        }
+    }
+    Ok((slots.into_iter().map(|t| t.expect("every slot filled")).collect(), report))
+}
+
+/// PyTorch's default initialisation for a parameter a checkpoint lacks.
+fn init_param(name: &str, shape: &[i64], kind: ParamKind, opts: LoadOptions) -> Result<Tensor, WeightsError> {
+    let o = (opts.kind, opts.device);
+    let t = match kind {
+        ParamKind::Norm if name.ends_with(".bias") => Tensor::f_zeros(shape, o)?,
+        ParamKind::Norm => Tensor::f_ones(shape, o)?,
+        ParamKind::Bias => Tensor::f_zeros(shape, o)?,
+        ParamKind::Embedding => Tensor::f_randn(shape, o)? * 0.02,
+        ParamKind::Weight => {
+            // nn.Linear / nn.Conv: kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            let fan_in: i64 = shape[1..].iter().product::<i64>().max(1);
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Tensor::f_empty(shape, o)?.f_uniform_(-bound, bound)?
+        }
+    };
+    Ok(t)
+}
+
+/// Write `tensors` to `path` as safetensors, atomically: a temporary file in
+/// the same folder, fsync, rename. A crash leaves the old file or the new one,
+/// never half of one.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), WeightsError> {
+    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for (name, t) in tensors {
+        let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let (dtype, size) = match t.kind() {
+            Kind::Float => (Dtype::F32, 4),
+            Kind::Half => (Dtype::F16, 2),
+            Kind::BFloat16 => (Dtype::BF16, 2),
+            Kind::Double => (Dtype::F64, 8),
+            Kind::Int64 => (Dtype::I64, 8),
+            other => {
+                return Err(WeightsError::Dtype {
+                    path: path.to_path_buf(),
+                    key: name.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * size];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.insert(name.clone(), (dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, (d, s, b))| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| WeightsError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    let data = safetensors::serialize(views, metadata)
+        .map_err(|e| WeightsError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    write_atomic(path, &data).map_err(io)
+}
+
+/// Write `data` to `path` atomically (temporary file, fsync, rename, fsync the folder).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vlmhost_plugin_api::builder::{key_rule, SpecBuilder};
+
+    fn spec() -> ModelSpec {
+        let b = SpecBuilder::new();
+        let r = b.root();
+        (&r / "language_model" / "model" / "layers" / 0 / "q_proj").linear(3, 2, true);
+        (&r / "language_model" / "model" / "norm").rms_norm(3, 1e-6);
+        (&r / "language_model" / "lm_head").linear(3, 5, false);
+        b.build(
+            "t",
+            vec![],
+            vec![
+                key_rule("model.language_model.", "language_model.model."),
+                key_rule("lm_head.", "language_model.lm_head."),
+            ],
+            vec!["**.position_ids".into()],
+            false,
+        )
+    }
+
+    fn opts() -> LoadOptions {
+        LoadOptions { kind: Kind::Float, device: Device::Cpu, allow_missing: false }
+    }
+
+    fn write(dir: &Path, file: &str, tensors: &[(&str, Tensor)]) {
+        let t: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+        save_safetensors(&dir.join(file), &t, None).unwrap();
+    }
+
+    fn full_model(dir: &Path, layout_new: bool, kind: Kind) {
+        let (lm, head) = if layout_new { ("model.language_model.", "lm_head.") } else { ("language_model.model.", "language_model.lm_head.") };
+        let o = (kind, Device::Cpu);
+        write(
+            dir,
+            "model.safetensors",
+            &[
+                (&format!("{lm}layers.0.q_proj.weight"), Tensor::ones([2, 3], o)),
+                (&format!("{lm}layers.0.q_proj.bias"), Tensor::zeros([2], o)),
+                (&format!("{lm}norm.weight"), Tensor::full([3], 0.5, o)),
+                (&format!("{head}weight"), Tensor::ones([5, 3], o)),
+                ("vision.embeddings.position_ids", Tensor::arange(4, (Kind::Int64, Device::Cpu))),
+            ],
+        );
+    }
+
+    #[test]
+    fn both_layouts_and_dtypes_load() {
+        for (layout_new, kind) in [(false, Kind::Float), (true, Kind::BFloat16), (true, Kind::Half)] {
+            let dir = tempfile::tempdir().unwrap();
+            full_model(dir.path(), layout_new, kind);
+            let (params, report) = load(dir.path(), &spec(), opts()).unwrap();
+            assert_eq!(report.loaded, 4);
+            assert_eq!(report.ignored, ["vision.embeddings.position_ids"]);
+            assert_eq!(params[0].kind(), Kind::Float);
+            assert_eq!(params[0].size(), [2, 3]);
+            assert_eq!(params[2].double_value(&[1]), 0.5);
+        }
+    }
+
+    #[test]
+    fn sharded_checkpoints_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = (Kind::Float, Device::Cpu);
+        write(dir.path(), "model-00001-of-00002.safetensors", &[
+            ("language_model.model.layers.0.q_proj.weight", Tensor::ones([2, 3], o)),
+            ("language_model.model.layers.0.q_proj.bias", Tensor::zeros([2], o)),
+        ]);
+        write(dir.path(), "model-00002-of-00002.safetensors", &[
+            ("language_model.model.norm.weight", Tensor::ones([3], o)),
+            ("language_model.lm_head.weight", Tensor::ones([5, 3], o)),
+        ]);
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {
+                "language_model.model.layers.0.q_proj.weight": "model-00001-of-00002.safetensors",
+                "language_model.model.layers.0.q_proj.bias": "model-00001-of-00002.safetensors",
+                "language_model.model.norm.weight": "model-00002-of-00002.safetensors",
+                "language_model.lm_head.weight": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let (_, report) = load(dir.path(), &spec(), opts()).unwrap();
+        assert_eq!(report.loaded, 4);
+        assert_eq!(report.files.len(), 2);
+    }
+
+    #[test]
+    fn problems_are_reported_with_names_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = (Kind::Float, Device::Cpu);
+        write(dir.path(), "model.safetensors", &[
+            ("language_model.model.layers.0.q_proj.weight", Tensor::ones([2, 4], o)),
+            ("language_model.model.norm.weight", Tensor::ones([3], o)),
+            ("language_model.model.extra.weight", Tensor::ones([3], o)),
+            ("language_model.lm_head.weight", Tensor::ones([5, 3], o)),
+        ]);
+        let err = load(dir.path(), &spec(), opts()).unwrap_err().to_string();
+        assert!(err.contains("language_model.model.layers.0.q_proj.bias"), "{err}");
+        assert!(err.contains("language_model.model.extra.weight"), "{err}");
+        assert!(err.contains("the model expects [2, 3], the checkpoint has [2, 4]"), "{err}");
+        assert!(err.contains("--allow-missing"), "{err}");
+    }
+
+    #[test]
+    fn missing_keys_can_be_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = (Kind::Float, Device::Cpu);
+        write(dir.path(), "model.safetensors", &[
+            ("language_model.model.layers.0.q_proj.weight", Tensor::ones([2, 3], o)),
+            ("language_model.model.layers.0.q_proj.bias", Tensor::zeros([2], o)),
+            ("language_model.model.norm.weight", Tensor::ones([3], o)),
+        ]);
+        let (params, report) =
+            load(dir.path(), &spec(), LoadOptions { allow_missing: true, ..opts() }).unwrap();
+        assert_eq!(report.missing, ["language_model.lm_head.weight"]);
+        let bound = 1.0 / 3f64.sqrt();
+        assert!(params[3].abs().max().double_value(&[]) <= bound);
+    }
+
+    #[test]
+    fn save_then_load_keeps_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::randn([4, 5], (Kind::BFloat16, Device::Cpu));
+        save_safetensors(&dir.path().join("x.safetensors"), &[("a".into(), t.shallow_clone())], None).unwrap();
+        let back = Tensor::read_safetensors(dir.path().join("x.safetensors")).unwrap();
+        assert_eq!(back[0].0, "a");
+        assert!(back[0].1.equal(&t));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn no_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(dir.path(), &spec(), opts()).unwrap_err().to_string();
+        assert!(err.contains("no model.safetensors"), "{err}");
+    }
+}
