@@ -1,8 +1,12 @@
 //! The `vlmhost` command line.
 
 use crate::doctor::{DoctorReport, PluginsReport};
+use crate::config::TrainConfig;
+use crate::inspect::InspectReport;
 use crate::loader::{self, Discovery};
+use crate::model::{HostModel, OpenOptions};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -26,6 +30,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dry run: what would train, per role, and the LoRA targets.
+    ///
+    /// Opens the checkpoint through its plugin and checks its keys and shapes
+    /// without loading tensor data.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check libtorch, CUDA and every plugin; report every problem at once.
     ///
     /// Exits non-zero when anything is broken.
@@ -34,6 +49,57 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the model comes from and which rules apply.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Family name or plugin library path [default: the config file's `plugin`].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub plugin: Option<String>,
+    /// Hugging Face checkpoint folder [default: the config file's `model`].
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Training configuration [default: config/train_config.yaml if present].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// projector | llm | vision | both [default: $TRAINING_MODE, then the config file, then llm].
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Initialise parameters the checkpoint lacks (a new head) instead of failing.
+    #[arg(long)]
+    pub allow_missing: bool,
+}
+
+impl ModelArgs {
+    /// The configuration file and the open options, resolved with the
+    /// precedence flags > environment > file > defaults.
+    pub fn resolve(&self) -> anyhow::Result<(TrainConfig, OpenOptions)> {
+        let default_cfg = PathBuf::from("config/train_config.yaml");
+        let cfg = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None if default_cfg.is_file() => TrainConfig::from_file(&default_cfg)?,
+            None => TrainConfig::default(),
+        };
+        let env_mode = std::env::var("TRAINING_MODE").ok();
+        let mode = cfg.resolve_mode(self.mode.as_deref(), env_mode.as_deref())?;
+        let plugin = self.plugin.clone().or_else(|| cfg.plugin.clone()).ok_or_else(|| {
+            anyhow::anyhow!("no plugin: pass --plugin NAME (see `vlmhost plugins`) or set `plugin:` in the config file")
+        })?;
+        let model_dir = self.model.clone().or_else(|| cfg.model.clone()).ok_or_else(|| {
+            anyhow::anyhow!("no model: pass --model DIR (a Hugging Face checkpoint folder) or set `model:` in the config file")
+        })?;
+        let opts = OpenOptions {
+            plugin,
+            model_dir,
+            mode,
+            kind: tch::Kind::Float,
+            device: tch::Device::Cpu,
+            allow_missing: self.allow_missing,
+            load_weights: true,
+        };
+        Ok((cfg, opts))
+    }
 }
 
 /// Entry point of the binary.
@@ -63,6 +129,18 @@ fn init_tracing() {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Plugins { plugin, json } => plugins(plugin.as_deref(), json),
+        Command::Inspect { model, json } => {
+            let (cfg, mut opts) = model.resolve()?;
+            opts.load_weights = false;
+            let m = HostModel::open(&opts, &cfg)?;
+            let report = InspectReport::new(&m);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Doctor { json } => {
             let report = DoctorReport::collect();
             if json {

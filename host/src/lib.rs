@@ -8,7 +8,11 @@
 pub mod cli;
 pub mod doctor;
 pub mod loader;
+pub mod lora;
+pub mod model;
+pub mod optim;
 pub mod config;
+pub mod inspect;
 pub mod patterns;
 pub mod rules;
 pub mod weights;

@@ -267,6 +267,74 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
     Ok((slots.into_iter().map(|t| t.expect("every slot filled")).collect(), report))
 }
 
+/// Check a checkpoint's keys and shapes against `spec` without loading any
+/// tensor data (the dry run of `vlmhost inspect`).
+pub fn check(dir: &Path, spec: &ModelSpec, allow_missing: bool) -> Result<LoadReport, WeightsError> {
+    let files = checkpoint_files(dir)?;
+    let index: HashMap<&str, usize> =
+        spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let ignored: Vec<Pattern> =
+        spec.ignored_keys.iter().filter_map(|p| Pattern::new(p).ok()).collect();
+    let mut seen = vec![false; spec.params.len()];
+    let mut report = LoadReport { files: files.clone(), ..Default::default() };
+    for file in &files {
+        let mut handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+        let (_, meta) = read_header(&mut handle)
+            .map_err(|message| WeightsError::Format { path: file.clone(), message })?;
+        let mut keys: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, info) in keys {
+            let key = &key;
+            let name = map_key(&spec.key_rules, key);
+            match index.get(name.as_str()) {
+                None if ignored.iter().any(|p| p.matches(&name)) => report.ignored.push(key.clone()),
+                None => report.unexpected.push(key.clone()),
+                Some(&i) if !spec.params[i].tied_to.is_empty() => report.ignored.push(key.clone()),
+                Some(&i) => {
+                    let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+                    if shape.as_slice() != spec.params[i].shape.as_slice() {
+                        report.mismatched.push(ShapeMismatch {
+                            key: key.clone(),
+                            param: name,
+                            expected: spec.params[i].shape.to_vec(),
+                            found: shape,
+                            file: file.clone(),
+                        });
+                    } else {
+                        seen[i] = true;
+                        report.loaded += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (i, p) in spec.params.iter().enumerate() {
+        if !seen[i] && p.tied_to.is_empty() && !report.mismatched.iter().any(|m| m.param == p.name.as_str()) {
+            report.missing.push(p.name.to_string());
+        }
+    }
+    if !report.is_clean(allow_missing) {
+        return Err(WeightsError::Mismatch { details: report.describe(allow_missing), report: Box::new(report) });
+    }
+    Ok(report)
+}
+
+/// Read a safetensors header (8-byte length, JSON) without mapping the data.
+fn read_header(file: &mut File) -> Result<(usize, safetensors::tensor::Metadata), String> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| format!("cannot read the header length: {e}"))?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > 100 << 20 {
+        return Err(format!("header of {n} bytes is not plausible"));
+    }
+    let mut buf = vec![0u8; n];
+    file.read_exact(&mut buf).map_err(|e| format!("cannot read the header: {e}"))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&buf).map_err(|e| format!("invalid header: {e}"))?;
+    Ok((n, meta))
+}
+
 /// PyTorch's default initialisation for a parameter a checkpoint lacks.
 fn init_param(name: &str, shape: &[i64], kind: ParamKind, opts: LoadOptions) -> Result<Tensor, WeightsError> {
     let o = (opts.kind, opts.device);

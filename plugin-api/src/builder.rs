@@ -195,6 +195,24 @@ impl SpecPath {
         LinearId(inner.modules.len() as u32 - 1)
     }
 
+    /// A bias-free linear layer whose weight shares storage with parameter
+    /// `tied_to` (a head tied to the input embeddings).
+    pub fn linear_tied(&self, in_features: i64, out_features: i64, tied_to: &str) -> LinearId {
+        let weight = self.param_tied("weight", &[out_features, in_features], ParamKind::Weight, tied_to);
+        let mut inner = self.inner.borrow_mut();
+        inner.modules.push(ModuleSpec {
+            name: self.prefix.clone().into(),
+            kind: ModuleKind::Linear,
+            in_features,
+            out_features,
+            weight: weight.0,
+            bias: u32::MAX,
+            lora: true,
+            description: "Linear (tied)".into(),
+        });
+        LinearId(inner.modules.len() as u32 - 1)
+    }
+
     /// Declare a convolution kernel of `shape` (`[out, in, k...]`) here.
     pub fn conv(&self, shape: &[i64], bias: bool, description: &str) -> ConvParams {
         let weight = self.param("weight", shape, ParamKind::Weight);

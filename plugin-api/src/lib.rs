@@ -49,6 +49,7 @@ pub mod error;
 pub mod host;
 pub mod manifest;
 pub mod model;
+pub mod ops;
 pub mod root;
 pub mod sample;
 pub mod sdk;

@@ -1,0 +1,211 @@
+//! `vlmhost inspect`: the dry run a user reads before spending GPU hours.
+//! It opens the model through its plugin, checks the checkpoint's keys and
+//! shapes (without loading tensor data), applies the rules, and reports per
+//! role what trains and how.
+
+use crate::config::Strategy;
+use crate::model::HostModel;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use vlmhost_plugin_api::Role;
+
+#[derive(Debug, Serialize)]
+pub struct RoleReport {
+    /// Base parameters of the role (tied copies counted once).
+    pub parameters: i64,
+    /// What the optimizer updates: fully trained parameters plus LoRA A and B.
+    pub trainable: i64,
+    pub strategy: Strategy,
+    pub lr_scale: f64,
+    /// Full names of the modules that get a LoRA adapter.
+    pub lora_modules: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoraReport {
+    pub r: i64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    pub scaling: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointReport {
+    pub files: Vec<PathBuf>,
+    pub tensors_matched: usize,
+    pub ignored_keys: Vec<String>,
+    pub missing_allowed: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub family: String,
+    pub plugin: PathBuf,
+    pub model: PathBuf,
+    pub mode: String,
+    pub has_vision_encoder: bool,
+    pub roles: BTreeMap<String, RoleReport>,
+    pub total_parameters: i64,
+    pub trainable_parameters: i64,
+    pub lora: LoraReport,
+    pub checkpoint: CheckpointReport,
+    pub warnings: Vec<String>,
+}
+
+impl InspectReport {
+    pub fn new(m: &HostModel) -> InspectReport {
+        let mut roles = BTreeMap::new();
+        let (mut total, mut trainable) = (0, 0);
+        for role in Role::ALL {
+            if role == Role::Vision && !m.spec.has_vision_encoder {
+                // Shown, empty: the family has no vision encoder.
+            }
+            let (p, t) = m.counts(role);
+            total += p;
+            trainable += t;
+            let plan = &m.plan.role_plans[&role];
+            roles.insert(
+                role.name().to_owned(),
+                RoleReport {
+                    parameters: p,
+                    trainable: t,
+                    strategy: plan.strategy,
+                    lr_scale: plan.lr_scale,
+                    lora_modules: m.lora_module_names(role),
+                },
+            );
+        }
+        let l = &m.config.lora;
+        InspectReport {
+            family: m.family.clone(),
+            plugin: m.plugin.path.clone(),
+            model: m.model_dir.clone(),
+            mode: m.plan.mode.name().to_owned(),
+            has_vision_encoder: m.spec.has_vision_encoder,
+            roles,
+            total_parameters: total,
+            trainable_parameters: trainable,
+            lora: LoraReport {
+                r: l.r,
+                lora_alpha: l.lora_alpha,
+                lora_dropout: l.lora_dropout,
+                use_rslora: l.use_rslora,
+                scaling: l.scaling(),
+            },
+            checkpoint: CheckpointReport {
+                files: m.load_report.files.clone(),
+                tensors_matched: m.load_report.loaded,
+                ignored_keys: m.load_report.ignored.clone(),
+                missing_allowed: m.load_report.missing.clone(),
+            },
+            warnings: m.plan.warnings.clone(),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "family     {} ({})", self.family, self.plugin.display());
+        let _ = writeln!(
+            s,
+            "checkpoint {} ({} file(s), {} tensors match)",
+            self.model.display(),
+            self.checkpoint.files.len(),
+            self.checkpoint.tensors_matched
+        );
+        let _ = writeln!(s, "mode       {}", self.mode);
+        let _ = writeln!(s);
+        let _ = writeln!(s, "{:<10} {:<8} {:>14} {:>14} {:>8} {:>6}", "ROLE", "STRATEGY", "PARAMETERS", "TRAINABLE", "LR SCALE", "LORA");
+        for role in Role::ALL {
+            let r = &self.roles[role.name()];
+            let note = if role == Role::Vision && !self.has_vision_encoder { "  (no vision encoder)" } else { "" };
+            let _ = writeln!(
+                s,
+                "{:<10} {:<8} {:>14} {:>14} {:>8} {:>6}{note}",
+                role.name(),
+                r.strategy.name(),
+                group_digits(r.parameters),
+                group_digits(r.trainable),
+                r.lr_scale,
+                r.lora_modules.len()
+            );
+        }
+        let pct = if self.total_parameters > 0 {
+            100.0 * self.trainable_parameters as f64 / self.total_parameters as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            s,
+            "{:<10} {:<8} {:>14} {:>14}   ({pct:.3}% trainable)",
+            "total",
+            "",
+            group_digits(self.total_parameters),
+            group_digits(self.trainable_parameters)
+        );
+        let any_lora = self.roles.values().any(|r| !r.lora_modules.is_empty());
+        if any_lora {
+            let l = &self.lora;
+            let _ = writeln!(
+                s,
+                "\nLoRA r={} alpha={} (scale {}{}), dropout {}",
+                l.r,
+                l.lora_alpha,
+                l.scaling,
+                if l.use_rslora { ", rsLoRA" } else { "" },
+                l.lora_dropout
+            );
+            for role in Role::ALL {
+                for (pattern, n) in compress(&self.roles[role.name()].lora_modules) {
+                    let _ = writeln!(s, "  {:<10} {pattern}{}", role.name(), if n > 1 { format!("  x{n}") } else { String::new() });
+                }
+            }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+}
+
+/// Group module names that differ only in layer numbers:
+/// `a.layers.*.q_proj` with a count, in first-seen order.
+fn compress(names: &[String]) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for n in names {
+        let key: Vec<&str> = n.split('.').map(|seg| if seg.chars().all(|c| c.is_ascii_digit()) { "*" } else { seg }).collect();
+        let key = key.join(".");
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, c)) => *c += 1,
+            None => out.push((key, 1)),
+        }
+    }
+    out
+}
+
+fn group_digits(n: i64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compresses_layer_numbers() {
+        let names: Vec<String> = ["m.layers.0.q", "m.layers.1.q", "m.layers.0.k", "head"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(compress(&names), vec![("m.layers.*.q".into(), 2), ("m.layers.*.k".into(), 1), ("head".into(), 1)]);
+        assert_eq!(group_digits(1234567), "1,234,567");
+        assert_eq!(group_digits(12), "12");
+    }
+}

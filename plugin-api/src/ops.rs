@@ -1,0 +1,90 @@
+//! Building blocks shared by family plugins, as transformers computes them.
+//! Every op is fallible (`f_*`): a shape error comes back as a
+//! [`PluginError`](crate::PluginError), never a panic.
+
+use crate::builder::{LayerNormParams, RmsNormParams};
+use crate::host::Host;
+use crate::PluginError;
+use tch::{Kind, Tensor};
+
+type R = Result<Tensor, PluginError>;
+
+/// `LayerNorm` over the last dimension.
+pub fn layer_norm(host: Host<'_, '_>, p: &LayerNormParams, x: &Tensor) -> R {
+    let w = host.param(p.weight)?;
+    let b = p.bias.map(|b| host.param(b)).transpose()?;
+    let dim = *x.size().last().unwrap_or(&0);
+    Ok(x.f_layer_norm([dim], Some(&w), b.as_ref(), p.eps, true)?)
+}
+
+/// Llama's `RMSNorm`: normalise in float32, scale in the input's dtype.
+pub fn rms_norm(host: Host<'_, '_>, p: &RmsNormParams, x: &Tensor) -> R {
+    let w = host.param(p.weight)?;
+    let kind = x.kind();
+    let xf = x.f_to_kind(Kind::Float)?;
+    let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+    let normed = xf.f_mul(&var.f_add_scalar(p.eps)?.f_rsqrt()?)?.f_to_kind(kind)?;
+    Ok(normed.f_mul(&w)?)
+}
+
+/// Activation functions by their transformers name.
+pub fn activation(name: &str, x: &Tensor) -> R {
+    Ok(match name {
+        "gelu" => x.f_gelu("none")?,
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => x.f_gelu("tanh")?,
+        "quick_gelu" => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?)?,
+        "silu" | "swish" => x.f_silu()?,
+        "relu" => x.f_relu()?,
+        "relu2" => x.f_relu()?.f_square()?,
+        other => return Err(PluginError::unsupported(format!("activation function {other:?}"))),
+    })
+}
+
+/// Whether [`activation`] knows `name`.
+pub fn known_activation(name: &str) -> bool {
+    matches!(
+        name,
+        "gelu" | "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "quick_gelu" | "silu" | "swish" | "relu" | "relu2"
+    )
+}
+
+/// Rotary embeddings (rotate-half convention): `cos`, `sin` of shape
+/// `[seq, rot_dim]` for positions `0..seq`, computed in float32 as
+/// transformers' default RoPE does (`inv_freq = 1 / theta^(2i/rot_dim)`).
+pub fn rope_cos_sin(seq: i64, rot_dim: i64, theta: f64, device: tch::Device) -> Result<(Tensor, Tensor), PluginError> {
+    let idx = Tensor::f_arange_start_step(0, rot_dim, 2, (Kind::Int64, device))?.f_to_kind(Kind::Float)?;
+    let inv_freq = Tensor::f_pow_scalar(theta, &idx.f_div_scalar(rot_dim as f64)?)?.f_reciprocal()?;
+    let pos = Tensor::f_arange(seq, (Kind::Float, device))?;
+    let freqs = pos.f_outer(&inv_freq)?;
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+    Ok((emb.f_cos()?, emb.f_sin()?))
+}
+
+/// `x * cos + rotate_half(x) * sin` over the last dimension, for `x` of shape
+/// `[batch, heads, seq, dim]` and `cos`/`sin` of shape `[seq, dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R {
+    let d = *x.size().last().unwrap_or(&0);
+    let x1 = x.f_narrow(-1, 0, d / 2)?;
+    let x2 = x.f_narrow(-1, d / 2, d - d / 2)?;
+    let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
+    let kind = x.kind();
+    Ok(x.f_mul(&cos.f_to_kind(kind)?)?.f_add(&rotated.f_mul(&sin.f_to_kind(kind)?)?)?)
+}
+
+/// A boolean attention mask `[batch, 1, seq, seq]`: causal and hiding padded
+/// keys (`attention_mask` `[batch, seq]`, 1 for real tokens).
+pub fn causal_padding_mask(attention_mask: &Tensor) -> R {
+    let size = attention_mask.size();
+    let (b, l) = (size[0], size[1]);
+    let device = attention_mask.device();
+    let causal = Tensor::f_ones([l, l], (Kind::Bool, device))?.f_tril(0)?;
+    let keys = attention_mask.f_ne(0)?.f_view([b, 1, 1, l])?;
+    Ok(causal.f_view([1, 1, l, l])?.f_logical_and(&keys)?)
+}
+
+/// Scaled dot-product attention over `[batch, heads, seq, dim]` tensors;
+/// `kv_heads < heads` is grouped-query attention.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> R {
+    let gqa = q.size()[1] != k.size()[1];
+    Ok(Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal && mask.is_none(), scale, gqa)?)
+}
