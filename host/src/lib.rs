@@ -12,6 +12,7 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod config;
+pub mod data;
 pub mod inspect;
 pub mod patterns;
 pub mod rules;

@@ -4,4 +4,5 @@
 //! (`cargo build --workspace --examples`) before `cargo test --workspace`.
 
 mod common;
+mod llava;
 mod plugins;
