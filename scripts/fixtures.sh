@@ -2,7 +2,8 @@
 # Regenerate the reference fixtures the parity tests read, when their script
 # changed. Each scripts/fixtures/make_NAME_fixture.py writes target/fixtures/NAME/,
 # computed by the pinned reference packages in .venv (transformers, peft, ...);
-# a stamp holding the script's sha256 (and the requirements') marks it fresh.
+# a stamp holding the sha256 of the script, the requirements and the inputs
+# it reads marks it fresh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv/bin/python
@@ -11,7 +12,8 @@ mkdir -p target/fixtures
 for script in scripts/fixtures/make_*_fixture.py; do
     name="$(basename "$script")"; name="${name#make_}"; name="${name%_fixture.py}"
     out="target/fixtures/$name"
-    want="$(cat "$script" scripts/requirements-ref.txt | sha256sum | cut -d' ' -f1)"
+    # The script, the pinned packages and the inputs it reads (real configs kept in plugins/*/tests/).
+    want="$(cat "$script" scripts/requirements-ref.txt plugins/*/tests/*.json 2>/dev/null | sha256sum | cut -d' ' -f1)"
     if [[ -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$want" ]]; then
         continue
     fi

@@ -2,6 +2,7 @@
 
 use crate::doctor::{DoctorReport, PluginsReport};
 use crate::config::TrainConfig;
+use crate::dataset::{self, BadSamplePolicy, DatasetOptions, TooLongPolicy};
 use crate::inspect::InspectReport;
 use crate::loader::{self, Discovery};
 use crate::model::{HostModel, OpenOptions};
@@ -41,6 +42,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Data sets: check every sample before training.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Check libtorch, CUDA and every plugin; report every problem at once.
     ///
     /// Exits non-zero when anything is broken.
@@ -49,6 +53,71 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Prepare every sample with the family's plugin and summarise the
+    /// problems (missing or corrupt images, placeholder/image mismatches,
+    /// empty answers, samples too long), with file, line and sample index.
+    Check {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How a data set is read.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
+    #[arg(long, value_name = "FILE")]
+    pub dataset: PathBuf,
+    /// Maximum tokens per sample.
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Longer samples: truncate (never into image tokens) or skip.
+    #[arg(long, value_enum, default_value_t = TooLongArg::Truncate)]
+    pub too_long: TooLongArg,
+    /// Bad samples: skip them (counted and listed) or fail.
+    #[arg(long, value_enum, default_value_t = OnBadArg::Skip)]
+    pub on_bad_sample: OnBadArg,
+    /// A system prompt for samples without one.
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TooLongArg {
+    Truncate,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OnBadArg {
+    Skip,
+    Fail,
+}
+
+impl DataArgs {
+    pub fn options(&self) -> DatasetOptions {
+        DatasetOptions {
+            max_length: self.max_length,
+            too_long: match self.too_long {
+                TooLongArg::Truncate => TooLongPolicy::Truncate,
+                TooLongArg::Skip => TooLongPolicy::Skip,
+            },
+            on_bad_sample: match self.on_bad_sample {
+                OnBadArg::Skip => BadSamplePolicy::Skip,
+                OnBadArg::Fail => BadSamplePolicy::Fail,
+            },
+            system_prompt: self.system_prompt.clone(),
+        }
+    }
 }
 
 /// Where the model comes from and which rules apply.
@@ -138,6 +207,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data(DataCommand::Check { model, data, json }) => {
+            let (cfg, opts) = model.resolve()?;
+            let m = HostModel::open(&opts, &cfg)?;
+            let ds = dataset::load(&data.dataset, &m, &data.options())?;
+            if json {
+                let v = serde_json::json!({
+                    "total": ds.total,
+                    "usable": ds.records.len(),
+                    "truncated": ds.truncated,
+                    "tokens": ds.records.iter().map(|r| r.length).sum::<usize>(),
+                    "supervised_tokens": ds.records.iter().map(|r| r.supervised).sum::<usize>(),
+                    "problems": ds.problems,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", ds.summary(&data.dataset));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -82,7 +82,7 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// Module names (matched segment-wise at the end of module paths, or
     /// naming a module that contains linears) or `["all-linear"]`; absent:
-    /// every linear layer of the role.
+    /// every linear layer of the role but the output head (as `all-linear`).
     pub projector_target_modules: Option<Vec<String>>,
     pub vision_target_modules: Option<Vec<String>>,
     pub llm_target_modules: Option<Vec<String>>,

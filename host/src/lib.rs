@@ -13,6 +13,7 @@ pub mod model;
 pub mod optim;
 pub mod config;
 pub mod data;
+pub mod dataset;
 pub mod inspect;
 pub mod patterns;
 pub mod rules;

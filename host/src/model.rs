@@ -50,10 +50,9 @@ pub fn checkpoint_info(dir: &Path) -> Result<CheckpointInfo> {
 /// Pick the family of `plugin` that serves the checkpoint; if none does, say
 /// which discovered plugin would.
 pub fn choose_family(plugin: &LoadedPlugin, info: &CheckpointInfo, model_dir: &Path) -> Result<String> {
-    let serves = |f: &vlmhost_plugin_api::FamilyInfo| {
-        f.model_types.iter().any(|t| *t == info.model_type)
-            || info.architectures.iter().any(|a| f.architectures.iter().any(|b| b == a))
-    };
+    // `model_type` decides (transformers' AutoConfig does the same); the
+    // architectures list is informative only.
+    let serves = |f: &vlmhost_plugin_api::FamilyInfo| f.model_types.iter().any(|t| *t == info.model_type);
     if let Some(f) = plugin.manifest.families.iter().find(|f| serves(f)) {
         return Ok(f.name.to_string());
     }

@@ -7,8 +7,9 @@
 //! 3. **Strategy.** A trained role trains `full` or with `lora`; a role the
 //!    mode does not train is frozen.
 //! 4. **LoRA targets** are looked up only among the role's own linear layers;
-//!    `all-linear` leaves out `lm_head`; convolutions and layers the plugin
-//!    marks non-LoRA-able are never targets.
+//!    `all-linear` (also the default when a LoRA role has no list) leaves out
+//!    `lm_head`; convolutions and layers the plugin marks non-LoRA-able are
+//!    never targets.
 //! 5. **Last k layers**, **`modules_to_save`** and **regex overrides** refine
 //!    the result, in that order.
 
@@ -207,17 +208,21 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
             .filter(|&m| spec.modules[m].kind == ModuleKind::Linear && spec.modules[m].lora)
             .collect();
         let key = format!("lora.{role}_target_modules");
+        let all_linear = || -> Vec<usize> {
+            linears
+                .iter()
+                .copied()
+                .filter(|&m| !spec.modules[m].name.rsplit('.').next().is_some_and(|s| s == "lm_head"))
+                .collect()
+        };
         let selected: Vec<usize> = match cfg.lora.targets(role) {
-            None => linears.clone(),
+            // No list: every linear layer of the role, as all-linear (the output head is left out).
+            None => all_linear(),
             Some(list) if list.iter().any(|t| t == "all-linear") => {
                 if list.len() > 1 {
                     return Err(RulesError::Config(format!("{key}: \"all-linear\" stands alone in its list")));
                 }
-                linears
-                    .iter()
-                    .copied()
-                    .filter(|&m| !spec.modules[m].name.rsplit('.').next().is_some_and(|s| s == "lm_head"))
-                    .collect()
+                all_linear()
             }
             Some(list) => {
                 let mut chosen = Vec::new();
@@ -404,7 +409,6 @@ mod tests {
                 "model.layers.1.self_attn.q_proj",
                 "model.layers.1.self_attn.q_proj_x",
                 "model.layers.1.mlp.down_proj",
-                "lm_head",
             ]
         );
     }

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-use vlmhost_plugin_api::model::{KeyRule, ModelSpec, ParamKind};
+use vlmhost_plugin_api::model::{ModelSpec, ParamKind};
 
 /// How to load.
 #[derive(Debug, Clone, Copy)]
@@ -151,15 +151,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     Ok(files)
 }
 
-/// Map a checkpoint key onto the plugin's names with the first matching rule.
-pub fn map_key(rules: &[KeyRule], key: &str) -> String {
-    for r in rules {
-        if let Some(rest) = key.strip_prefix(r.from.as_str()) {
-            return format!("{}{rest}", r.to);
-        }
-    }
-    key.to_owned()
-}
+pub use vlmhost_plugin_api::model::map_key;
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {

@@ -140,6 +140,17 @@ pub struct KeyRule {
     pub to: RString,
 }
 
+/// Map a checkpoint key onto the plugin's names with the first matching rule
+/// (unchanged when none matches).
+pub fn map_key(rules: &[KeyRule], key: &str) -> String {
+    for r in rules {
+        if let Some(rest) = key.strip_prefix(r.from.as_str()) {
+            return format!("{}{rest}", r.to);
+        }
+    }
+    key.to_owned()
+}
+
 /// Everything the host needs to know about one model.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]

@@ -69,12 +69,25 @@ impl From<Output> for Run {
 /// (or unset).
 pub fn vlmhost(args: &[&str], cwd: &Path, plugin_path: Option<&str>) -> Run {
     let mut cmd = Command::new(vlmhost_bin());
-    cmd.args(args).current_dir(cwd).env_remove("VLMHOST_PLUGIN_PATH");
+    cmd.args(args).current_dir(cwd).env_remove("VLMHOST_PLUGIN_PATH").env_remove("TRAINING_MODE");
     if let Some(p) = plugin_path {
         cmd.env("VLMHOST_PLUGIN_PATH", p);
     }
     let run: Run = cmd.output().expect("cannot run vlmhost").into();
     // Whatever the outcome, a crash is never acceptable.
+    assert!(run.code >= 0, "vlmhost was killed by a signal\n{}", run.all());
+    assert!(!run.stderr.contains("panicked at"), "vlmhost panicked\n{}", run.all());
+    run
+}
+
+/// Run `vlmhost ARGS` in `cwd` with extra environment variables.
+pub fn vlmhost_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(vlmhost_bin());
+    cmd.args(args).current_dir(cwd).env_remove("VLMHOST_PLUGIN_PATH").env_remove("TRAINING_MODE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let run: Run = cmd.output().expect("cannot run vlmhost").into();
     assert!(run.code >= 0, "vlmhost was killed by a signal\n{}", run.all());
     assert!(!run.stderr.contains("panicked at"), "vlmhost panicked\n{}", run.all());
     run

@@ -3,6 +3,7 @@
 //! They need the workspace's plugins built: `scripts/test.sh` builds them
 //! (`cargo build --workspace --examples`) before `cargo test --workspace`.
 
+mod cli;
 mod common;
 mod llava;
 mod plugins;
