@@ -6,6 +6,7 @@ use crate::dataset::{self, BadSamplePolicy, DatasetOptions, TooLongPolicy};
 use crate::inspect::InspectReport;
 use crate::loader::{self, Discovery};
 use crate::model::{HostModel, OpenOptions};
+use crate::train::{self, Resume, TrainJob};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,42 @@ pub enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fine-tune: check the data, apply the rules, train, checkpoint.
+    ///
+    /// `TRAINING_MODE=llm vlmhost train --dataset data.jsonl` takes the plugin
+    /// and the model from config/train_config.yaml.
+    Train {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
+        #[arg(long, value_name = "FILE")]
+        dataset: PathBuf,
+        /// Run folder [default: runs/FAMILY-MODE].
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// Continue a run: its latest checkpoint, or the checkpoint folder given.
+        #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+        resume: Option<String>,
+        /// Start from an earlier stage's checkpoint (stage 2 from stage 1's projector).
+        #[arg(long, value_name = "CHECKPOINT")]
+        init_from: Option<PathBuf>,
+        /// Optimizer steps (overrides train.max_steps and train.epochs).
+        #[arg(long)]
+        max_steps: Option<usize>,
+    },
+    /// Loss on a data set: the mean over assistant tokens and each sample's.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A checkpoint folder of `vlmhost train` to evaluate instead of the base model.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        dataset: PathBuf,
+        /// Print JSON: {"loss": f, "samples": [{"index", "loss", "tokens"}]}.
         #[arg(long)]
         json: bool,
     },
@@ -207,6 +244,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train { model, dataset, output, resume, init_from, max_steps } => {
+            let (mut cfg, opts) = model.resolve()?;
+            if max_steps.is_some() {
+                cfg.train.max_steps = max_steps;
+            }
+            cfg.plugin = Some(opts.plugin.clone());
+            cfg.model = Some(opts.model_dir.clone());
+            cfg.mode = Some(opts.mode);
+            let m = HostModel::open(&opts, &cfg)?;
+            for w in &m.plan.warnings {
+                eprintln!("warning: {w}");
+            }
+            let output = output.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", m.family, opts.mode.name())));
+            let job = TrainJob {
+                dataset,
+                output,
+                resume: resume.map(|r| if r == "latest" { Resume::Latest } else { Resume::Path(r.into()) }),
+                init_from,
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let summary = train::train(&m, &cfg, &job)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { model, adapter, dataset, json } => {
+            let (mut cfg, mut opts) = model.resolve()?;
+            if let Some(dir) = &adapter {
+                // The adapter's own rules decide which tensors exist.
+                let saved = TrainConfig::from_file(&dir.join("config.yaml"))?;
+                opts.mode = saved.mode.unwrap_or(opts.mode);
+                cfg = saved;
+            }
+            let m = HostModel::open(&opts, &cfg)?;
+            if let Some(dir) = &adapter {
+                let saved: std::collections::HashMap<String, tch::Tensor> =
+                    tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
+                m.load_tensors(&saved, true)?;
+            }
+            let options = DatasetOptions { max_length: cfg.train.max_length, too_long: cfg.train.too_long, on_bad_sample: cfg.train.on_bad_sample, system_prompt: cfg.train.system_prompt.clone() };
+            let ds = dataset::load(&dataset, &m, &options)?;
+            if !ds.problems.is_empty() {
+                eprintln!("{}", ds.summary(&dataset));
+            }
+            let (loss, samples) = train::evaluate(&m, &ds.records)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"loss": loss, "samples": samples}))?);
+            } else {
+                println!("loss {loss:.6} over {} sample(s), {} supervised token(s)", samples.len(), samples.iter().map(|s| s.tokens).sum::<i64>());
             }
             Ok(ExitCode::SUCCESS)
         }

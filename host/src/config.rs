@@ -203,6 +203,78 @@ impl Default for OptimizerConfig {
     }
 }
 
+/// Learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// The training loop's settings (`train:` in the file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Passes over the training set (ignored when `max_steps` is set).
+    pub epochs: f64,
+    /// Optimizer steps; overrides `epochs`.
+    pub max_steps: Option<usize>,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// Gradient clipping (global L2 norm); 0 turns it off.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validation samples held out of the training file: a fraction (< 1) or a count.
+    pub val_size: f64,
+    /// A separate validation file (instead of `val_size`).
+    pub val_dataset: Option<PathBuf>,
+    /// Validation loss every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Checkpoints kept (the oldest are removed).
+    pub keep_last: usize,
+    /// Stop after this many validations without improvement.
+    pub early_stopping_patience: Option<usize>,
+    /// Stop after this many non-finite losses in a row (each such step is skipped).
+    pub max_bad_steps: usize,
+    pub max_length: usize,
+    pub too_long: crate::dataset::TooLongPolicy,
+    pub on_bad_sample: crate::dataset::BadSamplePolicy,
+    pub system_prompt: Option<String>,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            epochs: 1.0,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            val_size: 0.0,
+            val_dataset: None,
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 3,
+            early_stopping_patience: None,
+            max_bad_steps: 5,
+            max_length: 2048,
+            too_long: crate::dataset::TooLongPolicy::Truncate,
+            on_bad_sample: crate::dataset::BadSamplePolicy::Skip,
+            system_prompt: None,
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -220,6 +292,7 @@ pub struct TrainConfig {
     pub modules_to_save: Vec<String>,
     pub overrides: Vec<Override>,
     pub optimizer: OptimizerConfig,
+    pub train: TrainSettings,
 }
 
 impl Default for TrainConfig {
@@ -233,6 +306,7 @@ impl Default for TrainConfig {
             modules_to_save: Vec::new(),
             overrides: Vec::new(),
             optimizer: OptimizerConfig::default(),
+            train: TrainSettings::default(),
         }
     }
 }
@@ -265,6 +339,9 @@ impl TrainConfig {
         })?;
         if cfg.lora.r <= 0 {
             return Err(format!("lora.r must be positive, not {}", cfg.lora.r));
+        }
+        if cfg.train.batch_size == 0 || cfg.train.grad_accum == 0 {
+            return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
         if !(0.0..1.0).contains(&cfg.lora.lora_dropout) {
             return Err(format!("lora.lora_dropout must be in [0, 1), not {}", cfg.lora.lora_dropout));

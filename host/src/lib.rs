@@ -19,5 +19,6 @@ pub mod patterns;
 pub mod rules;
 pub mod weights;
 pub mod torch_env;
+pub mod train;
 
 pub use vlmhost_plugin_api as plugin_api;

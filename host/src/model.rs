@@ -146,6 +146,9 @@ impl HostModel {
             kind: opts.kind,
             device: opts.device,
         };
+        // Adapters are initialised from libtorch's generator: seed it, so a
+        // run (and its resume) starts from the same adapters.
+        tch::manual_seed(config.train.seed as i64);
         m.apply_plan();
         Ok(m)
     }
@@ -204,6 +207,60 @@ impl HostModel {
             .collect()
     }
 
+    /// Everything that trains, by name: fully trained parameters under their
+    /// checkpoint names, adapters as `{module}.lora_A.weight` / `.lora_B.weight`.
+    pub fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            if self.plan.trainable[i] && self.spec.params[i].tied_to.is_empty() {
+                out.push((self.spec.params[i].name.to_string(), p.shallow_clone()));
+            }
+        }
+        for (m, a) in self.adapters.iter().enumerate() {
+            if let Some(a) = a {
+                let name = &self.spec.modules[m].name;
+                out.push((format!("{name}.lora_A.weight"), a.a.shallow_clone()));
+                out.push((format!("{name}.lora_B.weight"), a.b.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Copy saved tensors (from [`HostModel::trainable_tensors`]) into the
+    /// model. With `strict`, every trainable tensor must be there and every
+    /// saved one must fit. Returns how many were copied.
+    pub fn load_tensors(&self, saved: &std::collections::HashMap<String, Tensor>, strict: bool) -> Result<usize> {
+        let _g = tch::no_grad_guard();
+        let mut targets: std::collections::HashMap<String, Tensor> = self.trainable_tensors().into_iter().collect();
+        if !strict {
+            // Any parameter may be initialised from a previous stage.
+            for (i, p) in self.params.iter().enumerate() {
+                targets.entry(self.spec.params[i].name.to_string()).or_insert_with(|| p.shallow_clone());
+            }
+        }
+        let mut copied = 0;
+        for (name, src) in saved {
+            match targets.get(name) {
+                Some(dst) => {
+                    if dst.size() != src.size() {
+                        bail!("{name}: saved with shape {:?}, the model has {:?}", src.size(), dst.size());
+                    }
+                    let mut dst = dst.shallow_clone();
+                    dst.f_copy_(&src.f_to_kind(dst.kind())?)?;
+                    copied += 1;
+                }
+                None if strict => bail!("{name} is in the checkpoint but does not train in this run (different mode or rules?)"),
+                None => {}
+            }
+        }
+        if strict {
+            if let Some(missing) = targets.keys().find(|k| !saved.contains_key(*k)) {
+                bail!("the checkpoint lacks {missing}, which trains in this run (different mode or rules?)");
+            }
+        }
+        Ok(copied)
+    }
+
     /// Index of a parameter by name.
     pub fn param_index(&self, name: &str) -> Option<usize> {
         self.spec.params.iter().position(|p| p.name == name)
@@ -227,14 +284,15 @@ impl HostModel {
         for (i, p) in self.params.iter().enumerate() {
             if self.plan.trainable[i] && self.spec.params[i].tied_to.is_empty() {
                 let g = group(&mut opt, self.plan.roles[i], rules::decays(self.spec.params[i].kind));
-                opt.add(p, g);
+                opt.add(&self.spec.params[i].name, p, g);
             }
         }
         for (m, a) in self.adapters.iter().enumerate() {
             if let Some(a) = a {
                 let g = group(&mut opt, self.plan.roles[self.spec.modules[m].weight as usize], true);
-                opt.add(&a.a, g);
-                opt.add(&a.b, g);
+                let name = &self.spec.modules[m].name;
+                opt.add(&format!("{name}.lora_A.weight"), &a.a, g);
+                opt.add(&format!("{name}.lora_B.weight"), &a.b, g);
             }
         }
         opt

@@ -14,6 +14,7 @@ pub struct Group {
 }
 
 struct Slot {
+    name: String,
     param: Tensor,
     group: usize,
     exp_avg: Tensor,
@@ -41,15 +42,69 @@ impl AdamW {
         self.groups.len() - 1
     }
 
-    /// Add a trainable tensor (`requires_grad` must be set) to group `group`.
-    pub fn add(&mut self, param: &Tensor, group: usize) {
+    /// Add a trainable tensor (`requires_grad` must be set) to group `group`,
+    /// under a unique `name` (its key in saved optimizer states).
+    pub fn add(&mut self, name: &str, param: &Tensor, group: usize) {
         let _g = tch::no_grad_guard();
         self.slots.push(Slot {
+            name: name.to_owned(),
             param: param.shallow_clone(),
             group,
             exp_avg: param.zeros_like(),
             exp_avg_sq: param.zeros_like(),
         });
+    }
+
+    /// The moments, by `{name}.exp_avg` / `{name}.exp_avg_sq`, for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [(format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()), (format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.shallow_clone())]
+            })
+            .collect()
+    }
+
+    /// Restore moments saved by [`AdamW::state_tensors`]; every tensor must be there.
+    pub fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>, step: i64) -> Result<(), String> {
+        let _g = tch::no_grad_guard();
+        for s in &mut self.slots {
+            for (suffix, dst) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+                let key = format!("{}.{suffix}", s.name);
+                let src = tensors.get(&key).ok_or_else(|| format!("optimizer state has no {key}"))?;
+                if src.size() != dst.size() {
+                    return Err(format!("optimizer state {key} has shape {:?}, the parameter {:?}", src.size(), dst.size()));
+                }
+                dst.copy_(src);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// The global L2 norm of all gradients; scales them down to `max_norm`
+    /// when above (as `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64, tch::TchError> {
+        let _g = tch::no_grad_guard();
+        let mut total = 0f64;
+        for s in &self.slots {
+            let g = s.param.grad();
+            if g.defined() {
+                let n = g.f_norm()?.f_double_value(&[])?;
+                total += n * n;
+            }
+        }
+        let norm = total.sqrt();
+        if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+            let coef = max_norm / (norm + 1e-6);
+            for s in &self.slots {
+                let mut g = s.param.grad();
+                if g.defined() {
+                    let _ = g.f_mul_scalar_(coef)?;
+                }
+            }
+        }
+        Ok(norm)
     }
 
     /// Number of tensors optimised.
@@ -111,7 +166,7 @@ mod tests {
         let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
         let mut opt = AdamW::new((0.9, 0.999), 1e-8);
         let g = opt.add_group(Group { name: "g".into(), lr_scale: 0.5, weight_decay: 0.1 });
-        opt.add(&p, g);
+        opt.add("p", &p, g);
         let (mut m, mut v, mut x) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
         for t in 1..=2 {
             opt.zero_grad();

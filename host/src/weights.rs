@@ -180,6 +180,8 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
         // that safetensors' header checks catch in most cases.
         let mmap = unsafe { Mmap::map(&handle) }
             .map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| WeightsError::Format { path: file.clone(), message: e.to_string() })?;
         let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
@@ -219,6 +221,8 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
             })?;
             let cpu = Tensor::f_from_data_size(view.data(), &shape, kind)?;
             let t = cpu.f_to_dtype(opts.kind, false, false)?.f_to_device(opts.device)?;
+            drop(cpu);
+            release_pages(&mmap, view.data());
             if slots[i].replace(t).is_some() {
                 return Err(WeightsError::Index {
                     path: file.clone(),
@@ -257,6 +261,22 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
         }
     }
     Ok((slots.into_iter().map(|t| t.expect("every slot filled")).collect(), report))
+}
+
+/// Drop the pages of `data` (a slice of `map`) from this process once copied:
+/// the mapping is read-only and file-backed, so they are re-read if touched
+/// again. Without it, a shard's pages would stay resident beside the copies
+/// and peak memory would approach twice the model's size.
+fn release_pages(map: &Mmap, data: &[u8]) {
+    #[cfg(unix)]
+    {
+        let offset = data.as_ptr() as usize - map.as_ptr() as usize;
+        // SAFETY: MADV_DONTNEED on a private read-only file mapping only drops
+        // clean pages; later reads fault them back in from the file.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len()) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, data);
 }
 
 /// Check a checkpoint's keys and shapes against `spec` without loading any

@@ -1,0 +1,196 @@
+//! `vlmhost train` and `vlmhost eval` on the tiny LLaVA fixture: loss parity
+//! of eval with transformers, loss falling, exact resume after SIGKILL (also
+//! in the middle of a checkpoint write), stage chaining.
+
+use crate::common::*;
+use crate::llava::fixture;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+fn model() -> String {
+    fixture().join("model").display().to_string()
+}
+
+fn data() -> String {
+    fixture().join("samples/data.jsonl").display().to_string()
+}
+
+fn config(dir: &Path, yaml: &str) -> String {
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p.display().to_string()
+}
+
+fn train_cmd(dir: &Path, cfg: &str, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(vlmhost_bin());
+    let (m, d) = (model(), data());
+    cmd.args(["train", "--plugin", "llava", "--model", &m, "--dataset", &d, "--config", cfg, "--output"])
+        .arg(out)
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("TRAINING_MODE")
+        .env_remove("VLMHOST_FAULT");
+    cmd
+}
+
+fn run(mut cmd: Command) -> Run {
+    let r: Run = cmd.output().unwrap().into();
+    assert!(!r.stderr.contains("panicked at"), "{}", r.all());
+    r
+}
+
+fn losses(out: &Path) -> Vec<(usize, Option<f64>)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap() as usize, v["loss"].as_f64())
+        })
+        .collect()
+}
+
+#[test]
+fn eval_loss_equals_transformers() {
+    let dir = tempdir();
+    let (m, d) = (model(), data());
+    let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--dataset", &d, "--json"], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let (mut sum, mut count) = (0f64, 0f64);
+    for s in v["samples"].as_array().unwrap() {
+        let i = s["index"].as_u64().unwrap();
+        let reference: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(fixture().join(format!("reference/sample_{i}.safetensors"))).unwrap().into_iter().collect();
+        let theirs = reference["loss"].double_value(&[0]);
+        let ours = s["loss"].as_f64().unwrap();
+        assert!((ours - theirs).abs() / theirs <= 1e-5, "sample {i}: {ours} vs {theirs}");
+        let n = s["tokens"].as_f64().unwrap();
+        sum += theirs * n;
+        count += n;
+    }
+    let mean = v["loss"].as_f64().unwrap();
+    assert!((mean - sum / count).abs() / mean <= 1e-5, "mean {mean} vs {}", sum / count);
+}
+
+const FAST: &str = "optimizer:\n  lr: 1.0e-2\ntrain:\n  schedule: constant\n  batch_size: 2\n";
+
+#[test]
+fn training_loss_falls() {
+    let dir = tempdir();
+    let cfg = config(dir.path(), FAST);
+    let out = dir.path().join("run");
+    let r = run(train_cmd(dir.path(), &cfg, &out, &["--max-steps", "60"]));
+    assert!(r.success(), "{}", r.all());
+    let l: Vec<f64> = losses(&out).into_iter().filter_map(|(_, l)| l).collect();
+    let first = l[..3].iter().sum::<f64>() / 3.0;
+    let last = l[l.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(last < 0.5 * first, "loss did not fall enough: {first:.3} -> {last:.3}");
+    // The resolved config is saved, and so is the final checkpoint.
+    assert!(out.join("config.yaml").is_file());
+    assert!(out.join("checkpoints/step-00000060/trainable.safetensors").is_file());
+}
+
+const RESUMABLE: &str = "optimizer:\n  lr: 5.0e-3\ntrain:\n  batch_size: 2\n  grad_accum: 2\n  warmup_steps: 2\n  save_every: 4\n  keep_last: 2\n";
+
+fn reference_run(dir: &Path) -> Vec<(usize, Option<f64>)> {
+    let cfg = config(dir, RESUMABLE);
+    let out = dir.join("reference");
+    let r = run(train_cmd(dir, &cfg, &out, &["--max-steps", "12"]));
+    assert!(r.success(), "{}", r.all());
+    losses(&out)
+}
+
+#[test]
+fn resume_after_sigkill_continues_exactly() {
+    let dir = tempdir();
+    let expected = reference_run(dir.path());
+    let cfg = config(dir.path(), RESUMABLE);
+    let out = dir.path().join("killed");
+    let mut child = train_cmd(dir.path(), &cfg, &out, &["--max-steps", "12"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Kill it once it is past its second checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join("metrics.jsonl").is_file() || losses(&out).len() < 9 {
+        assert!(Instant::now() < deadline, "the run made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let again = run(train_cmd(dir.path(), &cfg, &out, &["--max-steps", "12"]));
+    assert_eq!(again.code, 1, "an output folder with checkpoints needs --resume\n{}", again.all());
+    assert!(again.stderr.contains("pass --resume"), "{}", again.all());
+    let resumed = run(train_cmd(dir.path(), &cfg, &out, &["--max-steps", "12", "--resume"]));
+    assert!(resumed.success(), "{}", resumed.all());
+    assert!(resumed.stderr.contains("resumed from"), "{}", resumed.all());
+    assert_eq!(losses(&out), expected, "the resumed loss curve differs");
+    // keep_last: 2
+    let kept: Vec<String> = std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+}
+
+#[test]
+fn a_crash_while_writing_a_checkpoint_leaves_no_half_checkpoint() {
+    let dir = tempdir();
+    let expected = reference_run(dir.path());
+    let cfg = config(dir.path(), RESUMABLE);
+    let out = dir.path().join("crashed");
+    let mut cmd = train_cmd(dir.path(), &cfg, &out, &["--max-steps", "12"]);
+    cmd.env("VLMHOST_FAULT", "abort-in-checkpoint:8");
+    let crashed: Run = cmd.output().unwrap().into();
+    assert_ne!(crashed.code, 0, "{}", crashed.all());
+    let complete = vlmhost::train::list_checkpoints(&out);
+    assert_eq!(complete.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [4], "only step 4 is complete");
+    assert!(out.join("checkpoints/step-00000008.partial").is_dir(), "the crash happened mid-write");
+    let resumed = run(train_cmd(dir.path(), &cfg, &out, &["--max-steps", "12", "--resume"]));
+    assert!(resumed.success(), "{}", resumed.all());
+    assert!(resumed.stderr.contains("step-00000004 at step 4"), "{}", resumed.all());
+    assert_eq!(losses(&out), expected);
+    assert!(!out.join("checkpoints/step-00000008.partial").exists());
+}
+
+fn eval_loss(dir: &Path, adapter: &Path) -> f64 {
+    let (m, d) = (model(), data());
+    let a = adapter.display().to_string();
+    let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &a, "--dataset", &d, "--json"], dir, &[]);
+    assert!(r.success(), "{}", r.all());
+    serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn stage_two_starts_from_stage_one() {
+    let dir = tempdir();
+    let stage1 = dir.path().join("stage1");
+    let cfg1 = config(dir.path(), FAST);
+    let r = run(train_cmd(dir.path(), &cfg1, &stage1, &["--mode", "projector", "--max-steps", "5"]));
+    assert!(r.success(), "{}", r.all());
+    let ckpt1: PathBuf = stage1.join("checkpoints/step-00000005");
+    let loss1 = eval_loss(dir.path(), &ckpt1);
+
+    // Stage 2 with a zero learning rate: the model it starts from is stage 1's.
+    let still = dir.path().join("still");
+    std::fs::create_dir(&still).unwrap();
+    let cfg0 = config(&still, "optimizer:\n  lr: 0.0\n");
+    let stage2_frozen = dir.path().join("stage2-lr0");
+    let init = ckpt1.display().to_string();
+    let r = run(train_cmd(dir.path(), &cfg0, &stage2_frozen, &["--mode", "llm", "--max-steps", "1", "--init-from", &init]));
+    assert!(r.success(), "{}", r.all());
+    assert!(r.stderr.contains("initialised 4 tensor(s) from"), "{}", r.all());
+    let loss2 = eval_loss(dir.path(), &stage2_frozen.join("checkpoints/step-00000001"));
+    assert!((loss1 - loss2).abs() <= 1e-6 * loss1, "stage 2 did not start from stage 1: {loss1} vs {loss2}");
+
+    // And stage 2 trains LLM LoRA on top.
+    let stage2 = dir.path().join("stage2");
+    let r = run(train_cmd(dir.path(), &cfg1, &stage2, &["--mode", "llm", "--max-steps", "5", "--init-from", &init]));
+    assert!(r.success(), "{}", r.all());
+    let saved: Vec<String> = Tensor::read_safetensors(stage2.join("checkpoints/step-00000005/trainable.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(saved.iter().any(|n| n.starts_with("multi_modal_projector.")), "{saved:?}");
+    assert!(saved.iter().any(|n| n.ends_with("self_attn.q_proj.lora_B.weight")), "{saved:?}");
+    assert!(eval_loss(dir.path(), &stage2.join("checkpoints/step-00000005")) < loss1);
+}
