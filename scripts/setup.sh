@@ -42,4 +42,5 @@ if [[ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]]; then
     ln -sfn "$torch_dir" .libtorch
 fi
 echo "setup: libtorch $torch_version at .libtorch -> $torch_dir"
+"$root/scripts/fixtures.sh"
 echo "setup: done; next: cargo build --release --workspace"

@@ -249,14 +249,18 @@ fn save_checkpoint(model: &HostModel, opt: &crate::optim::AdamW, state: &TrainSt
     Ok(final_dir)
 }
 
-/// Fault injection for the crash tests: `VLMHOST_FAULT=abort-in-checkpoint:STEP`
-/// aborts the process half-way through writing checkpoint STEP.
+/// Whether fault `name:step` is injected (`VLMHOST_FAULT`, comma-separated;
+/// for the crash and NaN tests only).
+fn fault(name: &str, step: usize) -> bool {
+    std::env::var("VLMHOST_FAULT").is_ok_and(|spec| spec.split(',').any(|f| f.trim() == format!("{name}:{step}")))
+}
+
+/// `VLMHOST_FAULT=abort-in-checkpoint:STEP` aborts the process half-way
+/// through writing checkpoint STEP.
 fn fault_point(site: &str, step: usize) {
-    if let Ok(spec) = std::env::var("VLMHOST_FAULT") {
-        if spec == format!("abort-in-{site}:{step}") {
-            eprintln!("VLMHOST_FAULT: aborting in {site} {step}");
-            std::process::abort();
-        }
+    if fault(&format!("abort-in-{site}"), step) {
+        eprintln!("VLMHOST_FAULT: aborting in {site} {step}");
+        std::process::abort();
     }
 }
 
@@ -382,7 +386,10 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
             let samples = prepare(model, b)?;
             let (sum, _, n_tokens) = batch_loss(model, &samples, true)?;
             tokens += n_tokens;
-            let v = sum.double_value(&[]);
+            let mut v = sum.double_value(&[]);
+            if fault("nan-loss", state.step + 1) {
+                v = f64::NAN; // `VLMHOST_FAULT=nan-loss:STEP`: the NaN guard's test
+            }
             if !v.is_finite() {
                 finite = false;
                 break;

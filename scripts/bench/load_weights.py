@@ -86,8 +86,9 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     make_checkpoint()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "vlmhost", "--example", "bench_load",
-                    "-p", "vlmhost-plugin-llava"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "vlmhost-plugin-llava"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "vlmhost", "--example", "bench_load"],
+                   cwd=ROOT, check=True)
     rust = [str(ROOT / "target/release/examples/bench_load"),
             str(ROOT / "target/release/libvlmhost_plugin_llava.so"), str(MODEL), "bf16"]
     python = [sys.executable, "-c", PY_LOADER, str(MODEL)]

@@ -194,3 +194,25 @@ fn stage_two_starts_from_stage_one() {
     assert!(saved.iter().any(|n| n.ends_with("self_attn.q_proj.lora_B.weight")), "{saved:?}");
     assert!(eval_loss(dir.path(), &stage2.join("checkpoints/step-00000005")) < loss1);
 }
+
+#[test]
+fn non_finite_losses_are_skipped_then_stop_the_run() {
+    let dir = tempdir();
+    let cfg = config(dir.path(), "optimizer:\n  lr: 1.0e-2\ntrain:\n  max_bad_steps: 3\n");
+    let out = dir.path().join("one");
+    let mut cmd = train_cmd(dir.path(), &cfg, &out, &["--max-steps", "6"]);
+    cmd.env("VLMHOST_FAULT", "nan-loss:3");
+    let r = run(cmd);
+    assert!(r.success(), "{}", r.all());
+    assert!(r.stderr.contains("non-finite loss at step 3: step skipped (1 in a row)"), "{}", r.all());
+    let l = losses(&out);
+    assert_eq!(l.len(), 6);
+    assert!(l[2].1.is_none() && l[1].1.is_some() && l[3].1.is_some(), "{l:?}");
+
+    let out = dir.path().join("three");
+    let mut cmd = train_cmd(dir.path(), &cfg, &out, &["--max-steps", "6"]);
+    cmd.env("VLMHOST_FAULT", "nan-loss:2,nan-loss:3,nan-loss:4");
+    let r = run(cmd);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("3 non-finite losses in a row: stopping"), "{}", r.all());
+}
