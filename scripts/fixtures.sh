@@ -13,7 +13,8 @@ for script in scripts/fixtures/make_*_fixture.py; do
     name="$(basename "$script")"; name="${name#make_}"; name="${name%_fixture.py}"
     out="target/fixtures/$name"
     # The script, the pinned packages and the inputs it reads (real configs kept in plugins/*/tests/).
-    want="$(cat "$script" scripts/requirements-ref.txt plugins/*/tests/*.json 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    # Every fixture script counts: some fixtures are built from others (llava_train reads llava).
+    want="$(cat "$script" scripts/fixtures/*.py scripts/requirements-ref.txt plugins/*/tests/*.json 2>/dev/null | sha256sum | cut -d' ' -f1)"
     if [[ -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$want" ]]; then
         continue
     fi
