@@ -25,7 +25,7 @@
 //! libtorch release (mixing two libtorch builds in one process crashes).
 //!
 //! ## Writing a plugin
-//! ```ignore
+//! ```text
 //! use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
 //!
 //! pub struct MyPlugin;

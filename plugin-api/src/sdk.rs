@@ -246,7 +246,7 @@ macro_rules! __vlmhost_root_symbol {
 
 /// Export a [`Plugin`] implementation as this library's root module.
 ///
-/// ```ignore
+/// ```text
 /// vlmhost_plugin_api::export_plugin!(MyPlugin);
 /// ```
 ///
