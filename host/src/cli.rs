@@ -175,6 +175,29 @@ pub struct ModelArgs {
     /// Initialise parameters the checkpoint lacks (a new head) instead of failing.
     #[arg(long)]
     pub allow_missing: bool,
+    /// auto (the first GPU if CUDA is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Parse `--device`.
+pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
+    let device = match s {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => anyhow::bail!("--device {other:?}: use auto, cpu, cuda or cuda:N"),
+        },
+    };
+    if let tch::Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count();
+        if !tch::Cuda::is_available() || n as i64 >= count {
+            anyhow::bail!("--device {s}: CUDA has {count} usable device(s) here; `vlmhost doctor` says why");
+        }
+    }
+    Ok(device)
 }
 
 impl ModelArgs {
@@ -200,7 +223,7 @@ impl ModelArgs {
             model_dir,
             mode,
             kind: tch::Kind::Float,
-            device: tch::Device::Cpu,
+            device: parse_device(&self.device)?,
             allow_missing: self.allow_missing,
             load_weights: true,
         };
