@@ -5,6 +5,7 @@
 //! them ([`loader`]), checks the machine ([`doctor`], [`torch_env`]), and owns
 //! everything that is the same for every family.
 
+pub mod autocast;
 pub mod cli;
 pub mod doctor;
 pub mod loader;

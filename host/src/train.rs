@@ -133,7 +133,8 @@ fn prepare(model: &HostModel, records: &[&Record]) -> Result<Vec<PreparedSample>
 fn batch_loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Result<(Tensor, i64, usize)> {
     let refs: Vec<&PreparedSample> = samples.iter().collect();
     let batch = collate(&refs, 0, model.device)?;
-    let logits = model.forward(&batch, training)?;
+    // bf16 autocast on CUDA, fp32 on the CPU; the loss is computed in fp32.
+    let logits = crate::autocast::bf16_on_cuda(model.device, || model.forward(&batch, training))?;
     let (mean, n) = causal_lm_loss(&logits, &batch.labels)?;
     let tokens = samples.iter().map(|s| s.input_ids.len()).sum();
     Ok((mean * (n as f64), n, tokens))
