@@ -278,6 +278,7 @@ impl Default for TrainSettings {
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct TrainConfig {
     /// Family name or plugin library path (`--plugin` overrides).
     pub plugin: Option<String>,
@@ -295,21 +296,6 @@ pub struct TrainConfig {
     pub train: TrainSettings,
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            plugin: None,
-            model: None,
-            mode: None,
-            lora: LoraConfig::default(),
-            roles: RolesConfig::default(),
-            modules_to_save: Vec::new(),
-            overrides: Vec::new(),
-            optimizer: OptimizerConfig::default(),
-            train: TrainSettings::default(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -212,7 +212,7 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
             linears
                 .iter()
                 .copied()
-                .filter(|&m| !spec.modules[m].name.rsplit('.').next().is_some_and(|s| s == "lm_head"))
+                .filter(|&m| spec.modules[m].name.rsplit('.').next().is_none_or(|s| s != "lm_head"))
                 .collect()
         };
         let selected: Vec<usize> = match cfg.lora.targets(role) {

@@ -182,7 +182,7 @@ fn split(model: &HostModel, cfg: &TrainConfig, data: Dataset) -> Result<(Vec<Rec
         bail!("train.val_size {} leaves no training sample out of {n}", t.val_size);
     }
     let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(t.seed ^ 0x5eed_0f_5a1));
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(t.seed ^ 0x5eed_0f5a));
     let val: std::collections::HashSet<usize> = idx[..k].iter().copied().collect();
     let (mut tr, mut va) = (Vec::new(), Vec::new());
     for (i, r) in data.records.into_iter().enumerate() {
@@ -240,7 +240,7 @@ fn save_checkpoint(model: &HostModel, opt: &crate::optim::AdamW, state: &TrainSt
     fsync_dir(&partial);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&partial, &final_dir).with_context(|| format!("cannot rename {} to {}", partial.display(), final_dir.display()))?;
-    fsync_dir(&final_dir.parent().unwrap_or(output).to_path_buf());
+    fsync_dir(final_dir.parent().unwrap_or(output));
     let all = list_checkpoints(output);
     if all.len() > cfg.train.keep_last.max(1) {
         for (_, old) in &all[..all.len() - cfg.train.keep_last.max(1)] {
@@ -432,7 +432,7 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
             last_loss = Some(loss);
         }
         state.step += 1;
-        let eval_now = !val_set.is_empty() && ((t.eval_every > 0 && state.step % t.eval_every == 0) || state.step == total_steps);
+        let eval_now = !val_set.is_empty() && ((t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || state.step == total_steps);
         if eval_now {
             let (v, _) = evaluate(model, &val_set)?;
             record.val_loss = Some(v);
@@ -464,7 +464,7 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
             None => eprintln!("{line}"),
         }
         let early = t.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p);
-        if (t.save_every > 0 && state.step % t.save_every == 0) || state.step == total_steps || early {
+        if (t.save_every > 0 && state.step.is_multiple_of(t.save_every)) || state.step == total_steps || early {
             last_checkpoint = save_checkpoint(model, &opt, &state, cfg, &job.output)?;
         }
         if early {
