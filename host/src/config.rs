@@ -276,9 +276,8 @@ impl Default for TrainSettings {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[derive(Default)]
 pub struct TrainConfig {
     /// Family name or plugin library path (`--plugin` overrides).
     pub plugin: Option<String>,

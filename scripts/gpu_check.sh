@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The device check, for a GPU machine that has PyTorch 2.11.0 installed but
+# not this project's .venv. Build here first (cargo build --release --workspace;
+# scripts/fixtures.sh), then run this from the repository root there with
+# target/release and target/fixtures carried. It builds nothing. Results go to
+# $OUT (default /tmp/vlmhost-gpu):
+#   torch.txt              the machine's torch and whether it sees CUDA
+#   doctor.txt / .json     vlmhost doctor: must say "CUDA available"
+#   train-{cuda,cpu}.*     the README's main job on CUDA (bf16 autocast) and on the CPU
+#   eval-{cuda,cpu}.json   eval of the base model on both devices (parity of the CUDA path)
+set -euo pipefail
+out="${OUT:-/tmp/vlmhost-gpu}"
+mkdir -p "$out"
+torch_dir="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+ln -sfn "$torch_dir" .libtorch   # the binaries' run path looks here
+python3 -c 'import torch; print(torch.__version__, "cuda:", torch.cuda.is_available(), torch.version.cuda)' | tee "$out/torch.txt"
+bin=target/release/vlmhost
+"$bin" doctor | tee "$out/doctor.txt" || true
+"$bin" doctor --json > "$out/doctor.json" || true
+data=target/fixtures/llava/samples/data.jsonl
+for device in cuda cpu; do
+    "$bin" eval --plugin llava --model target/fixtures/llava/model --dataset "$data" --device "$device" --json \
+        > "$out/eval-$device.json" 2> "$out/eval-$device.log" || echo "eval on $device failed" | tee -a "$out/errors.txt"
+    /usr/bin/time -v "$bin" train --config config/examples/demo.yaml --dataset "$data" --device "$device" \
+        --output "$out/demo-$device" > "$out/train-$device.json" 2> "$out/train-$device.log" \
+        || echo "train on $device failed" | tee -a "$out/errors.txt"
+done
+python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for d in ("cuda", "cpu"):
+    try:
+        e = json.loads((out / f"eval-{d}.json").read_text())
+        t = json.loads((out / f"train-{d}.json").read_text())
+        print(f"{d}: eval loss {e['loss']:.6f}; train {t['first_loss']:.4f} -> {t['last_loss']:.4f}")
+    except Exception as err:  # report, never hide
+        print(f"{d}: no result ({err})")
+PY
