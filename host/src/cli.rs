@@ -2,6 +2,7 @@
 
 use crate::doctor::{DoctorReport, PluginsReport};
 use crate::config::TrainConfig;
+use anyhow::Context as _;
 use crate::dataset::{self, BadSamplePolicy, DatasetOptions, TooLongPolicy};
 use crate::inspect::InspectReport;
 use crate::loader::{self, Discovery};
@@ -295,19 +296,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval { model, adapter, dataset, json } => {
-            let (mut cfg, mut opts) = model.resolve()?;
-            if let Some(dir) = &adapter {
-                // The adapter's own rules decide which tensors exist.
-                let saved = TrainConfig::from_file(&dir.join("config.yaml"))?;
-                opts.mode = saved.mode.unwrap_or(opts.mode);
-                cfg = saved;
-            }
-            let m = HostModel::open(&opts, &cfg)?;
-            if let Some(dir) = &adapter {
-                let saved: std::collections::HashMap<String, tch::Tensor> =
-                    tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
-                m.load_tensors(&saved, true)?;
-            }
+            let (cfg, opts) = model.resolve()?;
+            let m = match &adapter {
+                // An adapter PEFT saved: its modules decide the rules.
+                Some(dir) if crate::peft::is_peft_dir(dir) => {
+                    let mut read = None;
+                    let m = HostModel::open_with(&opts, |spec, roles| {
+                        let a = crate::peft::PeftAdapter::read(dir, spec)?;
+                        let chosen = a.train_config(spec, roles, &cfg)?;
+                        read = Some(a);
+                        Ok(chosen)
+                    })?;
+                    read.expect("read when opened").load_into(&m)?;
+                    m
+                }
+                // A checkpoint of `vlmhost train`: its own rules decide.
+                Some(dir) => {
+                    let saved = TrainConfig::from_file(&dir.join("config.yaml")).with_context(|| {
+                        format!("{} is neither a vlmhost checkpoint (config.yaml) nor a PEFT adapter (adapter_config.json)", dir.display())
+                    })?;
+                    let mode = saved.mode.unwrap_or(opts.mode);
+                    let m = HostModel::open_with(&opts, |_, _| Ok((saved.clone(), mode)))?;
+                    let tensors: std::collections::HashMap<String, tch::Tensor> =
+                        tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
+                    m.load_tensors(&tensors, true)?;
+                    m
+                }
+                None => HostModel::open(&opts, &cfg)?,
+            };
+            let cfg = m.config.clone();
             let options = DatasetOptions { max_length: cfg.train.max_length, too_long: cfg.train.too_long, on_bad_sample: cfg.train.on_bad_sample, system_prompt: cfg.train.system_prompt.clone() };
             let ds = dataset::load(&dataset, &m, &options)?;
             if !ds.problems.is_empty() {

@@ -17,6 +17,7 @@ pub mod data;
 pub mod dataset;
 pub mod inspect;
 pub mod patterns;
+pub mod peft;
 pub mod rules;
 pub mod weights;
 pub mod torch_env;

@@ -116,6 +116,15 @@ pub fn plugin_err(family: &str, what: &str, e: PluginError) -> anyhow::Error {
 impl HostModel {
     /// Resolve the plugin, open the checkpoint, apply the rules, load the weights.
     pub fn open(opts: &OpenOptions, config: &TrainConfig) -> Result<HostModel> {
+        Self::open_with(opts, |_, _| Ok((config.clone(), opts.mode)))
+    }
+
+    /// As [`HostModel::open`], with the rules chosen from the model's spec and
+    /// roles (an adapter decides them, say).
+    pub fn open_with(
+        opts: &OpenOptions,
+        choose: impl FnOnce(&ModelSpec, &[Role]) -> Result<(TrainConfig, Mode)>,
+    ) -> Result<HostModel> {
         let plugin = loader::resolve(&opts.plugin)?;
         let info = checkpoint_info(&opts.model_dir)?;
         let family = choose_family(&plugin, &info, &opts.model_dir)?;
@@ -125,7 +134,9 @@ impl HostModel {
             .map_err(|e| plugin_err(&family, &format!("opening {}", opts.model_dir.display()), e))?;
         let spec = model.spec();
         validate_spec(&spec, &family)?;
-        let plan = rules::plan(&spec, config, opts.mode)?;
+        let roles = rules::assign_roles(&spec)?;
+        let (config, mode) = choose(&spec, &roles)?;
+        let plan = rules::plan(&spec, &config, mode)?;
         let load = LoadOptions { kind: opts.kind, device: opts.device, allow_missing: opts.allow_missing };
         let (params, load_report) = if opts.load_weights {
             weights::load(&opts.model_dir, &spec, load)?
@@ -141,14 +152,14 @@ impl HostModel {
             plan,
             params,
             adapters: Vec::new(),
-            config: config.clone(),
+            config,
             load_report,
             kind: opts.kind,
             device: opts.device,
         };
         // Adapters are initialised from libtorch's generator: seed it, so a
         // run (and its resume) starts from the same adapters.
-        tch::manual_seed(config.train.seed as i64);
+        tch::manual_seed(m.config.train.seed as i64);
         m.apply_plan();
         Ok(m)
     }

@@ -226,3 +226,41 @@ fn non_finite_losses_are_skipped_then_stop_the_run() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("3 non-finite losses in a row: stopping"), "{}", r.all());
 }
+
+#[test]
+fn an_adapter_peft_saved_evaluates_as_in_peft() {
+    let dir = tempdir();
+    let (m, d) = (model(), data());
+    let adapter = fixture().join("peft_adapter").display().to_string();
+    let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &adapter, "--dataset", &d, "--json"], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    for i in [0u64, 4] {
+        let reference: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(fixture().join(format!("reference/lora_sample_{i}.safetensors"))).unwrap().into_iter().collect();
+        let theirs = reference["loss"].double_value(&[0]);
+        let ours = v["samples"].as_array().unwrap().iter().find(|s| s["index"] == i).unwrap()["loss"].as_f64().unwrap();
+        assert!((ours - theirs).abs() / theirs <= 1e-5, "sample {i}: {ours} vs PEFT {theirs}");
+    }
+
+    // Bad adapters: a folder without adapter_config.json, and one made for another model.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = empty.display().to_string();
+    let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &e, "--dataset", &d], dir.path(), &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("neither a vlmhost checkpoint (config.yaml) nor a PEFT adapter (adapter_config.json)"), "{}", r.all());
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(fixture().join("peft_adapter/adapter_config.json"), other.join("adapter_config.json")).unwrap();
+    let renamed: Vec<(String, Tensor)> = Tensor::read_safetensors(fixture().join("peft_adapter/adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k.replace("layers.1.", "layers.7."), t))
+        .collect();
+    vlmhost::weights::save_safetensors(&other.join("adapter_model.safetensors"), &renamed, None).unwrap();
+    let o = other.display().to_string();
+    let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &o, "--dataset", &d], dir.path(), &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("layers.7.") && r.stderr.contains("another base model"), "{}", r.all());
+}

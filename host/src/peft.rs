@@ -1,0 +1,158 @@
+//! Adapters that PEFT saved (`adapter_config.json` + `adapter_model.safetensors`),
+//! loaded into vlmhost for evaluation or to continue training.
+//!
+//! PEFT names tensors by the transformers model's in-memory names under
+//! `base_model.model.`: `{module}.lora_A.weight` / `.lora_B.weight` for LoRA,
+//! and the parameter names themselves for `modules_to_save`. The plugin's key
+//! rules map those names onto its own. The modules that carry LoRA are read
+//! from the file itself (PEFT's `target_modules` are suffixes that may have
+//! matched anywhere), and become the run's per-role target lists.
+
+use crate::config::{Mode, Strategy, TrainConfig};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+use vlmhost_plugin_api::model::{map_key, ModelSpec};
+use vlmhost_plugin_api::Role;
+
+/// A PEFT LoRA adapter folder, read.
+pub struct PeftAdapter {
+    pub dir: PathBuf,
+    pub config: Value,
+    /// Tensors under the plugin's names: `{module}.lora_A.weight`,
+    /// `{module}.lora_B.weight`, or a parameter name (modules_to_save).
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Whether `dir` holds a PEFT adapter.
+pub fn is_peft_dir(dir: &Path) -> bool {
+    dir.join("adapter_config.json").is_file()
+}
+
+impl PeftAdapter {
+    /// Read `dir`, mapping names with the model's key rules.
+    pub fn read(dir: &Path, spec: &ModelSpec) -> Result<PeftAdapter> {
+        let cfg_path = dir.join("adapter_config.json");
+        if !cfg_path.is_file() {
+            bail!("{}: no adapter_config.json; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors", dir.display());
+        }
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+            .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+        let get = |k: &str| config.get(k).cloned().unwrap_or(Value::Null);
+        if get("peft_type").as_str() != Some("LORA") {
+            bail!("{}: peft_type {} is not supported (LORA only)", cfg_path.display(), get("peft_type"));
+        }
+        for (key, ok) in [
+            ("use_dora", !get("use_dora").as_bool().unwrap_or(false)),
+            ("bias", matches!(get("bias").as_str(), None | Some("none"))),
+            ("rank_pattern", get("rank_pattern").as_object().is_none_or(|m| m.is_empty())),
+            ("alpha_pattern", get("alpha_pattern").as_object().is_none_or(|m| m.is_empty())),
+        ] {
+            if !ok {
+                bail!("{}: {key} = {} is not supported by vlmhost", cfg_path.display(), get(key));
+            }
+        }
+        let weights = dir.join("adapter_model.safetensors");
+        let raw = Tensor::read_safetensors(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
+        let params: BTreeSet<&str> = spec.params.iter().map(|p| p.name.as_str()).collect();
+        let modules: BTreeSet<&str> = spec.modules.iter().map(|m| m.name.as_str()).collect();
+        let mut tensors = HashMap::new();
+        for (key, t) in raw {
+            let inner = key.strip_prefix("base_model.model.").unwrap_or(&key);
+            let mapped = if let Some((module, which)) = inner
+                .strip_suffix(".lora_A.weight")
+                .map(|m| (m, "lora_A"))
+                .or_else(|| inner.strip_suffix(".lora_B.weight").map(|m| (m, "lora_B")))
+            {
+                let module = map_key(&spec.key_rules, &format!("{module}.weight"));
+                let module = module.strip_suffix(".weight").unwrap_or(&module).to_owned();
+                if !modules.contains(module.as_str()) {
+                    bail!("{}: {key} is LoRA on {module}, which this {} model does not have (an adapter for another base model?)", weights.display(), spec.family);
+                }
+                format!("{module}.{which}.weight")
+            } else {
+                let name = map_key(&spec.key_rules, inner);
+                if !params.contains(name.as_str()) {
+                    bail!("{}: {key} matches no parameter of this {} model (an adapter for another base model?)", weights.display(), spec.family);
+                }
+                name
+            };
+            tensors.insert(mapped, t);
+        }
+        Ok(PeftAdapter { dir: dir.to_path_buf(), config, tensors })
+    }
+
+    /// Modules carrying LoRA, by the plugin's names.
+    pub fn lora_modules(&self) -> BTreeSet<String> {
+        self.tensors.keys().filter_map(|k| k.strip_suffix(".lora_A.weight").map(str::to_owned)).collect()
+    }
+
+    /// The rules under which this adapter's tensors exist: every role with an
+    /// adapter trains with LoRA on exactly the adapter's modules; parameters
+    /// saved whole become `modules_to_save`. (The projector, which trains in
+    /// every mode, starts from the base weights when the adapter has none.)
+    pub fn train_config(&self, spec: &ModelSpec, roles: &[Role], base: &TrainConfig) -> Result<(TrainConfig, Mode)> {
+        let mut cfg = base.clone();
+        let c = &self.config;
+        cfg.lora.r = c.get("r").and_then(Value::as_i64).context("adapter_config.json: no r")?;
+        cfg.lora.lora_alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        cfg.lora.lora_dropout = c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        cfg.lora.use_rslora = c.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let role_of_module = |m: &str| {
+            spec.modules.iter().find(|s| s.name == m).map(|s| roles[s.weight as usize])
+        };
+        let mut per_role: HashMap<Role, Vec<String>> = HashMap::new();
+        for m in self.lora_modules() {
+            let role = role_of_module(&m).context("unknown module")?;
+            per_role.entry(role).or_default().push(m);
+        }
+        for role in Role::ALL {
+            let list = per_role.remove(&role);
+            let has = list.is_some();
+            let slot = match role {
+                Role::Vision => &mut cfg.lora.vision_target_modules,
+                Role::Projector => &mut cfg.lora.projector_target_modules,
+                Role::Llm => &mut cfg.lora.llm_target_modules,
+            };
+            *slot = list;
+            let rc = match role {
+                Role::Vision => &mut cfg.roles.vision,
+                Role::Projector => &mut cfg.roles.projector,
+                Role::Llm => &mut cfg.roles.llm,
+            };
+            rc.strategy = Some(if has || role != Role::Projector { Strategy::Lora } else { Strategy::Full });
+            rc.train_last_layers = None;
+        }
+        let vision = cfg.lora.vision_target_modules.is_some();
+        let llm = cfg.lora.llm_target_modules.is_some();
+        // Whole parameters: modules_to_save, by their module paths.
+        let saved: BTreeSet<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !k.ends_with(".lora_A.weight") && !k.ends_with(".lora_B.weight"))
+            .map(|k| k.rsplit_once('.').map_or(k.clone(), |(m, _)| m.to_owned()))
+            .collect();
+        let whole_vision = saved.iter().any(|m| spec.params.iter().position(|p| p.name.starts_with(&format!("{m}."))).is_some_and(|i| roles[i] == Role::Vision));
+        let whole_llm = saved.iter().any(|m| spec.params.iter().position(|p| p.name.starts_with(&format!("{m}."))).is_some_and(|i| roles[i] == Role::Llm));
+        cfg.modules_to_save = saved.into_iter().collect();
+        let mode = match (vision || whole_vision, llm || whole_llm) {
+            (true, true) => Mode::Both,
+            (true, false) => Mode::Vision,
+            (false, true) => Mode::Llm,
+            (false, false) => Mode::Projector,
+        };
+        cfg.mode = Some(mode);
+        Ok((cfg, mode))
+    }
+
+    /// Copy the adapter into `model` (opened with [`PeftAdapter::train_config`]).
+    pub fn load_into(&self, model: &crate::model::HostModel) -> Result<()> {
+        let copied = model.load_tensors(&self.tensors, false)?;
+        if copied != self.tensors.len() {
+            bail!("{}: only {copied} of {} tensors found a place in the model", self.dir.display(), self.tensors.len());
+        }
+        Ok(())
+    }
+}
