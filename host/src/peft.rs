@@ -156,3 +156,59 @@ impl PeftAdapter {
         Ok(())
     }
 }
+
+/// Write the trainable state of `model` as a PEFT adapter in `dir`:
+/// `adapter_config.json` and `adapter_model.safetensors`, with PEFT's names
+/// (transformers' in-memory names under `base_model.model.`), LoRA as
+/// `lora_A`/`lora_B`, and fully trained modules as `modules_to_save`.
+pub fn save(model: &crate::model::HostModel, dir: &Path) -> Result<()> {
+    let spec = &model.spec;
+    if spec.transformers_names.is_empty() {
+        bail!("the {} plugin does not declare transformers' names: cannot write a PEFT adapter", model.family);
+    }
+    let hf = |name: &str| map_key(&spec.transformers_names, name);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = Vec::new();
+    let mut targets = BTreeSet::new();
+    for (m, a) in model.adapters.iter().enumerate() {
+        if let Some(a) = a {
+            let module = hf(&spec.modules[m].name);
+            tensors.push((format!("base_model.model.{module}.lora_A.weight"), a.a.shallow_clone()));
+            tensors.push((format!("base_model.model.{module}.lora_B.weight"), a.b.shallow_clone()));
+            targets.insert(module);
+        }
+    }
+    let mut to_save = BTreeSet::new();
+    for (i, p) in model.params.iter().enumerate() {
+        if model.plan.trainable[i] && spec.params[i].tied_to.is_empty() {
+            let name = hf(&spec.params[i].name);
+            to_save.insert(name.rsplit_once('.').map_or(name.clone(), |(m, _)| m.to_owned()));
+            tensors.push((format!("base_model.model.{name}"), p.shallow_clone()));
+        }
+    }
+    let l = &model.config.lora;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model.model_dir.display().to_string(),
+        "r": l.r,
+        "lora_alpha": l.lora_alpha,
+        "lora_dropout": l.lora_dropout,
+        "use_rslora": l.use_rslora,
+        "use_dora": false,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "target_modules": targets.into_iter().collect::<Vec<_>>(),
+        "modules_to_save": if to_save.is_empty() { Value::Null } else { Value::from(to_save.into_iter().collect::<Vec<_>>()) },
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "revision": null,
+    });
+    crate::weights::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
+    crate::weights::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    Ok(())
+}

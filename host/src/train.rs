@@ -476,6 +476,12 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
     if let Some(b) = bar {
         b.finish();
     }
+    // What others load: the adapter in PEFT's format.
+    let adapter = job.output.join("adapter");
+    match crate::peft::save(model, &adapter) {
+        Ok(()) => eprintln!("PEFT adapter written to {}", adapter.display()),
+        Err(e) => eprintln!("warning: no PEFT adapter written: {e:#}"),
+    }
     let summary = TrainSummary { steps: state.step, first_loss, last_loss, final_val_loss: final_val, stopped_early, checkpoint: last_checkpoint };
     weights::write_atomic(&job.output.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)

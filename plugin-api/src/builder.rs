@@ -85,6 +85,7 @@ impl SpecBuilder {
             key_rules: key_rules.into(),
             ignored_keys: ignored_keys.into_iter().map(RString::from).collect(),
             has_vision_encoder,
+            transformers_names: RVec::new(),
         }
     }
 }

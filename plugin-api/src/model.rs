@@ -166,6 +166,10 @@ pub struct ModelSpec {
     pub ignored_keys: RVec<RString>,
     /// False for encoder-free families (Fuyu): there is no vision role.
     pub has_vision_encoder: bool,
+    /// How transformers names these parameters in memory (the names PEFT
+    /// saves adapters under, after `base_model.model.`): prefix rewrites from
+    /// the plugin's names, first match wins.
+    pub transformers_names: RVec<KeyRule>,
 }
 
 /// A named tensor moving from the plugin to the host.

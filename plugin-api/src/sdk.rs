@@ -88,6 +88,7 @@ impl Model for ModelAdapter {
                 key_rules: Default::default(),
                 ignored_keys: Default::default(),
                 has_vision_encoder: false,
+                transformers_names: Default::default(),
             },
         }
     }

@@ -264,3 +264,60 @@ fn an_adapter_peft_saved_evaluates_as_in_peft() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("layers.7.") && r.stderr.contains("another base model"), "{}", r.all());
 }
+
+#[test]
+fn the_adapter_a_run_leaves_loads_in_peft_with_equal_logits() {
+    let dir = tempdir();
+    let cfg = config(dir.path(), "optimizer:\n  lr: 1.0e-2\nlora:\n  r: 4\n  lora_alpha: 8\n");
+    let out = dir.path().join("run");
+    let r = run(train_cmd(dir.path(), &cfg, &out, &["--mode", "llm", "--max-steps", "5"]));
+    assert!(r.success(), "{}", r.all());
+    let adapter = out.join("adapter");
+    assert!(adapter.join("adapter_config.json").is_file() && adapter.join("adapter_model.safetensors").is_file(), "{}", r.all());
+
+    // PEFT's side: transformers + PeftModel.from_pretrained on the same inputs.
+    let inputs = fixture().join("reference/sample_0.safetensors");
+    let theirs = dir.path().join("peft.safetensors");
+    let py = workspace_root().join(".venv/bin/python");
+    let status = Command::new(&py)
+        .arg(workspace_root().join("scripts/check_peft_adapter.py"))
+        .args(["--model", &model(), "--adapter"])
+        .arg(&adapter)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--output")
+        .arg(&theirs)
+        .status()
+        .expect("run .venv/bin/python (scripts/setup.sh makes it)");
+    assert!(status.success());
+    let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&theirs).unwrap().into_iter().collect();
+
+    // vlmhost's side: the same adapter, loaded the way `eval --adapter` does.
+    let opts = vlmhost::model::OpenOptions {
+        plugin: member_plugin("vlmhost_plugin_llava").display().to_string(),
+        model_dir: fixture().join("model"),
+        mode: vlmhost::config::Mode::Llm,
+        kind: tch::Kind::Float,
+        device: tch::Device::Cpu,
+        allow_missing: false,
+        load_weights: true,
+    };
+    let mut read = None;
+    let m = vlmhost::model::HostModel::open_with(&opts, |spec, roles| {
+        let a = vlmhost::peft::PeftAdapter::read(&adapter, spec)?;
+        let chosen = a.train_config(spec, roles, &vlmhost::config::TrainConfig::default())?;
+        read = Some(a);
+        Ok(chosen)
+    })
+    .unwrap();
+    read.unwrap().load_into(&m).unwrap();
+    let s = crate::llava::samples(&m);
+    let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();
+    let logits = tch::no_grad(|| m.forward(&batch, false)).unwrap();
+    let d = (logits - &theirs["logits"]).abs().max().double_value(&[]);
+    assert!(d <= 1e-4, "vlmhost and PEFT differ by {d} on the trained adapter");
+    eprintln!("trained adapter in PEFT: logits max |diff| {d:.2e}");
+    // The adapter really moved the model: not the base logits.
+    let base: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs).unwrap().into_iter().collect();
+    assert!((&theirs["logits"] - &base["logits"]).abs().max().double_value(&[]) > 1e-3);
+}

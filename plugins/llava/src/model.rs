@@ -151,6 +151,15 @@ impl Llava {
             vec!["**.position_ids".into()],
             true,
         );
+        let mut spec = spec;
+        // transformers 5 in memory (LlavaForConditionalGeneration): what PEFT names.
+        spec.transformers_names = vec![
+            key_rule("language_model.model.", "model.language_model."),
+            key_rule("language_model.lm_head.", "lm_head."),
+            key_rule("multi_modal_projector.", "model.multi_modal_projector."),
+            key_rule("vision_tower.vision_model.", "model.vision_tower."),
+        ]
+        .into();
         Llava { config, spec, vision, projector, text }
     }
 

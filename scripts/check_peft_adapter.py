@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Load a vlmhost-written adapter with PEFT and compute reference logits.
+
+Used by the tests (the reference side of "vlmhost's adapter loads in PEFT with
+equal logits"): loads the base model with transformers, wraps it with
+`PeftModel.from_pretrained(model, ADAPTER)`, runs the inputs that the LLaVA
+fixture stored for one sample, and writes the logits and loss.
+
+    .venv/bin/python scripts/check_peft_adapter.py --model DIR --adapter DIR \
+        --inputs reference/sample_0.safetensors --output out.safetensors
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import LlavaForConditionalGeneration  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--output", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    base = LlavaForConditionalGeneration.from_pretrained(a.model, torch_dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, a.adapter).eval()
+    x = load_file(a.inputs)
+    with torch.no_grad():
+        out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                    pixel_values=x["pixel_values"], labels=x["labels"])
+    save_file({"logits": out.logits.float().contiguous(), "loss": out.loss.reshape(1).float()}, a.output)
+
+
+if __name__ == "__main__":
+    main()
