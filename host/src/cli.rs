@@ -60,7 +60,8 @@ pub enum Command {
         /// Continue a run: its latest checkpoint, or the checkpoint folder given.
         #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
         resume: Option<String>,
-        /// Start from an earlier stage's checkpoint (stage 2 from stage 1's projector).
+        /// Start from an earlier stage's checkpoint (stage 2 from stage 1's
+        /// projector), or from an adapter PEFT saved (continue training it).
         #[arg(long, value_name = "CHECKPOINT")]
         init_from: Option<PathBuf>,
         /// Optimizer steps (overrides train.max_steps and train.epochs).
@@ -279,11 +280,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.plugin = Some(opts.plugin.clone());
             cfg.model = Some(opts.model_dir.clone());
             cfg.mode = Some(opts.mode);
-            let m = HostModel::open(&opts, &cfg)?;
+            // Continuing from an adapter PEFT saved: its modules decide the LoRA rules.
+            let (m, init_from) = match &init_from {
+                Some(dir) if crate::peft::is_peft_dir(dir) => {
+                    let mut read = None;
+                    let m = HostModel::open_with(&opts, |spec, roles| {
+                        let a = crate::peft::PeftAdapter::read(dir, spec)?;
+                        let chosen = a.train_config(spec, roles, &cfg)?;
+                        read = Some(a);
+                        Ok(chosen)
+                    })?;
+                    read.expect("read when opened").load_into(&m)?;
+                    eprintln!("initialised from the PEFT adapter {}", dir.display());
+                    (m, None)
+                }
+                _ => (HostModel::open(&opts, &cfg)?, init_from),
+            };
+            let cfg = m.config.clone();
             for w in &m.plan.warnings {
                 eprintln!("warning: {w}");
             }
-            let output = output.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", m.family, opts.mode.name())));
+            let output = output.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", m.family, m.plan.mode.name())));
             let job = TrainJob {
                 dataset,
                 output,

@@ -321,3 +321,24 @@ fn the_adapter_a_run_leaves_loads_in_peft_with_equal_logits() {
     let base: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs).unwrap().into_iter().collect();
     assert!((&theirs["logits"] - &base["logits"]).abs().max().double_value(&[]) > 1e-3);
 }
+
+#[test]
+fn training_continues_from_an_adapter_peft_saved() {
+    let dir = tempdir();
+    let peft = fixture().join("peft_adapter");
+    let p = peft.display().to_string();
+    let (m, d) = (model(), data());
+    let with_peft: serde_json::Value = serde_json::from_str(
+        &vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &p, "--dataset", &d, "--json"], dir.path(), &[]).stdout,
+    )
+    .unwrap();
+    // One step at learning rate 0: the run starts from exactly PEFT's adapter.
+    let cfg = config(dir.path(), "optimizer:\n  lr: 0.0\n");
+    let out = dir.path().join("run");
+    let r = run(train_cmd(dir.path(), &cfg, &out, &["--max-steps", "1", "--init-from", &p]));
+    assert!(r.success(), "{}", r.all());
+    assert!(r.stderr.contains("initialised from the PEFT adapter"), "{}", r.all());
+    let after = eval_loss(dir.path(), &out.join("checkpoints/step-00000001"));
+    let before = with_peft["loss"].as_f64().unwrap();
+    assert!((after - before).abs() <= 1e-6 * before, "{after} vs PEFT adapter {before}");
+}
