@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Load a vlmhost-written adapter with PEFT and compute reference logits.
+"""Load a vlmhost-written adapter with PEFT (or a merged checkpoint with
+transformers alone) and compute reference logits.
 
 Used by the tests (the reference side of "vlmhost's adapter loads in PEFT with
 equal logits"): loads the base model with transformers, wraps it with
@@ -25,13 +26,13 @@ from transformers import LlavaForConditionalGeneration  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", help="a PEFT adapter folder; omit for a merged checkpoint")
     p.add_argument("--inputs", required=True)
     p.add_argument("--output", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
     base = LlavaForConditionalGeneration.from_pretrained(a.model, torch_dtype=torch.float32, attn_implementation="eager")
-    model = PeftModel.from_pretrained(base, a.adapter).eval()
+    model = (PeftModel.from_pretrained(base, a.adapter) if a.adapter else base).eval()
     x = load_file(a.inputs)
     with torch.no_grad():
         out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],

@@ -81,6 +81,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A complete Hugging Face checkpoint with the adapter merged: LoRA folded
+    /// into its weights, fully trained modules included, config, tokenizer and
+    /// processor files copied.
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A vlmhost checkpoint or a PEFT adapter folder.
+        #[arg(long, value_name = "DIR")]
+        adapter: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        /// Replace an output folder that exists and is not empty.
+        #[arg(long)]
+        force: bool,
+        /// Largest shard, in GB.
+        #[arg(long, default_value_t = 4.0)]
+        max_shard_size_gb: f64,
+    },
     /// Data sets: check every sample before training.
     #[command(subcommand)]
     Data(DataCommand),
@@ -233,6 +251,36 @@ impl ModelArgs {
     }
 }
 
+/// Open the model with an adapter: a PEFT adapter folder (its modules decide
+/// the rules) or a `vlmhost train` checkpoint (its saved rules decide).
+pub fn open_with_adapter(opts: &OpenOptions, cfg: &TrainConfig, adapter: Option<&std::path::Path>) -> anyhow::Result<HostModel> {
+    Ok(match adapter {
+        Some(dir) if crate::peft::is_peft_dir(dir) => {
+            let mut read = None;
+            let m = HostModel::open_with(opts, |spec, roles| {
+                let a = crate::peft::PeftAdapter::read(dir, spec)?;
+                let chosen = a.train_config(spec, roles, cfg)?;
+                read = Some(a);
+                Ok(chosen)
+            })?;
+            read.expect("read when opened").load_into(&m)?;
+            m
+        }
+        Some(dir) => {
+            let saved = TrainConfig::from_file(&dir.join("config.yaml")).with_context(|| {
+                format!("{} is neither a vlmhost checkpoint (config.yaml) nor a PEFT adapter (adapter_config.json)", dir.display())
+            })?;
+            let mode = saved.mode.unwrap_or(opts.mode);
+            let m = HostModel::open_with(opts, |_, _| Ok((saved.clone(), mode)))?;
+            let tensors: std::collections::HashMap<String, tch::Tensor> =
+                tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
+            m.load_tensors(&tensors, true)?;
+            m
+        }
+        None => HostModel::open(opts, cfg)?,
+    })
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     init_tracing();
@@ -314,33 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Eval { model, adapter, dataset, json } => {
             let (cfg, opts) = model.resolve()?;
-            let m = match &adapter {
-                // An adapter PEFT saved: its modules decide the rules.
-                Some(dir) if crate::peft::is_peft_dir(dir) => {
-                    let mut read = None;
-                    let m = HostModel::open_with(&opts, |spec, roles| {
-                        let a = crate::peft::PeftAdapter::read(dir, spec)?;
-                        let chosen = a.train_config(spec, roles, &cfg)?;
-                        read = Some(a);
-                        Ok(chosen)
-                    })?;
-                    read.expect("read when opened").load_into(&m)?;
-                    m
-                }
-                // A checkpoint of `vlmhost train`: its own rules decide.
-                Some(dir) => {
-                    let saved = TrainConfig::from_file(&dir.join("config.yaml")).with_context(|| {
-                        format!("{} is neither a vlmhost checkpoint (config.yaml) nor a PEFT adapter (adapter_config.json)", dir.display())
-                    })?;
-                    let mode = saved.mode.unwrap_or(opts.mode);
-                    let m = HostModel::open_with(&opts, |_, _| Ok((saved.clone(), mode)))?;
-                    let tensors: std::collections::HashMap<String, tch::Tensor> =
-                        tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
-                    m.load_tensors(&tensors, true)?;
-                    m
-                }
-                None => HostModel::open(&opts, &cfg)?,
-            };
+            let m = open_with_adapter(&opts, &cfg, adapter.as_deref())?;
             let cfg = m.config.clone();
             let options = DatasetOptions { max_length: cfg.train.max_length, too_long: cfg.train.too_long, on_bad_sample: cfg.train.on_bad_sample, system_prompt: cfg.train.system_prompt.clone() };
             let ds = dataset::load(&dataset, &m, &options)?;
@@ -353,6 +375,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("loss {loss:.6} over {} sample(s), {} supervised token(s)", samples.len(), samples.iter().map(|s| s.tokens).sum::<i64>());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Merge { model, adapter, output, force, max_shard_size_gb } => {
+            let (cfg, opts) = model.resolve()?;
+            if output.exists() && std::fs::read_dir(&output)?.next().is_some() && !force {
+                anyhow::bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
+            }
+            let m = open_with_adapter(&opts, &cfg, Some(&adapter))?;
+            let n = crate::merge::merge(&m, &output, force, (max_shard_size_gb * 1e9) as usize)?;
+            println!("merged checkpoint written to {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Check { model, data, json }) => {

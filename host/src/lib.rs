@@ -10,6 +10,7 @@ pub mod cli;
 pub mod doctor;
 pub mod loader;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod config;

@@ -342,3 +342,75 @@ fn training_continues_from_an_adapter_peft_saved() {
     let before = with_peft["loss"].as_f64().unwrap();
     assert!((after - before).abs() <= 1e-6 * before, "{after} vs PEFT adapter {before}");
 }
+
+/// Logits of fixture sample 0 computed by transformers from `model_dir`
+/// (with PEFT when `adapter` is given).
+fn transformers_logits(dir: &Path, model_dir: &Path, adapter: Option<&Path>) -> Tensor {
+    let out = dir.join(format!("logits-{}.safetensors", std::process::id()));
+    let mut cmd = Command::new(workspace_root().join(".venv/bin/python"));
+    cmd.arg(workspace_root().join("scripts/check_peft_adapter.py")).arg("--model").arg(model_dir);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    cmd.arg("--inputs").arg(fixture().join("reference/sample_0.safetensors")).arg("--output").arg(&out);
+    assert!(cmd.status().unwrap().success());
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    t["logits"].shallow_clone()
+}
+
+/// vlmhost's logits of fixture sample 0 with a checkpoint of a run loaded.
+fn vlmhost_logits(checkpoint: &Path) -> Tensor {
+    let opts = vlmhost::model::OpenOptions {
+        plugin: member_plugin("vlmhost_plugin_llava").display().to_string(),
+        model_dir: fixture().join("model"),
+        mode: vlmhost::config::Mode::Llm,
+        kind: tch::Kind::Float,
+        device: tch::Device::Cpu,
+        allow_missing: false,
+        load_weights: true,
+    };
+    let m = vlmhost::cli::open_with_adapter(&opts, &vlmhost::config::TrainConfig::default(), Some(checkpoint)).unwrap();
+    let s = crate::llava::samples(&m);
+    let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();
+    tch::no_grad(|| m.forward(&batch, false)).unwrap()
+}
+
+#[test]
+fn merged_checkpoints_load_in_transformers_with_equal_logits_even_with_a_trained_vision_tower() {
+    let dir = tempdir();
+    // Stage 3 with the vision tower trained fully: the case other tools got wrong.
+    let cfg = config(dir.path(), "optimizer:\n  lr: 1.0e-2\nroles:\n  vision:\n    strategy: full\n    lr_scale: 1.0\n");
+    let out = dir.path().join("run");
+    let r = run(train_cmd(dir.path(), &cfg, &out, &["--mode", "both", "--max-steps", "4"]));
+    assert!(r.success(), "{}", r.all());
+    let ckpt = out.join("checkpoints/step-00000004");
+    let merged = dir.path().join("merged");
+    let (m, c, o) = (model(), ckpt.display().to_string(), merged.display().to_string());
+    let r = vlmhost_env(&["merge", "--plugin", "llava", "--model", &m, "--adapter", &c, "--output", &o], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+    for f in ["config.json", "tokenizer.json", "processor_config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"] {
+        assert!(merged.join(f).is_file(), "{f} missing from the merged checkpoint");
+    }
+    let ours = vlmhost_logits(&ckpt);
+    let theirs = transformers_logits(dir.path(), &merged, None);
+    let d = (&ours - &theirs).abs().max().double_value(&[]);
+    assert!(d <= 1e-4, "merged checkpoint in transformers differs by {d}");
+    let base: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixture().join("reference/sample_0.safetensors")).unwrap().into_iter().collect();
+    assert!((&theirs - &base["logits"]).abs().max().double_value(&[]) > 1e-3, "the merge lost the training");
+    // The vision tower itself survived: its weights differ from the base's.
+    let merged_w: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(merged.join("model-00001-of-00001.safetensors")).unwrap().into_iter().collect();
+    let base_w: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixture().join("model/model.safetensors")).unwrap().into_iter().collect();
+    let k = "vision_tower.encoder.layers.0.mlp.fc1.weight";
+    assert!(!merged_w[k].equal(&base_w[k]), "the trained vision tower was dropped by the merge");
+    eprintln!("merged checkpoint in transformers: logits max |diff| {d:.2e}");
+
+    // A merge into a folder that is not empty is refused without --force.
+    let r = vlmhost_env(&["merge", "--plugin", "llava", "--model", &m, "--adapter", &c, "--output", &o], dir.path(), &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("exists and is not empty") && r.stderr.contains("--force"), "{}", r.all());
+    let r = vlmhost_env(&["merge", "--plugin", "llava", "--model", &m, "--adapter", &c, "--output", &o, "--force"], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+}

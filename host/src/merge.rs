@@ -1,0 +1,107 @@
+//! `vlmhost merge`: a complete Hugging Face checkpoint with the LoRA updates
+//! merged into their weights and every fully trained module included (other
+//! tools have lost fully trained vision towers here). Keys keep the base
+//! checkpoint's own names and dtypes; files other than weights (config,
+//! tokenizer, processor, chat template) are copied.
+
+use crate::model::HostModel;
+use crate::weights::{self, checkpoint_files};
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::{Kind, Tensor};
+use vlmhost_plugin_api::model::map_key;
+
+fn kind_of(d: safetensors::Dtype) -> Option<Kind> {
+    Some(match d {
+        safetensors::Dtype::F32 => Kind::Float,
+        safetensors::Dtype::F16 => Kind::Half,
+        safetensors::Dtype::BF16 => Kind::BFloat16,
+        safetensors::Dtype::F64 => Kind::Double,
+        safetensors::Dtype::I64 => Kind::Int64,
+        _ => return None,
+    })
+}
+
+/// Write the merged checkpoint of `model` (weights and adapters loaded) to `output`.
+pub fn merge(model: &HostModel, output: &Path, force: bool, max_shard_bytes: usize) -> Result<usize> {
+    if output.exists() && std::fs::read_dir(output)?.next().is_some() {
+        if !force {
+            bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
+        }
+        std::fs::remove_dir_all(output).with_context(|| format!("cannot empty {}", output.display()))?;
+    }
+    std::fs::create_dir_all(output)?;
+    let index: HashMap<&str, usize> = model.spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    // Weight index -> module with an adapter.
+    let adapted: HashMap<usize, usize> = model
+        .adapters
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.is_some())
+        .map(|(m, _)| (model.spec.modules[m].weight as usize, m))
+        .collect();
+
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut shard_bytes = 0usize;
+    let mut written = 0usize;
+    let _g = tch::no_grad_guard();
+    for file in checkpoint_files(&model.model_dir)? {
+        let handle = std::fs::File::open(&file)?;
+        // SAFETY: read-only map of the base checkpoint.
+        let mmap = unsafe { Mmap::map(&handle) }?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        names.sort();
+        for key in names {
+            let view = st.tensor(&key)?;
+            let kind = kind_of(view.dtype()).with_context(|| format!("{}: {key} has dtype {:?}", file.display(), view.dtype()))?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let name = map_key(&model.spec.key_rules, &key);
+            let tensor = match index.get(name.as_str()) {
+                Some(&i) if model.spec.params[i].tied_to.is_empty() => {
+                    let p = &model.params[i];
+                    let merged = match adapted.get(&i).and_then(|&m| model.adapters[m].as_ref()) {
+                        Some(a) => a.merged_weight(p)?,
+                        None => p.detach(),
+                    };
+                    merged.to_kind(kind).to_device(tch::Device::Cpu)
+                }
+                // Tied copies and buffers: as in the base checkpoint.
+                _ => Tensor::f_from_data_size(view.data(), &shape, kind)?,
+            };
+            let bytes = tensor.numel() * kind.elt_size_in_bytes();
+            if shard_bytes + bytes > max_shard_bytes && !shards.last().is_some_and(Vec::is_empty) {
+                shards.push(Vec::new());
+                shard_bytes = 0;
+            }
+            shard_bytes += bytes;
+            shards.last_mut().expect("a shard").push((key, tensor));
+            written += 1;
+        }
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        for (k, t) in shard {
+            weight_map.insert(k.clone(), name.clone());
+            total += t.numel() * t.kind().elt_size_in_bytes();
+        }
+        weights::save_safetensors(&output.join(&name), shard, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
+    }
+    let index_json = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    weights::write_atomic(&output.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index_json)?.as_bytes())?;
+    // Everything else of the checkpoint folder: config, tokenizer, processor, template.
+    for entry in std::fs::read_dir(&model.model_dir)? {
+        let path = entry?.path();
+        let fname = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.is_file() && !fname.ends_with(".safetensors") && fname != "model.safetensors.index.json" {
+            std::fs::copy(&path, output.join(&fname)).with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
+    Ok(written)
+}
