@@ -331,14 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Continuing from an adapter PEFT saved: its modules decide the LoRA rules.
             let (m, init_from) = match &init_from {
                 Some(dir) if crate::peft::is_peft_dir(dir) => {
-                    let mut read = None;
-                    let m = HostModel::open_with(&opts, |spec, roles| {
-                        let a = crate::peft::PeftAdapter::read(dir, spec)?;
-                        let chosen = a.train_config(spec, roles, &cfg)?;
-                        read = Some(a);
-                        Ok(chosen)
-                    })?;
-                    read.expect("read when opened").load_into(&m)?;
+                    let m = open_with_adapter(&opts, &cfg, Some(dir))?;
                     eprintln!("initialised from the PEFT adapter {}", dir.display());
                     (m, None)
                 }

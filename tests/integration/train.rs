@@ -293,27 +293,7 @@ fn the_adapter_a_run_leaves_loads_in_peft_with_equal_logits() {
     let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&theirs).unwrap().into_iter().collect();
 
     // vlmhost's side: the same adapter, loaded the way `eval --adapter` does.
-    let opts = vlmhost::model::OpenOptions {
-        plugin: member_plugin("vlmhost_plugin_llava").display().to_string(),
-        model_dir: fixture().join("model"),
-        mode: vlmhost::config::Mode::Llm,
-        kind: tch::Kind::Float,
-        device: tch::Device::Cpu,
-        allow_missing: false,
-        load_weights: true,
-    };
-    let mut read = None;
-    let m = vlmhost::model::HostModel::open_with(&opts, |spec, roles| {
-        let a = vlmhost::peft::PeftAdapter::read(&adapter, spec)?;
-        let chosen = a.train_config(spec, roles, &vlmhost::config::TrainConfig::default())?;
-        read = Some(a);
-        Ok(chosen)
-    })
-    .unwrap();
-    read.unwrap().load_into(&m).unwrap();
-    let s = crate::llava::samples(&m);
-    let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();
-    let logits = tch::no_grad(|| m.forward(&batch, false)).unwrap();
+    let logits = vlmhost_logits(&adapter);
     let d = (logits - &theirs["logits"]).abs().max().double_value(&[]);
     assert!(d <= 1e-4, "vlmhost and PEFT differ by {d} on the trained adapter");
     eprintln!("trained adapter in PEFT: logits max |diff| {d:.2e}");
