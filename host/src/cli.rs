@@ -272,9 +272,7 @@ pub fn open_with_adapter(opts: &OpenOptions, cfg: &TrainConfig, adapter: Option<
             })?;
             let mode = saved.mode.unwrap_or(opts.mode);
             let m = HostModel::open_with(opts, |_, _| Ok((saved.clone(), mode)))?;
-            let tensors: std::collections::HashMap<String, tch::Tensor> =
-                tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?.into_iter().collect();
-            m.load_tensors(&tensors, true)?;
+            m.load_tensors(&train::read_tensors(&dir.join("trainable.safetensors"))?, true)?;
             m
         }
         None => HostModel::open(opts, cfg)?,
@@ -357,8 +355,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (cfg, opts) = model.resolve()?;
             let m = open_with_adapter(&opts, &cfg, adapter.as_deref())?;
             let cfg = m.config.clone();
-            let options = DatasetOptions { max_length: cfg.train.max_length, too_long: cfg.train.too_long, on_bad_sample: cfg.train.on_bad_sample, system_prompt: cfg.train.system_prompt.clone() };
-            let ds = dataset::load(&dataset, &m, &options)?;
+            let ds = dataset::load(&dataset, &m, &train::dataset_options(&cfg))?;
             if !ds.problems.is_empty() {
                 eprintln!("{}", ds.summary(&dataset));
             }

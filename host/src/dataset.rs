@@ -2,18 +2,17 @@
 //! summary, so a bad line is found in seconds, not at step 40 000.
 //!
 //! A file is JSONL (one sample per line; `.jsonl`) or a JSON array (LLaVA's
-//! `.json`). Each sample is parsed ([`crate::data`]) and prepared by the
+//! `.json`). Each sample is parsed ([`parse_line`]) and prepared by the
 //! family's plugin; problems (missing or corrupt image, placeholder/image
 //! count mismatch, empty answer, too long) are reported with file, line and
 //! sample index. Policy `skip` drops bad samples (counting them and listing
 //! the first offenders); `fail` stops at the summary.
 
-use crate::data::parse_line;
 use crate::model::HostModel;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use vlmhost_plugin_api::sample::{Part, Sample, Speaker};
+use vlmhost_plugin_api::sample::{parse_line, LineError, Part, Sample, Speaker};
 
 /// What to do with a bad sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,7 +238,7 @@ pub fn load(path: &Path, model: &HostModel, opts: &DatasetOptions) -> Result<Dat
         let mut sample = match parse_line(&line, &base) {
             Ok(s) => s,
             Err(e) => {
-                let kind = if matches!(e, crate::data::LineError::ImageCount { .. }) { ProblemKind::ImageCount } else { ProblemKind::InvalidLine };
+                let kind = if matches!(e, LineError::ImageCount { .. }) { ProblemKind::ImageCount } else { ProblemKind::InvalidLine };
                 ds.problems.push(problem(kind, e.to_string()));
                 continue;
             }

@@ -14,7 +14,6 @@ pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod config;
-pub mod data;
 pub mod dataset;
 pub mod inspect;
 pub mod patterns;

@@ -5,25 +5,15 @@
 //! tokenizer, processor, chat template) are copied.
 
 use crate::model::HostModel;
-use crate::weights::{self, checkpoint_files};
+use crate::weights::{self, checkpoint_files, kind_of};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use vlmhost_plugin_api::model::map_key;
 
-fn kind_of(d: safetensors::Dtype) -> Option<Kind> {
-    Some(match d {
-        safetensors::Dtype::F32 => Kind::Float,
-        safetensors::Dtype::F16 => Kind::Half,
-        safetensors::Dtype::BF16 => Kind::BFloat16,
-        safetensors::Dtype::F64 => Kind::Double,
-        safetensors::Dtype::I64 => Kind::Int64,
-        _ => return None,
-    })
-}
 
 /// Write the merged checkpoint of `model` (weights and adapters loaded) to `output`.
 pub fn merge(model: &HostModel, output: &Path, force: bool, max_shard_bytes: usize) -> Result<usize> {

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::model::{
-    Batch, HostOps, HostOpsRef, ModelBox, ModelSpec, ModuleKind, NamedTensorRef, ParamKind,
+    Batch, HostOps, HostOpsRef, ModelBox, ModelSpec, ModuleKind, NamedTensorRef,
 };
+pub use vlmhost_plugin_api::PreparedSample;
 use vlmhost_plugin_api::{OwnedTensor, PluginError, Role, TensorRef};
 
 /// What `config.json` says about the checkpoint's family.
@@ -272,10 +273,6 @@ impl HostModel {
         Ok(copied)
     }
 
-    /// Index of a parameter by name.
-    pub fn param_index(&self, name: &str) -> Option<usize> {
-        self.spec.params.iter().position(|p| p.name == name)
-    }
 
     /// An optimizer over everything that trains: one group per role and
     /// decay class, with the role's learning-rate scale.
@@ -370,13 +367,6 @@ fn validate_spec(spec: &ModelSpec, family: &str) -> Result<()> {
     Ok(())
 }
 
-/// One prepared sample, host side.
-pub struct PreparedSample {
-    pub input_ids: Vec<i64>,
-    pub labels: Vec<i64>,
-    pub image_token_mask: Vec<bool>,
-    pub tensors: Vec<(String, Tensor)>,
-}
 
 /// A padded batch.
 pub struct BatchTensors {
@@ -478,15 +468,5 @@ impl HostOps for Ops<'_> {
 
     fn role_trains(&self, role: Role) -> bool {
         self.model.plan.role_trains(role, &self.model.spec)
-    }
-}
-
-/// Parameter kinds in reports.
-pub fn kind_name(k: ParamKind) -> &'static str {
-    match k {
-        ParamKind::Weight => "weight",
-        ParamKind::Bias => "bias",
-        ParamKind::Norm => "norm",
-        ParamKind::Embedding => "embedding",
     }
 }

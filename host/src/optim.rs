@@ -107,15 +107,6 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// Number of tensors optimised.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     /// Zero every gradient.
     pub fn zero_grad(&mut self) {
         for s in &mut self.slots {

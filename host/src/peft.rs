@@ -100,33 +100,16 @@ impl PeftAdapter {
         cfg.lora.lora_alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
         cfg.lora.lora_dropout = c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
         cfg.lora.use_rslora = c.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-        let role_of_module = |m: &str| {
-            spec.modules.iter().find(|s| s.name == m).map(|s| roles[s.weight as usize])
+        // The role of a module path: the role of its first parameter.
+        let role_of = |m: &str| {
+            let prefix = format!("{m}.");
+            spec.params.iter().position(|p| p.name.starts_with(&prefix)).map(|i| roles[i])
         };
         let mut per_role: HashMap<Role, Vec<String>> = HashMap::new();
         for m in self.lora_modules() {
-            let role = role_of_module(&m).context("unknown module")?;
+            let role = role_of(&m).context("unknown module")?;
             per_role.entry(role).or_default().push(m);
         }
-        for role in Role::ALL {
-            let list = per_role.remove(&role);
-            let has = list.is_some();
-            let slot = match role {
-                Role::Vision => &mut cfg.lora.vision_target_modules,
-                Role::Projector => &mut cfg.lora.projector_target_modules,
-                Role::Llm => &mut cfg.lora.llm_target_modules,
-            };
-            *slot = list;
-            let rc = match role {
-                Role::Vision => &mut cfg.roles.vision,
-                Role::Projector => &mut cfg.roles.projector,
-                Role::Llm => &mut cfg.roles.llm,
-            };
-            rc.strategy = Some(if has || role != Role::Projector { Strategy::Lora } else { Strategy::Full });
-            rc.train_last_layers = None;
-        }
-        let vision = cfg.lora.vision_target_modules.is_some();
-        let llm = cfg.lora.llm_target_modules.is_some();
         // Whole parameters: modules_to_save, by their module paths.
         let saved: BTreeSet<String> = self
             .tensors
@@ -134,15 +117,30 @@ impl PeftAdapter {
             .filter(|k| !k.ends_with(".lora_A.weight") && !k.ends_with(".lora_B.weight"))
             .map(|k| k.rsplit_once('.').map_or(k.clone(), |(m, _)| m.to_owned()))
             .collect();
-        let whole_vision = saved.iter().any(|m| spec.params.iter().position(|p| p.name.starts_with(&format!("{m}."))).is_some_and(|i| roles[i] == Role::Vision));
-        let whole_llm = saved.iter().any(|m| spec.params.iter().position(|p| p.name.starts_with(&format!("{m}."))).is_some_and(|i| roles[i] == Role::Llm));
-        cfg.modules_to_save = saved.into_iter().collect();
-        let mode = match (vision || whole_vision, llm || whole_llm) {
+        let trains = |role: Role| per_role.contains_key(&role) || saved.iter().any(|m| role_of(m) == Some(role));
+        let mode = match (trains(Role::Vision), trains(Role::Llm)) {
             (true, true) => Mode::Both,
             (true, false) => Mode::Vision,
             (false, true) => Mode::Llm,
             (false, false) => Mode::Projector,
         };
+        for role in Role::ALL {
+            let list = per_role.remove(&role);
+            let strategy = if list.is_some() || role != Role::Projector { Strategy::Lora } else { Strategy::Full };
+            match role {
+                Role::Vision => cfg.lora.vision_target_modules = list,
+                Role::Projector => cfg.lora.projector_target_modules = list,
+                Role::Llm => cfg.lora.llm_target_modules = list,
+            }
+            let rc = match role {
+                Role::Vision => &mut cfg.roles.vision,
+                Role::Projector => &mut cfg.roles.projector,
+                Role::Llm => &mut cfg.roles.llm,
+            };
+            rc.strategy = Some(strategy);
+            rc.train_last_layers = None;
+        }
+        cfg.modules_to_save = saved.into_iter().collect();
         cfg.mode = Some(mode);
         Ok((cfg, mode))
     }

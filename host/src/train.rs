@@ -107,7 +107,8 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
-fn dataset_options(cfg: &TrainConfig) -> DatasetOptions {
+/// The data-set options of a run configuration.
+pub fn dataset_options(cfg: &TrainConfig) -> DatasetOptions {
     let t = &cfg.train;
     DatasetOptions { max_length: t.max_length, too_long: t.too_long, on_bad_sample: t.on_bad_sample, system_prompt: t.system_prompt.clone() }
 }
@@ -265,7 +266,8 @@ fn fault_point(site: &str, step: usize) {
     }
 }
 
-fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+/// A safetensors file as a name -> tensor map.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?.into_iter().collect())
 }
 

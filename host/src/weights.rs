@@ -153,27 +153,96 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
 
 pub use vlmhost_plugin_api::model::map_key;
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// The torch dtype of a safetensors dtype (floating point, and int64 for buffers).
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
         _ => return None,
     })
+}
+
+/// Routes checkpoint keys to parameters and keeps the load report: the one
+/// place that decides what a key is, for loading and for checking alike.
+struct KeyRouter<'a> {
+    spec: &'a ModelSpec,
+    index: HashMap<&'a str, usize>,
+    ignored: Vec<Pattern>,
+    seen: Vec<bool>,
+    report: LoadReport,
+}
+
+impl<'a> KeyRouter<'a> {
+    fn new(spec: &'a ModelSpec, files: &[PathBuf]) -> Self {
+        KeyRouter {
+            spec,
+            index: spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect(),
+            ignored: spec.ignored_keys.iter().filter_map(|p| Pattern::new(p).ok()).collect(),
+            seen: vec![false; spec.params.len()],
+            report: LoadReport { files: files.to_vec(), ..Default::default() },
+        }
+    }
+
+    /// The parameter `key` (of `shape`, in `file`) loads into, or `None` after
+    /// recording it as ignored, unexpected or shape-mismatched.
+    fn route(&mut self, file: &Path, key: &str, shape: &[i64]) -> Option<usize> {
+        let name = map_key(&self.spec.key_rules, key);
+        let Some(&i) = self.index.get(name.as_str()) else {
+            if self.ignored.iter().any(|p| p.matches(&name)) {
+                self.report.ignored.push(key.to_owned());
+            } else {
+                self.report.unexpected.push(key.to_owned());
+            }
+            return None;
+        };
+        let p = &self.spec.params[i];
+        if !p.tied_to.is_empty() {
+            self.report.ignored.push(key.to_owned());
+            return None;
+        }
+        if shape != p.shape.as_slice() {
+            self.report.mismatched.push(ShapeMismatch {
+                key: key.to_owned(),
+                param: name,
+                expected: p.shape.to_vec(),
+                found: shape.to_vec(),
+                file: file.to_path_buf(),
+            });
+            return None;
+        }
+        self.seen[i] = true;
+        self.report.loaded += 1;
+        Some(i)
+    }
+
+    /// The report, with the parameters no key reached listed as missing; an
+    /// error unless clean (missing keys are fine when allowed).
+    fn finish(mut self, allow_missing: bool) -> Result<LoadReport, WeightsError> {
+        for (i, p) in self.spec.params.iter().enumerate() {
+            let mismatched = self.report.mismatched.iter().any(|m| m.param == p.name.as_str());
+            if !self.seen[i] && p.tied_to.is_empty() && !mismatched {
+                self.report.missing.push(p.name.to_string());
+            }
+        }
+        if !self.report.is_clean(allow_missing) {
+            return Err(WeightsError::Mismatch {
+                details: self.report.describe(allow_missing),
+                report: Box::new(self.report),
+            });
+        }
+        Ok(self.report)
+    }
 }
 
 /// Load the checkpoint in `dir` into tensors ordered as `spec.params`.
 /// Tied parameters share storage with their target.
 pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tensor>, LoadReport), WeightsError> {
     let files = checkpoint_files(dir)?;
-    let index: HashMap<&str, usize> =
-        spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
-    let ignored: Vec<Pattern> =
-        spec.ignored_keys.iter().filter_map(|p| Pattern::new(p).ok()).collect();
+    let mut router = KeyRouter::new(spec, &files);
     let mut slots: Vec<Option<Tensor>> = (0..spec.params.len()).map(|_| None).collect();
-    let mut report = LoadReport { files: files.clone(), ..Default::default() };
-
     for file in &files {
         let handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
         // SAFETY: the file is only read; a concurrent writer would be a user error
@@ -187,34 +256,12 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
         let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
         names.sort();
         for key in names {
-            let name = map_key(&spec.key_rules, &key);
-            let Some(&i) = index.get(name.as_str()) else {
-                if ignored.iter().any(|p| p.matches(&name)) {
-                    report.ignored.push(key);
-                } else {
-                    report.unexpected.push(key);
-                }
-                continue;
-            };
-            if !spec.params[i].tied_to.is_empty() {
-                report.ignored.push(key);
-                continue;
-            }
             let view = st
                 .tensor(&key)
                 .map_err(|e| WeightsError::Format { path: file.clone(), message: e.to_string() })?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if shape.as_slice() != spec.params[i].shape.as_slice() {
-                report.mismatched.push(ShapeMismatch {
-                    key,
-                    param: name,
-                    expected: spec.params[i].shape.to_vec(),
-                    found: shape,
-                    file: file.clone(),
-                });
-                continue;
-            }
-            let kind = kind_of(view.dtype()).ok_or_else(|| WeightsError::Dtype {
+            let Some(i) = router.route(file, &key, &shape) else { continue };
+            let kind = kind_of(view.dtype()).filter(|k| *k != Kind::Int64).ok_or_else(|| WeightsError::Dtype {
                 path: file.clone(),
                 key: key.clone(),
                 dtype: format!("{:?}", view.dtype()),
@@ -226,29 +273,18 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
             if slots[i].replace(t).is_some() {
                 return Err(WeightsError::Index {
                     path: file.clone(),
-                    message: format!("{name} appears twice in the checkpoint"),
+                    message: format!("{} appears twice in the checkpoint", spec.params[i].name),
                 });
             }
-            report.loaded += 1;
         }
     }
-
-    for (i, p) in spec.params.iter().enumerate() {
-        if slots[i].is_none() && p.tied_to.is_empty() {
-            report.missing.push(p.name.to_string());
-        }
-    }
-    if !report.is_clean(opts.allow_missing) {
-        return Err(WeightsError::Mismatch {
-            details: report.describe(opts.allow_missing),
-            report: Box::new(report),
-        });
-    }
+    let report = router.finish(opts.allow_missing)?;
     for (i, p) in spec.params.iter().enumerate() {
         if slots[i].is_none() && p.tied_to.is_empty() {
             slots[i] = Some(init_param(&p.name, &p.shape, p.kind, opts)?);
         }
     }
+    let index: HashMap<&str, usize> = spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
     // Tied parameters share the target's tensor.
     for (i, p) in spec.params.iter().enumerate() {
         if !p.tied_to.is_empty() {
@@ -283,12 +319,7 @@ fn release_pages(map: &Mmap, data: &[u8]) {
 /// tensor data (the dry run of `vlmhost inspect`).
 pub fn check(dir: &Path, spec: &ModelSpec, allow_missing: bool) -> Result<LoadReport, WeightsError> {
     let files = checkpoint_files(dir)?;
-    let index: HashMap<&str, usize> =
-        spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
-    let ignored: Vec<Pattern> =
-        spec.ignored_keys.iter().filter_map(|p| Pattern::new(p).ok()).collect();
-    let mut seen = vec![false; spec.params.len()];
-    let mut report = LoadReport { files: files.clone(), ..Default::default() };
+    let mut router = KeyRouter::new(spec, &files);
     for file in &files {
         let mut handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
         let (_, meta) = read_header(&mut handle)
@@ -296,39 +327,11 @@ pub fn check(dir: &Path, spec: &ModelSpec, allow_missing: bool) -> Result<LoadRe
         let mut keys: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, info) in keys {
-            let key = &key;
-            let name = map_key(&spec.key_rules, key);
-            match index.get(name.as_str()) {
-                None if ignored.iter().any(|p| p.matches(&name)) => report.ignored.push(key.clone()),
-                None => report.unexpected.push(key.clone()),
-                Some(&i) if !spec.params[i].tied_to.is_empty() => report.ignored.push(key.clone()),
-                Some(&i) => {
-                    let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-                    if shape.as_slice() != spec.params[i].shape.as_slice() {
-                        report.mismatched.push(ShapeMismatch {
-                            key: key.clone(),
-                            param: name,
-                            expected: spec.params[i].shape.to_vec(),
-                            found: shape,
-                            file: file.clone(),
-                        });
-                    } else {
-                        seen[i] = true;
-                        report.loaded += 1;
-                    }
-                }
-            }
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            router.route(file, &key, &shape);
         }
     }
-    for (i, p) in spec.params.iter().enumerate() {
-        if !seen[i] && p.tied_to.is_empty() && !report.mismatched.iter().any(|m| m.param == p.name.as_str()) {
-            report.missing.push(p.name.to_string());
-        }
-    }
-    if !report.is_clean(allow_missing) {
-        return Err(WeightsError::Mismatch { details: report.describe(allow_missing), report: Box::new(report) });
-    }
-    Ok(report)
+    router.finish(allow_missing)
 }
 
 /// Read a safetensors header (8-byte length, JSON) without mapping the data.

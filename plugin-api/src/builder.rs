@@ -182,10 +182,25 @@ impl SpecPath {
     ) -> LinearId {
         let weight = self.param("weight", &[out_features, in_features], ParamKind::Weight);
         let bias = bias.then(|| self.param("bias", &[out_features], ParamKind::Bias));
+        LinearId(self.push_module(ModuleKind::Linear, in_features, out_features, weight, bias, lora, description))
+    }
+
+    /// Record the module at this path; returns its index.
+    #[allow(clippy::too_many_arguments)]
+    fn push_module(
+        &self,
+        kind: ModuleKind,
+        in_features: i64,
+        out_features: i64,
+        weight: ParamId,
+        bias: Option<ParamId>,
+        lora: bool,
+        description: &str,
+    ) -> u32 {
         let mut inner = self.inner.borrow_mut();
         inner.modules.push(ModuleSpec {
             name: self.prefix.clone().into(),
-            kind: ModuleKind::Linear,
+            kind,
             in_features,
             out_features,
             weight: weight.0,
@@ -193,25 +208,14 @@ impl SpecPath {
             lora,
             description: description.into(),
         });
-        LinearId(inner.modules.len() as u32 - 1)
+        inner.modules.len() as u32 - 1
     }
 
     /// A bias-free linear layer whose weight shares storage with parameter
     /// `tied_to` (a head tied to the input embeddings).
     pub fn linear_tied(&self, in_features: i64, out_features: i64, tied_to: &str) -> LinearId {
         let weight = self.param_tied("weight", &[out_features, in_features], ParamKind::Weight, tied_to);
-        let mut inner = self.inner.borrow_mut();
-        inner.modules.push(ModuleSpec {
-            name: self.prefix.clone().into(),
-            kind: ModuleKind::Linear,
-            in_features,
-            out_features,
-            weight: weight.0,
-            bias: u32::MAX,
-            lora: true,
-            description: "Linear (tied)".into(),
-        });
-        LinearId(inner.modules.len() as u32 - 1)
+        LinearId(self.push_module(ModuleKind::Linear, in_features, out_features, weight, None, true, "Linear (tied)"))
     }
 
     /// Declare a convolution kernel of `shape` (`[out, in, k...]`) here.
@@ -219,17 +223,7 @@ impl SpecPath {
         let weight = self.param("weight", shape, ParamKind::Weight);
         let bias = bias.then(|| self.param("bias", &shape[..1], ParamKind::Bias));
         let in_features: i64 = shape[1..].iter().product();
-        let mut inner = self.inner.borrow_mut();
-        inner.modules.push(ModuleSpec {
-            name: self.prefix.clone().into(),
-            kind: ModuleKind::Conv,
-            in_features,
-            out_features: shape[0],
-            weight: weight.0,
-            bias: bias.map_or(u32::MAX, |b| b.0),
-            lora: false,
-            description: description.into(),
-        });
+        self.push_module(ModuleKind::Conv, in_features, shape[0], weight, bias, false, description);
         ConvParams { weight, bias }
     }
 

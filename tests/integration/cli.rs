@@ -189,17 +189,35 @@ fn bad_samples_are_reported_with_file_line_and_index() {
 #[test]
 fn long_samples_are_truncated_outside_images_or_skipped() {
     let long_answer = "word ".repeat(40);
-    let line = format!(
+    let long = format!(
         r#"{{"images": ["img0_rgb_40x30.png"], "messages": [{{"role": "user", "content": "<image>What?"}}, {{"role": "assistant", "content": "{long_answer}"}}]}}"#
     );
-    let dir = data_dir(&[&line]);
-    let v: serde_json::Value = serde_json::from_str(&check(dir.path(), &["--max-length", "40", "--json"]).stdout).unwrap();
-    assert_eq!((v["usable"].as_i64(), v["truncated"].as_i64(), v["tokens"].as_i64()), (Some(1), Some(1), Some(40)));
+    let short = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}"#;
+    let dir = data_dir(&[&long, short]);
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let r = check(dir.path(), &args);
+        assert!(r.success(), "{}", r.all());
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let v = json(&["--max-length", "40"]);
+    assert_eq!((v["usable"].as_i64(), v["truncated"].as_i64()), (Some(2), Some(1)));
     // 20 tokens would cut into the 25 image tokens: skipped, not mangled.
-    let run = check(dir.path(), &["--max-length", "20", "--json"]);
-    assert_eq!(run.code, 1, "{}", run.all());
-    assert!(run.stderr.contains("no usable sample"), "{}", run.all());
-    let v: serde_json::Value =
-        serde_json::from_str(&check(dir.path(), &["--max-length", "40", "--too-long", "skip", "--json"]).stdout).unwrap_or_default();
-    assert!(v.is_null() || v["usable"] == 0);
+    let v = json(&["--max-length", "20"]);
+    assert_eq!((v["usable"].as_i64(), v["truncated"].as_i64()), (Some(1), Some(0)));
+    assert_eq!(v["problems"][0]["kind"], "too_long");
+    assert!(v["problems"][0]["message"].as_str().unwrap().contains("would cut into image tokens"), "{v:#}");
+    // Policy skip: dropped and counted even where truncating would be safe.
+    let v = json(&["--max-length", "40", "--too-long", "skip"]);
+    assert_eq!((v["usable"].as_i64(), v["truncated"].as_i64()), (Some(1), Some(0)));
+    assert_eq!(v["problems"][0]["origin"]["index"], 0);
+    // Nothing usable at all is an error, not an empty run.
+    let lonely = data_dir(&[&long]);
+    let r = check(lonely.path(), &["--max-length", "40", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["tokens"], 40, "truncated to exactly max_length");
+    let r = check(lonely.path(), &["--max-length", "20"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("no usable sample"), "{}", r.all());
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
-use vlmhost::data::parse_line;
+use vlmhost::plugin_api::sample::parse_line;
 use vlmhost::model::{causal_lm_loss, collate, HostModel, OpenOptions, PreparedSample};
 use vlmhost::weights;
 use vlmhost::plugin_api::Role;
@@ -19,8 +19,9 @@ pub fn fixture() -> PathBuf {
     dir
 }
 
-pub fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
-    let opts = OpenOptions {
+/// How the tests open the fixture model through the LLaVA plugin library.
+pub fn open_options(mode: Mode) -> OpenOptions {
+    OpenOptions {
         plugin: member_plugin("vlmhost_plugin_llava").display().to_string(),
         model_dir: fixture().join("model"),
         mode,
@@ -28,8 +29,11 @@ pub fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
         device: Device::Cpu,
         allow_missing: false,
         load_weights: true,
-    };
-    HostModel::open(&opts, cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+pub fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
+    HostModel::open(&open_options(mode), cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {

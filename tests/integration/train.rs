@@ -340,15 +340,7 @@ fn transformers_logits(dir: &Path, model_dir: &Path, adapter: Option<&Path>) -> 
 
 /// vlmhost's logits of fixture sample 0 with a checkpoint of a run loaded.
 fn vlmhost_logits(checkpoint: &Path) -> Tensor {
-    let opts = vlmhost::model::OpenOptions {
-        plugin: member_plugin("vlmhost_plugin_llava").display().to_string(),
-        model_dir: fixture().join("model"),
-        mode: vlmhost::config::Mode::Llm,
-        kind: tch::Kind::Float,
-        device: tch::Device::Cpu,
-        allow_missing: false,
-        load_weights: true,
-    };
+    let opts = crate::llava::open_options(vlmhost::config::Mode::Llm);
     let m = vlmhost::cli::open_with_adapter(&opts, &vlmhost::config::TrainConfig::default(), Some(checkpoint)).unwrap();
     let s = crate::llava::samples(&m);
     let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();

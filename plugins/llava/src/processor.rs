@@ -27,7 +27,6 @@ use std::fmt;
 use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -101,20 +100,6 @@ pub enum ProcessorError {
     ImageSizeMismatch {
         first: (usize, usize),
         other: (usize, usize),
-    },
-    #[error("unknown role {role:?}: expected \"system\", \"user\" or \"assistant\"")]
-    UnknownRole { role: String },
-    #[error("{path} line {line}: {source}")]
-    DataLine {
-        path: PathBuf,
-        line: usize,
-        #[source]
-        source: Box<ProcessorError>,
-    },
-    #[error("invalid data line: {source}")]
-    DataLineJson {
-        #[source]
-        source: serde_json::Error,
     },
 }
 
@@ -863,19 +848,6 @@ impl Role {
     }
 }
 
-impl FromStr for Role {
-    type Err = ProcessorError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "system" => Ok(Role::System),
-            "user" => Ok(Role::User),
-            "assistant" => Ok(Role::Assistant),
-            other => Err(ProcessorError::UnknownRole {
-                role: other.to_string(),
-            }),
-        }
-    }
-}
 
 /// One typed content part, as `apply_chat_template` takes them (`{"type": "text"|"image"}`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -889,138 +861,6 @@ pub enum Part {
 pub struct Message {
     pub role: Role,
     pub content: Vec<Part>,
-}
-
-/// A piece of a plain-text message split at its `<image>` placeholders.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Segment<'a> {
-    Text(&'a str),
-    Image,
-}
-
-/// Splits a plain-text message at its `<image>` placeholders (REFERENCE.md "From a data line to
-/// the chat template"): every placeholder becomes an image, the text between placeholders is
-/// kept verbatim except that ONE `\n` right after a placeholder is dropped (LLaVA data writes
-/// `<image>\n`; the template adds its own newline), and empty text pieces are dropped.
-pub fn split_image_placeholders(text: &str) -> Vec<Segment<'_>> {
-    let mut out = Vec::new();
-    for (i, piece) in text.split(IMAGE_PLACEHOLDER).enumerate() {
-        let piece = if i > 0 {
-            out.push(Segment::Image);
-            piece.strip_prefix('\n').unwrap_or(piece)
-        } else {
-            piece
-        };
-        if !piece.is_empty() {
-            out.push(Segment::Text(piece));
-        }
-    }
-    out
-}
-
-/// Turns plain-text turns with `<image>` placeholders into typed messages, giving the images to
-/// the placeholders in order. The number of placeholders must equal the number of images.
-pub fn messages_from_text<S: AsRef<str>>(
-    turns: &[(Role, S)],
-    images: &[PathBuf],
-) -> Result<Vec<Message>> {
-    let split: Vec<(Role, Vec<Segment<'_>>)> = turns
-        .iter()
-        .map(|(role, text)| (*role, split_image_placeholders(text.as_ref())))
-        .collect();
-    let placeholders = split
-        .iter()
-        .flat_map(|(_, segs)| segs)
-        .filter(|s| matches!(s, Segment::Image))
-        .count();
-    if placeholders != images.len() {
-        return Err(ProcessorError::PlaceholderMismatch {
-            placeholders,
-            images: images.len(),
-            context: String::new(),
-        });
-    }
-    let mut next_image = images.iter();
-    Ok(split
-        .into_iter()
-        .map(|(role, segs)| Message {
-            role,
-            content: segs
-                .into_iter()
-                .map(|s| match s {
-                    Segment::Text(t) => Part::Text(t.to_string()),
-                    Segment::Image => Part::Image(next_image.next().expect("counted").clone()),
-                })
-                .collect(),
-        })
-        .collect())
-}
-
-/// Resolves an image path of a data line: relative paths are relative to the data file's folder.
-pub fn resolve_image_path(data_dir: &Path, image: &str) -> PathBuf {
-    let p = Path::new(image);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        data_dir.join(p)
-    }
-}
-
-/// One line of a LLaVA-style JSONL data file: `{"messages": [{"role", "content"}], "images": [...]}`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct DataLine {
-    pub messages: Vec<DataMessage>,
-    #[serde(default)]
-    pub images: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct DataMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl DataLine {
-    pub fn parse(line: &str) -> Result<Self> {
-        serde_json::from_str(line).map_err(|source| ProcessorError::DataLineJson { source })
-    }
-
-    /// Typed messages, image paths resolved against `data_dir` (the data file's folder).
-    pub fn to_messages(&self, data_dir: &Path) -> Result<Vec<Message>> {
-        let turns = self
-            .messages
-            .iter()
-            .map(|m| Ok((m.role.parse::<Role>()?, m.content.as_str())))
-            .collect::<Result<Vec<_>>>()?;
-        let images: Vec<PathBuf> = self
-            .images
-            .iter()
-            .map(|p| resolve_image_path(data_dir, p))
-            .collect();
-        messages_from_text(&turns, &images)
-    }
-}
-
-/// Reads a JSONL data file into conversations; errors name the file and the 1-based line.
-/// Blank lines are skipped.
-pub fn load_jsonl(path: &Path) -> Result<Vec<Vec<Message>>> {
-    let text = read_file(path)?;
-    let dir = path.parent().unwrap_or(Path::new(""));
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let messages = DataLine::parse(line)
-            .and_then(|d| d.to_messages(dir))
-            .map_err(|e| ProcessorError::DataLine {
-                path: path.to_path_buf(),
-                line: i + 1,
-                source: Box::new(e),
-            })?;
-        out.push(messages);
-    }
-    Ok(out)
 }
 
 /// A conversation rendered by the chat template.
@@ -1429,33 +1269,6 @@ fn char_index(text: &str, byte: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_keeps_text_verbatim_and_drops_one_newline() {
-        use Segment::*;
-        assert_eq!(
-            split_image_placeholders("<image>What is this?"),
-            vec![Image, Text("What is this?")]
-        );
-        assert_eq!(
-            split_image_placeholders("<image>\nDescribe."),
-            vec![Image, Text("Describe.")]
-        );
-        // Only one newline is dropped; leading newlines of the message are kept.
-        assert_eq!(
-            split_image_placeholders("\n<image>\n\nA <b>"),
-            vec![Text("\n"), Image, Text("\nA <b>")]
-        );
-        assert_eq!(
-            split_image_placeholders("Which?<image>"),
-            vec![Text("Which?"), Image]
-        );
-        assert_eq!(
-            split_image_placeholders("<image><image>"),
-            vec![Image, Image]
-        );
-        assert_eq!(split_image_placeholders(""), vec![]);
-    }
 
     #[test]
     fn expand_shifts_spans_past_placeholders() {

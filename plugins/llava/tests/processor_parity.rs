@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use vlmhost_plugin_api::sample::parse_line;
 use vlmhost_plugin_llava::processor::*;
 use safetensors::{Dtype, SafeTensors};
 
@@ -80,7 +81,14 @@ fn fixture() -> Fixture {
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/samples.json")).unwrap())
             .unwrap();
     let samples = json["samples"].as_array().unwrap().clone();
-    let conversations = load_jsonl(&dir.join("samples/data.jsonl")).unwrap();
+    // Data lines through the shared parser (plugin-api), as the host reads them.
+    let data = dir.join("samples/data.jsonl");
+    let conversations: Vec<Vec<Message>> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| vlmhost_plugin_llava::to_messages(&parse_line(l, data.parent().unwrap()).unwrap()))
+        .collect();
     assert_eq!(conversations.len(), samples.len());
     let processor = LlavaProcessor::from_dir(&dir.join("model")).unwrap();
     Fixture {
@@ -339,51 +347,7 @@ fn undecodable_image_names_the_path() {
 }
 
 #[test]
-fn placeholder_count_must_match_the_images() {
-    let images = vec![PathBuf::from("a.png")];
-    let err = messages_from_text(&[(Role::User, "<image><image>Two?")], &images).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ProcessorError::PlaceholderMismatch {
-                placeholders: 2,
-                images: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    let err = messages_from_text(&[(Role::User, "None here")], &images).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ProcessorError::PlaceholderMismatch {
-                placeholders: 0,
-                images: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
-
-    // Reported with the file and line when reading a data file.
-    let dir = scratch("jsonl");
-    let data = dir.join("data.jsonl");
-    std::fs::write(
-        &data,
-        "{\"messages\": [{\"role\": \"user\", \"content\": \"<image>Hi\"}, \
-          {\"role\": \"assistant\", \"content\": \"Yo\"}], \"images\": [\"x.png\"]}\n\
-         {\"messages\": [{\"role\": \"user\", \"content\": \"<image>Hi\"}], \"images\": []}\n",
-    )
-    .unwrap();
-    let err = load_jsonl(&data).unwrap_err();
-    assert!(
-        matches!(&err, ProcessorError::DataLine { line: 2, .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("data.jsonl line 2"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
-
+fn a_literal_placeholder_in_a_text_part_is_caught() {
     // A literal `<image>` inside a typed text part is caught at processing time.
     let f = fixture();
     let conv = user_assistant(vec![Part::Text("What is <image>?".into())], "Yes.");
@@ -399,30 +363,6 @@ fn placeholder_count_must_match_the_images() {
         ),
         "{err}"
     );
-}
-
-#[test]
-fn data_line_paths_resolve_against_the_data_folder() {
-    let line = DataLine::parse(
-        r#"{"messages": [{"role": "user", "content": "<image>\nA"}, {"role": "assistant", "content": "B"}],
-            "images": ["img/a.png"]}"#,
-    )
-    .unwrap();
-    let msgs = line.to_messages(Path::new("/data/set")).unwrap();
-    assert_eq!(
-        msgs[0].content,
-        vec![
-            Part::Image(PathBuf::from("/data/set/img/a.png")),
-            Part::Text("A".into())
-        ]
-    );
-    let abs = resolve_image_path(Path::new("/data/set"), "/abs/b.png");
-    assert_eq!(abs, PathBuf::from("/abs/b.png"));
-    let err = DataLine::parse(r#"{"messages": [{"role": "bot", "content": "x"}]}"#)
-        .unwrap()
-        .to_messages(Path::new("."))
-        .unwrap_err();
-    assert!(matches!(err, ProcessorError::UnknownRole { .. }), "{err}");
 }
 
 #[test]
