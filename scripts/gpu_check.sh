@@ -15,6 +15,12 @@ torch_dir="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__)
 ln -sfn "$torch_dir" .libtorch   # the binaries' run path looks here
 python3 -c 'import torch; print(torch.__version__, "cuda:", torch.cuda.is_available(), torch.version.cuda)' | tee "$out/torch.txt"
 bin=target/release/vlmhost
+{ python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|safetensors|numpy|pillow) ' || true; } > "$out/pip.txt"
+{ nvidia-smi || true; } > "$out/nvidia-smi.txt" 2>&1
+# The as-needed pitfall: libtorch_cuda must be NEEDED by the binary and the plugins.
+for f in "$bin" target/release/lib*.so; do
+    echo "== $f"; ldd "$f" | grep -E 'torch|c10' || true
+done > "$out/ldd.txt" 2>&1
 "$bin" doctor | tee "$out/doctor.txt" || true
 "$bin" doctor --json > "$out/doctor.json" || true
 data=target/fixtures/llava/samples/data.jsonl
