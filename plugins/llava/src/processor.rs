@@ -9,7 +9,8 @@
 //! * `transformers/image_transforms.py` `get_resize_output_image_size`, `resize`, `center_crop`,
 //!   `rescale`, `normalize`.
 //! * Pillow 13.0.0 `src/libImaging/Resample.c` (`ImagingResample`): the separable resampling
-//!   filter, including Pillow 13's choice of which pass runs first (see [`resize`]).
+//!   filter, including Pillow 13's choice of which pass runs first: ported in the shared
+//!   `vlmhost-imaging` crate, with image loading and the crops (re-exported here).
 //! * `transformers/models/llava/processing_llava.py` `LlavaProcessor.replace_image_token`:
 //!   the number of image tokens per image.
 //! * `transformers/processing_utils.py` `ProcessorMixin.apply_chat_template` and
@@ -23,13 +24,16 @@
 //! decodes with zune-jpeg, whose IDCT and chroma upsampling differ from the libjpeg-turbo inside
 //! Pillow by up to about 3-4 levels of 255 before resizing.
 
-use std::fmt;
 use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tokenizers::Tokenizer;
+
+pub use vlmhost_imaging::{
+    center_crop, expand_to_square, load_image, resize, ResampleFilter, RgbImage,
+};
 
 /// The placeholder that marks an image in plain-text data and in the rendered prompt.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -103,6 +107,17 @@ pub enum ProcessorError {
     },
 }
 
+impl From<vlmhost_imaging::ImageError> for ProcessorError {
+    fn from(e: vlmhost_imaging::ImageError) -> Self {
+        use vlmhost_imaging::ImageError;
+        match e {
+            ImageError::Missing { path } => Self::ImageMissing { path },
+            ImageError::Io { path, source } => Self::Io { path, source },
+            ImageError::Decode { path, message } => Self::ImageDecode { path, message },
+        }
+    }
+}
+
 type Result<T, E = ProcessorError> = std::result::Result<T, E>;
 
 fn read_file(path: &Path) -> Result<String> {
@@ -123,57 +138,6 @@ fn read_file(path: &Path) -> Result<String> {
 pub enum ResizeTarget {
     ShortestEdge(usize),
     Exact { height: usize, width: usize },
-}
-
-/// Pillow resampling filters supported here (`PIL.Image.Resampling` codes 2 and 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResampleFilter {
-    Bilinear,
-    Bicubic,
-}
-
-impl ResampleFilter {
-    fn from_pil(code: u32) -> Option<Self> {
-        match code {
-            2 => Some(Self::Bilinear),
-            3 => Some(Self::Bicubic),
-            _ => None,
-        }
-    }
-
-    /// Filter support in input pixels at scale 1 (Resample.c: `BILINEAR = {.., 1.0}`,
-    /// `BICUBIC = {.., 2.0}`).
-    fn support(self) -> f64 {
-        match self {
-            Self::Bilinear => 1.0,
-            Self::Bicubic => 2.0,
-        }
-    }
-
-    /// The filter kernel, with Resample.c's exact operation order (`bilinear_filter`,
-    /// `bicubic_filter` with a = -0.5), so that the coefficients are bit-identical.
-    fn weight(self, x: f64) -> f64 {
-        let x = x.abs();
-        match self {
-            Self::Bilinear => {
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            }
-            Self::Bicubic => {
-                const A: f64 = -0.5;
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
 }
 
 /// The image-processor settings of a LLaVA checkpoint (CLIP image processor).
@@ -468,363 +432,6 @@ fn parse_crop(v: &serde_json::Value) -> Option<(usize, usize)> {
         return Some((n as usize, n as usize));
     }
     Some((json_usize(v, "height")?, json_usize(v, "width")?))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Images: loading, Pillow-exact resize, crop
-// ---------------------------------------------------------------------------------------------
-
-/// An 8-bit RGB image, row-major, channels last (`[H, W, 3]`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
-}
-
-impl fmt::Debug for RgbImage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RgbImage({}x{} WxH)", self.width, self.height)
-    }
-}
-
-impl RgbImage {
-    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Self {
-        assert_eq!(data.len(), width * height * 3, "RgbImage buffer size");
-        Self {
-            width,
-            height,
-            data,
-        }
-    }
-
-    /// Channel-first copy `[3, H, W]`.
-    pub fn to_chw(&self) -> Vec<u8> {
-        let n = self.width * self.height;
-        let mut out = vec![0u8; 3 * n];
-        for i in 0..n {
-            for c in 0..3 {
-                out[c * n + i] = self.data[i * 3 + c];
-            }
-        }
-        out
-    }
-}
-
-/// Loads an image file the way transformers' `load_image(path)` does: decode (format sniffed
-/// from the content, as PIL does), apply the EXIF orientation (`ImageOps.exif_transpose`; JPEG
-/// APP1 and the PNG eXIf chunk), then `convert("RGB")`: alpha is dropped, NOT composited on
-/// white; grayscale is replicated; palettes are looked up (the decoder expands them).
-///
-/// 16-bit PNGs follow Pillow too: colour channels keep their high byte (Pillow unpacks
-/// `RGB;16B` that way), while 16-bit grayscale opens as mode `I;16`, whose conversion to RGB
-/// clips at 255 instead of scaling.
-///
-/// Known differences from Pillow: JPEG pixels (decoder, see the module docs); PNG EXIF kept in
-/// an ImageMagick "Raw profile type exif" text chunk is ignored (Pillow reads it); CMYK JPEGs
-/// are converted to RGB by the decoder, not by Pillow's formula (measured: off by at most 1).
-pub fn load_image(path: &Path) -> Result<RgbImage> {
-    use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
-
-    if !path.is_file() {
-        return Err(ProcessorError::ImageMissing {
-            path: path.to_path_buf(),
-        });
-    }
-    let bytes = fs::read(path).map_err(|source| ProcessorError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let decode_err = |e: &dyn fmt::Display| ProcessorError::ImageDecode {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let reader = ImageReader::new(std::io::Cursor::new(&bytes[..]))
-        .with_guessed_format()
-        .map_err(|e| decode_err(&e))?;
-    let is_png = reader.format() == Some(ImageFormat::Png);
-    let mut decoder = reader.into_decoder().map_err(|e| decode_err(&e))?;
-    let orientation = if is_png {
-        png_exif_orientation(&bytes)
-    } else {
-        decoder.orientation().map_err(|e| decode_err(&e))?
-    };
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(&e))?;
-    img.apply_orientation(orientation);
-
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = Vec::with_capacity(w * h * 3);
-    match &img {
-        DynamicImage::ImageRgb8(b) => data.extend_from_slice(b.as_raw()),
-        DynamicImage::ImageRgba8(b) => {
-            for p in b.as_raw().chunks_exact(4) {
-                data.extend_from_slice(&p[..3]);
-            }
-        }
-        DynamicImage::ImageLuma8(b) => {
-            for &v in b.as_raw() {
-                data.extend_from_slice(&[v, v, v]);
-            }
-        }
-        DynamicImage::ImageLumaA8(b) => {
-            for p in b.as_raw().chunks_exact(2) {
-                data.extend_from_slice(&[p[0], p[0], p[0]]);
-            }
-        }
-        DynamicImage::ImageLuma16(b) => {
-            for &v in b.as_raw() {
-                let v = v.min(255) as u8;
-                data.extend_from_slice(&[v, v, v]);
-            }
-        }
-        DynamicImage::ImageLumaA16(b) => {
-            for p in b.as_raw().chunks_exact(2) {
-                let v = (p[0] >> 8) as u8;
-                data.extend_from_slice(&[v, v, v]);
-            }
-        }
-        DynamicImage::ImageRgb16(b) => data.extend(b.as_raw().iter().map(|&v| (v >> 8) as u8)),
-        DynamicImage::ImageRgba16(b) => {
-            for p in b.as_raw().chunks_exact(4) {
-                data.extend(p[..3].iter().map(|&v| (v >> 8) as u8));
-            }
-        }
-        other => data = other.to_rgb8().into_raw(),
-    }
-    Ok(RgbImage::new(w, h, data))
-}
-
-/// EXIF orientation of a PNG from its eXIf chunk, wherever it is: Pillow also reads an eXIf
-/// chunk that comes after the image data (the decoder's metadata stops at the first IDAT), and
-/// the last one wins (`PngImagePlugin.PngStream.chunk_eXIf` overwrites `info["exif"]`).
-fn png_exif_orientation(bytes: &[u8]) -> image::metadata::Orientation {
-    use image::metadata::Orientation;
-    let mut exif = None;
-    let mut pos = 8; // PNG signature
-    while pos + 8 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
-        let kind = &bytes[pos + 4..pos + 8];
-        let start = pos + 8;
-        let Some(end) = start
-            .checked_add(len as usize)
-            .filter(|&e| e <= bytes.len())
-        else {
-            break;
-        };
-        match kind {
-            b"eXIf" => exif = Some(&bytes[start..end]),
-            b"IEND" => break,
-            _ => {}
-        }
-        pos = end + 4; // CRC
-    }
-    exif.and_then(Orientation::from_exif_chunk)
-        .unwrap_or(Orientation::NoTransforms)
-}
-
-/// Original LLaVA's `expand2square`: pad the short side to a square filled with `fill`, the
-/// image centred with offset `(long - short) // 2`.
-pub fn expand_to_square(image: &RgbImage, fill: [u8; 3]) -> RgbImage {
-    let (w, h) = (image.width, image.height);
-    if w == h {
-        return image.clone();
-    }
-    let side = w.max(h);
-    let (x0, y0) = if w > h {
-        (0, (w - h) / 2)
-    } else {
-        ((h - w) / 2, 0)
-    };
-    let mut data: Vec<u8> = fill.iter().copied().cycle().take(side * side * 3).collect();
-    for y in 0..h {
-        let src = &image.data[y * w * 3..(y + 1) * w * 3];
-        let start = ((y + y0) * side + x0) * 3;
-        data[start..start + w * 3].copy_from_slice(src);
-    }
-    RgbImage::new(side, side, data)
-}
-
-/// Centre crop to `crop_h` x `crop_w` (`image_transforms.center_crop`): top = (H - crop_h) // 2,
-/// left = (W - crop_w) // 2 (floor division); where the image is smaller than the crop it is
-/// zero-padded, which amounts to reading 0 outside the image.
-pub fn center_crop(image: &RgbImage, crop_h: usize, crop_w: usize) -> RgbImage {
-    let top = (image.height as i64 - crop_h as i64).div_euclid(2);
-    let left = (image.width as i64 - crop_w as i64).div_euclid(2);
-    let mut data = vec![0u8; crop_h * crop_w * 3];
-    for y in 0..crop_h {
-        let sy = y as i64 + top;
-        if sy < 0 || sy >= image.height as i64 {
-            continue;
-        }
-        for x in 0..crop_w {
-            let sx = x as i64 + left;
-            if sx < 0 || sx >= image.width as i64 {
-                continue;
-            }
-            let s = (sy as usize * image.width + sx as usize) * 3;
-            let d = (y * crop_w + x) * 3;
-            data[d..d + 3].copy_from_slice(&image.data[s..s + 3]);
-        }
-    }
-    RgbImage::new(crop_w, crop_h, data)
-}
-
-/// Fixed-point precision of Pillow's 8-bit resampling (Resample.c `PRECISION_BITS`):
-/// 8 bits for the result, 2 bits of headroom for the negative lobes.
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Per-output-pixel filter windows along one axis (Resample.c `precompute_coeffs` followed by
-/// `normalize_coeffs_8bpc`).
-struct AxisCoeffs {
-    /// First input index of each output pixel's window.
-    start: Vec<usize>,
-    /// Window length of each output pixel.
-    len: Vec<usize>,
-    /// Fixed-point weights, `ksize` per output pixel (only the first `len` are used).
-    weights: Vec<i32>,
-    ksize: usize,
-}
-
-fn axis_coeffs(in_size: usize, out_size: usize, filter: ResampleFilter) -> AxisCoeffs {
-    // The box is the whole input (in0 = 0, in1 = in_size).
-    let scale = in_size as f64 / out_size as f64;
-    // When downscaling the kernel is stretched by the scale factor (antialiasing).
-    let filterscale = scale.max(1.0);
-    let support = filter.support() * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let ss = 1.0 / filterscale;
-
-    let mut start = Vec::with_capacity(out_size);
-    let mut len = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        // C `(int)` casts truncate toward zero, as `as i64` does.
-        let xmin = ((center - support + 0.5) as i64).max(0);
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
-        let (xmin, n) = (xmin as usize, xmax.max(0) as usize);
-        let mut total = 0.0f64;
-        for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = filter.weight(((x + xmin) as f64 - center + 0.5) * ss);
-            *kx = w;
-            total += w;
-        }
-        let row = &mut weights[xx * ksize..xx * ksize + n];
-        for (dst, &w) in row.iter_mut().zip(&k[..n]) {
-            let w = if total != 0.0 { w / total } else { w };
-            // Round half away from zero, then truncate (normalize_coeffs_8bpc).
-            let scaled = w * (1u32 << PRECISION_BITS) as f64;
-            *dst = if w < 0.0 {
-                (scaled - 0.5) as i32
-            } else {
-                (scaled + 0.5) as i32
-            };
-        }
-        start.push(xmin);
-        len.push(n);
-    }
-    AxisCoeffs {
-        start,
-        len,
-        weights,
-        ksize,
-    }
-}
-
-/// Clip a fixed-point accumulator to uint8 (Resample.c `clip8`: arithmetic shift, clamp).
-#[inline]
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// Adds one weighted RGB pixel to the three channel accumulators.
-#[inline]
-fn accumulate(acc: &mut [i64; 3], pixel: &[u8], weight: i32) {
-    for (a, &v) in acc.iter_mut().zip(pixel) {
-        *a += v as i64 * weight as i64;
-    }
-}
-
-/// Writes the three clipped channels of a finished output pixel.
-#[inline]
-fn store(out: &mut [u8], acc: &[i64; 3]) {
-    for (o, &a) in out.iter_mut().zip(acc) {
-        *o = clip8(a);
-    }
-}
-
-/// Bit-exact port of Pillow 13's `Image.resize((width, height), filter)` for 8-bit RGB
-/// (Resample.c `ImagingResampleInner`): two separable passes, each rounding and clipping to
-/// uint8; a pass whose size does not change is skipped, and a resize to the same size is a
-/// plain copy.
-///
-/// Pass order: Pillow 13 runs the vertical pass FIRST when the height shrinks by more than twice
-/// as many pixels as the width does (`in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)`,
-/// signed), otherwise horizontal first. Older Pillow always ran horizontal first. The order
-/// changes the result (the intermediate image is 8-bit); for a shortest-edge resize it matters
-/// for downscaled images more than twice as tall as wide.
-pub fn resize(image: &RgbImage, width: usize, height: usize, filter: ResampleFilter) -> RgbImage {
-    let shrink_y = image.height as i64 - height as i64;
-    let shrink_x = image.width as i64 - width as i64;
-    let vertical_first = shrink_y > 0 && shrink_y > shrink_x * 2;
-
-    let mut img = image.clone();
-    if vertical_first {
-        if height != img.height {
-            img = resample_vertical(&img, height, filter);
-        }
-        if width != img.width {
-            img = resample_horizontal(&img, width, filter);
-        }
-    } else {
-        if width != img.width {
-            img = resample_horizontal(&img, width, filter);
-        }
-        if height != img.height {
-            img = resample_vertical(&img, height, filter);
-        }
-    }
-    img
-}
-
-fn resample_horizontal(src: &RgbImage, out_w: usize, filter: ResampleFilter) -> RgbImage {
-    let c = axis_coeffs(src.width, out_w, filter);
-    let h = src.height;
-    let mut data = vec![0u8; out_w * h * 3];
-    for y in 0..h {
-        let row = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
-        for xx in 0..out_w {
-            let k = &c.weights[xx * c.ksize..xx * c.ksize + c.len[xx]];
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for (i, &kw) in k.iter().enumerate() {
-                let p = (c.start[xx] + i) * 3;
-                accumulate(&mut acc, &row[p..p + 3], kw);
-            }
-            let d = (y * out_w + xx) * 3;
-            store(&mut data[d..d + 3], &acc);
-        }
-    }
-    RgbImage::new(out_w, h, data)
-}
-
-fn resample_vertical(src: &RgbImage, out_h: usize, filter: ResampleFilter) -> RgbImage {
-    let c = axis_coeffs(src.height, out_h, filter);
-    let w = src.width;
-    let mut data = vec![0u8; w * out_h * 3];
-    for yy in 0..out_h {
-        let k = &c.weights[yy * c.ksize..yy * c.ksize + c.len[yy]];
-        for x in 0..w {
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for (i, &kw) in k.iter().enumerate() {
-                let p = ((c.start[yy] + i) * w + x) * 3;
-                accumulate(&mut acc, &src.data[p..p + 3], kw);
-            }
-            let d = (yy * w + x) * 3;
-            store(&mut data[d..d + 3], &acc);
-        }
-    }
-    RgbImage::new(w, out_h, data)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1290,81 +897,5 @@ mod tests {
         assert_eq!(cfg.resize_output_size(57, 23), (74, 30));
         assert_eq!(cfg.resize_output_size(30, 40), (30, 40));
         assert_eq!(cfg.resize_output_size(64, 64), (30, 30));
-    }
-
-    /// 5x16 -> 4x5 bicubic shrinks the height by 11 > 2 * 1 pixels, so Pillow 13 runs the
-    /// vertical pass first. Expected bytes from Pillow 13.0.0 `Image.resize((4, 5), BICUBIC)`;
-    /// horizontal-first gives 5 different bytes.
-    #[test]
-    fn resize_runs_the_vertical_pass_first_like_pillow_13() {
-        let (w, h) = (5usize, 16usize);
-        let mut data = Vec::new();
-        for y in 0..h {
-            for x in 0..w {
-                data.extend_from_slice(&[
-                    (((x + y) % 2) * 255) as u8,
-                    ((x * 61 + y * 17) % 256) as u8,
-                    ((y * 40) % 256) as u8,
-                ]);
-            }
-        }
-        let img = RgbImage::new(w, h, data);
-        let expect: Vec<u8> = vec![
-            122, 28, 48, 129, 102, 48, 129, 195, 48, 122, 104, 48, 128, 80, 171, 127, 166, 171,
-            127, 175, 171, 128, 68, 171, 127, 144, 99, 127, 174, 99, 127, 67, 99, 127, 97, 99, 127,
-            189, 154, 128, 118, 154, 128, 72, 154, 127, 163, 154, 133, 194, 72, 126, 50, 72, 126,
-            140, 72, 133, 215, 72,
-        ];
-        assert_eq!(resize(&img, 4, 5, ResampleFilter::Bicubic).data, expect);
-        let horizontal_first = resample_vertical(
-            &resample_horizontal(&img, 4, ResampleFilter::Bicubic),
-            5,
-            ResampleFilter::Bicubic,
-        );
-        assert_ne!(horizontal_first.data, expect);
-    }
-
-    #[test]
-    fn png_exif_after_the_image_data_is_found() {
-        use image::metadata::Orientation;
-        fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-            let mut c = (data.len() as u32).to_be_bytes().to_vec();
-            c.extend_from_slice(kind);
-            c.extend_from_slice(data);
-            c.extend_from_slice(&[0; 4]); // CRC, not checked here
-            c
-        }
-        // Big-endian TIFF header, one IFD entry: Orientation (0x0112), SHORT, 1 value: 6.
-        let tiff = [
-            b'M', b'M', 0, 42, 0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0,
-            0,
-        ];
-        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        png.extend(chunk(b"IHDR", &[0; 13]));
-        png.extend(chunk(b"IDAT", &[1, 2, 3]));
-        png.extend(chunk(b"eXIf", &tiff));
-        png.extend(chunk(b"IEND", &[]));
-        assert_eq!(png_exif_orientation(&png), Orientation::Rotate90);
-        png.truncate(png.len() - 12 - 12 - tiff.len());
-        assert_eq!(png_exif_orientation(&png), Orientation::NoTransforms);
-    }
-
-    #[test]
-    fn center_crop_pads_with_zeros_when_too_small() {
-        let img = RgbImage::new(1, 1, vec![9, 9, 9]);
-        let out = center_crop(&img, 3, 2);
-        // top = (1-3)//2 = -1, left = (1-2)//2 = -1: the pixel lands at (1, 1).
-        let mut expect = vec![0u8; 3 * 2 * 3];
-        expect[(2 + 1) * 3..(2 + 1) * 3 + 3].copy_from_slice(&[9, 9, 9]);
-        assert_eq!(out.data, expect);
-    }
-
-    #[test]
-    fn expand_to_square_centres_the_image() {
-        let img = RgbImage::new(1, 3, vec![1, 1, 1, 2, 2, 2, 3, 3, 3]);
-        let out = expand_to_square(&img, [7, 8, 9]);
-        assert_eq!((out.width, out.height), (3, 3));
-        assert_eq!(&out.data[3..6], &[1, 1, 1]); // column (3-1)//2 = 1
-        assert_eq!(&out.data[0..3], &[7, 8, 9]);
     }
 }
