@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         device: tch::Device::Cpu,
         allow_missing: false,
         load_weights: true,
+        processor: Default::default(),
     };
     let start = Instant::now();
     let model = HostModel::open(&opts, &TrainConfig::default())?;

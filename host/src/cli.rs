@@ -198,6 +198,21 @@ pub struct ModelArgs {
     /// auto (the first GPU if CUDA is usable, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A processor option for the family's plugin, as KEY=VALUE (repeatable;
+    /// overrides the config file's `processor:`), e.g. `--processor mode=tiny`.
+    #[arg(long = "processor", value_name = "KEY=VALUE")]
+    pub processor: Vec<String>,
+}
+
+/// Parse `--processor KEY=VALUE`: the value as JSON when it parses (numbers,
+/// booleans), else as a string.
+pub fn parse_processor_option(s: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let (key, value) = s
+        .split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--processor {s:?}: write KEY=VALUE, e.g. --processor mode=tiny"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((key.trim().to_owned(), value))
 }
 
 /// Parse `--device`.
@@ -246,6 +261,14 @@ impl ModelArgs {
             device: parse_device(&self.device)?,
             allow_missing: self.allow_missing,
             load_weights: true,
+            processor: {
+                let mut p = cfg.processor.clone();
+                for s in &self.processor {
+                    let (k, v) = parse_processor_option(s)?;
+                    p.insert(k, v);
+                }
+                p
+            },
         };
         Ok((cfg, opts))
     }

@@ -293,6 +293,10 @@ pub struct TrainConfig {
     pub overrides: Vec<Override>,
     pub optimizer: OptimizerConfig,
     pub train: TrainSettings,
+    /// Options for the family's processor (`--processor KEY=VALUE` adds and
+    /// overrides): DeepSeek-OCR's `mode`, say. The plugin refuses keys it
+    /// does not know.
+    pub processor: serde_json::Map<String, serde_json::Value>,
 }
 
 

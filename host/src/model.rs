@@ -89,6 +89,8 @@ pub struct OpenOptions {
     pub allow_missing: bool,
     /// Load the weights (false: check the checkpoint's keys and shapes only).
     pub load_weights: bool,
+    /// The processor options passed to the plugin.
+    pub processor: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A model held by the host.
@@ -130,7 +132,12 @@ impl HostModel {
         let info = checkpoint_info(&opts.model_dir)?;
         let family = choose_family(&plugin, &info, &opts.model_dir)?;
         let dir = opts.model_dir.to_string_lossy();
-        let model = (plugin.module.open_model())(RStr::from(family.as_str()), RStr::from(dir.as_ref()))
+        let options = serde_json::Value::Object(opts.processor.clone()).to_string();
+        let model = (plugin.module.open_model())(
+            RStr::from(family.as_str()),
+            RStr::from(dir.as_ref()),
+            RStr::from(options.as_str()),
+        )
             .into_result()
             .map_err(|e| plugin_err(&family, &format!("opening {}", opts.model_dir.display()), e))?;
         let spec = model.spec();

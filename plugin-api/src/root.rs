@@ -24,9 +24,14 @@ pub struct PluginMod {
     pub manifest: extern "C" fn() -> RResult<PluginManifest, PluginError>,
     /// Open the checkpoint folder `model_dir` as family `family`: parse its
     /// `config.json`, tokenizer and processor files (not the weights).
+    /// `options` is a JSON object of the user's processor options (see
+    /// [`ModelOptions`](crate::ModelOptions)), `{}` or empty for none.
     #[sabi(last_prefix_field)]
-    pub open_model:
-        extern "C" fn(family: RStr<'_>, model_dir: RStr<'_>) -> RResult<ModelBox, PluginError>,
+    pub open_model: extern "C" fn(
+        family: RStr<'_>,
+        model_dir: RStr<'_>,
+        options: RStr<'_>,
+    ) -> RResult<ModelBox, PluginError>,
 }
 
 impl RootModule for PluginModRef {

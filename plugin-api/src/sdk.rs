@@ -7,7 +7,7 @@ use crate::host::Host;
 use crate::model::{Batch, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared};
 use crate::sample::Sample;
 use crate::tensor::OwnedTensor;
-use crate::{FamilyInfo, PluginError, PluginManifest};
+use crate::{FamilyInfo, ModelOptions, PluginError, PluginManifest};
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,7 +22,9 @@ pub trait Plugin: 'static {
     /// Open the model in `model_dir` (a Hugging Face checkpoint folder: its
     /// `config.json`, tokenizer and processor files) as family `family`.
     /// Weights are the host's business: do not read the safetensors here.
-    fn open(family: &str, model_dir: &Path) -> Result<Box<dyn FamilyModel>, PluginError>;
+    /// `options` are the user's processor options; refuse keys you do not
+    /// know ([`ModelOptions::check_keys`]).
+    fn open(family: &str, model_dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError>;
 }
 
 /// One sample turned into inputs, plugin side (see [`Prepared`]).
@@ -137,13 +139,18 @@ impl Model for ModelAdapter {
 
 /// Open a model through `P` (used by [`export_plugin!`](crate::export_plugin)).
 #[doc(hidden)]
-pub fn open_model<P: Plugin>(family: RStr<'_>, model_dir: RStr<'_>) -> RResult<ModelBox, PluginError> {
+pub fn open_model<P: Plugin>(
+    family: RStr<'_>,
+    model_dir: RStr<'_>,
+    options: RStr<'_>,
+) -> RResult<ModelBox, PluginError> {
     guard(|| {
         let family = family.as_str();
         if !P::families().iter().any(|f| f.name == family) {
             return Err(PluginError::invalid("family", format!("this plugin does not serve {family:?}")));
         }
-        let model = P::open(family, Path::new(model_dir.as_str()))?;
+        let options = ModelOptions::from_json(options.as_str())?;
+        let model = P::open(family, Path::new(model_dir.as_str()), &options)?;
         Ok(ModelBox::from_value(ModelAdapter(model), TD_Opaque))
     })
 }
@@ -272,8 +279,9 @@ macro_rules! export_plugin {
             extern "C" fn open_model(
                 family: abi_stable::std_types::RStr<'_>,
                 model_dir: abi_stable::std_types::RStr<'_>,
+                options: abi_stable::std_types::RStr<'_>,
             ) -> abi_stable::std_types::RResult<$crate::model::ModelBox, $crate::PluginError> {
-                $crate::sdk::open_model::<$plugin>(family, model_dir)
+                $crate::sdk::open_model::<$plugin>(family, model_dir, options)
             }
 
             extern "C" fn manifest(
@@ -322,7 +330,7 @@ mod tests {
         fn families() -> Vec<FamilyInfo> {
             panic!("boom at {}", 42)
         }
-        fn open(_: &str, _: &Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+        fn open(_: &str, _: &Path, _: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
             unreachable!()
         }
     }
@@ -344,7 +352,7 @@ mod tests {
         fn families() -> Vec<FamilyInfo> {
             vec![FamilyInfo::new("Bad-Name", "x")]
         }
-        fn open(_: &str, _: &Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+        fn open(_: &str, _: &Path, _: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
             unreachable!()
         }
     }

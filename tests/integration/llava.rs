@@ -29,6 +29,7 @@ pub fn open_options(mode: Mode) -> OpenOptions {
         device: Device::Cpu,
         allow_missing: false,
         load_weights: true,
+        processor: Default::default(),
     }
 }
 

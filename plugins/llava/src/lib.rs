@@ -17,7 +17,7 @@ use std::path::Path;
 use tch::Tensor;
 use vlmhost_plugin_api::sample::{self, Sample};
 use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelSpec, Plugin, PluginError, PreparedSample,
+    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
 };
 
 pub struct LlavaPlugin;
@@ -29,7 +29,9 @@ impl Plugin for LlavaPlugin {
             .architectures(["LlavaForConditionalGeneration"])]
     }
 
-    fn open(_family: &str, dir: &Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
+        // The CLIP processor's settings come from the checkpoint's files.
+        options.check_keys(&[])?;
         Ok(Box::new(LlavaModel::open(dir)?))
     }
 }

@@ -1,7 +1,7 @@
 //! A plugin built against vlmhost-plugin-api 2.0.0: the host must refuse it
 //! with a message naming both versions, not crash on a layout it cannot know.
 
-use plugin_api_v2::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
+use plugin_api_v2::{export_plugin, FamilyInfo, FamilyModel, ModelOptions, Plugin, PluginError};
 
 pub struct FromTheFuture;
 
@@ -10,7 +10,7 @@ impl Plugin for FromTheFuture {
         vec![FamilyInfo::new("test_api_v2", "Test plugin built against plugin-api 2.0.0")]
     }
 
-    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+    fn open(family: &str, _dir: &std::path::Path, _options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }

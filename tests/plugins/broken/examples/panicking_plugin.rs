@@ -1,7 +1,7 @@
 //! A plugin whose code panics: the panic must reach the host as an error, not
 //! abort the process.
 
-use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, ModelOptions, Plugin, PluginError};
 
 pub struct Panicking;
 
@@ -12,7 +12,7 @@ impl Plugin for Panicking {
         vec![families[3].clone()]
     }
 
-    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+    fn open(family: &str, _dir: &std::path::Path, _options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }

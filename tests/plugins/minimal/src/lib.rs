@@ -1,7 +1,7 @@
 //! The smallest valid plugin: one family, nothing else. The host's tests load it,
 //! copy it to make duplicates, and list it.
 
-use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
+use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, ModelOptions, Plugin, PluginError};
 
 pub struct Minimal;
 
@@ -12,7 +12,7 @@ impl Plugin for Minimal {
             .architectures(["TestMinimalForConditionalGeneration"])]
     }
 
-    fn open(family: &str, _dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+    fn open(family: &str, _dir: &std::path::Path, _options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Err(PluginError::unsupported(format!("{family} is a loader-test family without a model")))
     }
 }
