@@ -324,6 +324,15 @@ impl HostModel {
         })
     }
 
+    /// Run `f` with this model's host operations (its parameters, and its
+    /// linear layers with their adapters), for code that calls a family
+    /// crate's functions directly: tests of a plugin's parts, tools.
+    pub fn with_ops<T>(&self, training: bool, f: impl FnOnce(&HostOpsRef<'_>) -> T) -> T {
+        let ops = Ops { model: self, training };
+        let ops_ref: HostOpsRef<'_> = HostOps_TO_from(&ops);
+        f(&ops_ref)
+    }
+
     /// Logits `[batch, seq, vocab]` for a collated batch.
     pub fn forward(&self, batch: &BatchTensors, training: bool) -> Result<Tensor> {
         if self.params.is_empty() {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod deepseek_ocr;
 mod llava;
 mod plugins;
 mod train;

@@ -1,0 +1,262 @@
+//! `config.json` of a DeepSeek-OCR checkpoint (`model_type: deepseek_vl_v2`).
+//!
+//! The language model's keys sit at the top level, as the original remote code
+//! (`DeepseekOCRConfig`, a `DeepseekV2Config`) reads them; `language_config`
+//! repeats them and is the fallback. Defaults are `DeepseekV2Config`'s.
+//!
+//! The original code hard-codes the vision sizes; the checkpoint's
+//! `vision_config.width` records most of them and the rest follow the real
+//! model's wiring. Keys vlmhost reads there (all optional; the defaults are
+//! the real checkpoint's):
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `vision_config.image_size` | 1024 | SAM's position grid is `image_size / 16` |
+//! | `width.sam_vit_b.{width, layers, heads, global_attn_indexes}` | 768, 12, 12, [2,5,8,11] | SAM ViT-B |
+//! | `width.sam_vit_b.downsample_channels` | [512, 1024] | outputs of `net_2`, `net_3` |
+//! | `width.sam_vit_b.window_size` (vlmhost) | 14 | windowed-attention size |
+//! | `width.sam_vit_b.neck_channels` (vlmhost) | `downsample_channels[0] / 2` (256) | SAM neck width |
+//! | `width.clip-l-14-224.{width, layers, heads, image_size, patch_size}` | 1024, 24, 16, 224, 14 | CLIP-L; MLP is 4 x width |
+
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+use vlmhost_plugin_api::PluginError;
+
+/// The DeepSeek-V2 language model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub moe_intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: Option<i64>,
+    pub n_shared_experts: Option<i64>,
+    pub n_routed_experts: Option<i64>,
+    pub num_experts_per_tok: Option<i64>,
+    pub routed_scaling_factor: f64,
+    pub topk_method: String,
+    pub n_group: Option<i64>,
+    pub topk_group: Option<i64>,
+    pub moe_layer_freq: i64,
+    pub first_k_dense_replace: i64,
+    pub norm_topk_prob: bool,
+    pub scoring_func: String,
+    pub hidden_act: String,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Value>,
+    pub attention_bias: bool,
+    pub use_mla: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Option<i64>,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            vocab_size: 102400,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            moe_intermediate_size: 1407,
+            num_hidden_layers: 30,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            n_shared_experts: None,
+            n_routed_experts: None,
+            num_experts_per_tok: None,
+            routed_scaling_factor: 1.0,
+            topk_method: "greedy".into(),
+            n_group: None,
+            topk_group: None,
+            moe_layer_freq: 1,
+            first_k_dense_replace: 0,
+            norm_topk_prob: false,
+            scoring_func: "softmax".into(),
+            hidden_act: "silu".into(),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            attention_bias: false,
+            use_mla: true,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+}
+
+impl TextConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    /// Whether decoder layer `i` has the MoE block (else the dense MLP).
+    pub fn is_moe_layer(&self, i: i64) -> bool {
+        self.n_routed_experts.is_some() && i >= self.first_k_dense_replace && i % self.moe_layer_freq.max(1) == 0
+    }
+}
+
+/// SAM ViT-B.
+#[derive(Debug, Clone)]
+pub struct SamConfig {
+    pub width: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub global_attn_indexes: Vec<i64>,
+    pub window_size: i64,
+    /// Position grid of the base view (`image_size / patch_size`).
+    pub grid: i64,
+    pub patch_size: i64,
+    pub mlp_dim: i64,
+    pub neck_channels: i64,
+    pub downsample_channels: [i64; 2],
+    pub eps: f64,
+}
+
+/// The CLIP-L part.
+#[derive(Debug, Clone)]
+pub struct ClipConfig {
+    pub width: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub mlp_dim: i64,
+    /// Position grid (`image_size / patch_size`).
+    pub grid: i64,
+    pub patch_size: i64,
+    pub eps: f64,
+}
+
+/// The whole model.
+#[derive(Debug, Clone)]
+pub struct DeepseekOcrConfig {
+    pub text: TextConfig,
+    pub sam: SamConfig,
+    pub clip: ClipConfig,
+    /// Projector input (CLIP width + SAM `net_3` channels) and output.
+    pub projector_input: i64,
+}
+
+fn int(v: &Value, key: &str, default: i64) -> Result<i64, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x.as_i64().ok_or_else(|| format!("{key} must be an integer, got {x}")),
+    }
+}
+
+fn int_list(v: &Value, key: &str, default: &[i64]) -> Result<Vec<i64>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default.to_vec()),
+        Some(Value::Array(a)) => {
+            a.iter().map(|x| x.as_i64().ok_or_else(|| format!("{key} must hold integers, got {x}"))).collect()
+        }
+        Some(x) => Err(format!("{key} must be a list of integers, got {x}")),
+    }
+}
+
+impl DeepseekOcrConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self, PluginError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| PluginError::invalid(path.display().to_string(), format!("not JSON: {e}")))?;
+        Self::from_value(&v).map_err(|msg| PluginError::invalid(path.display().to_string(), msg))
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self, String> {
+        // Top-level LLM keys win; language_config fills the rest.
+        let mut merged = v.get("language_config").cloned().unwrap_or(Value::Object(Default::default()));
+        if let (Some(m), Some(top)) = (merged.as_object_mut(), v.as_object()) {
+            for (k, x) in top {
+                if !matches!(k.as_str(), "language_config" | "vision_config" | "projector_config") {
+                    m.insert(k.clone(), x.clone());
+                }
+            }
+        }
+        let text: TextConfig = serde_json::from_value(merged).map_err(|e| format!("language model keys: {e}"))?;
+        if text.use_mla {
+            return Err("use_mla is true: multi-head latent attention is not supported (DeepSeek-OCR sets use_mla false)".into());
+        }
+        if text.rope_scaling.as_ref().is_some_and(|r| !r.is_null()) {
+            return Err("rope_scaling is set: only plain RoPE is supported (DeepSeek-OCR has rope_scaling null)".into());
+        }
+        if text.scoring_func != "softmax" {
+            return Err(format!("scoring_func {:?}: only \"softmax\" is supported", text.scoring_func));
+        }
+        if !matches!(text.topk_method.as_str(), "greedy" | "group_limited_greedy") {
+            return Err(format!("topk_method {:?}: use \"greedy\" or \"group_limited_greedy\"", text.topk_method));
+        }
+        if !vlmhost_plugin_api::ops::known_activation(&text.hidden_act) {
+            return Err(format!("hidden_act {:?} is not supported", text.hidden_act));
+        }
+        if text.n_routed_experts.is_some() && text.num_experts_per_tok.is_none() {
+            return Err("n_routed_experts is set but num_experts_per_tok is not".into());
+        }
+
+        let vc = v.get("vision_config").cloned().unwrap_or(Value::Null);
+        let width = vc.get("width").cloned().unwrap_or(Value::Null);
+        let s = width.get("sam_vit_b").cloned().unwrap_or(Value::Null);
+        let c = width.get("clip-l-14-224").cloned().unwrap_or(Value::Null);
+        let patch = 16;
+        let down = int_list(&s, "downsample_channels", &[512, 1024])?;
+        let [d2, d3] = <[i64; 2]>::try_from(down.as_slice())
+            .map_err(|_| "vision_config.width.sam_vit_b.downsample_channels must hold two integers".to_string())?;
+        let sam_width = int(&s, "width", 768)?;
+        let sam = SamConfig {
+            width: sam_width,
+            layers: int(&s, "layers", 12)?,
+            heads: int(&s, "heads", 12)?,
+            global_attn_indexes: int_list(&s, "global_attn_indexes", &[2, 5, 8, 11])?,
+            window_size: int(&s, "window_size", 14)?,
+            grid: int(&vc, "image_size", 1024)? / patch,
+            patch_size: patch,
+            mlp_dim: sam_width * 4,
+            neck_channels: int(&s, "neck_channels", d2 / 2)?,
+            downsample_channels: [d2, d3],
+            eps: 1e-6,
+        };
+        let clip_width = int(&c, "width", 1024)?;
+        let clip_patch = int(&c, "patch_size", 14)?;
+        let clip = ClipConfig {
+            width: clip_width,
+            layers: int(&c, "layers", 24)?,
+            heads: int(&c, "heads", 16)?,
+            mlp_dim: clip_width * 4,
+            grid: int(&c, "image_size", 224)? / clip_patch,
+            patch_size: clip_patch,
+            eps: 1e-5,
+        };
+        if d3 != clip.width {
+            return Err(format!(
+                "vision_config: SAM's last channels ({d3}) must equal the CLIP width ({}): CLIP takes SAM's features as its patch tokens",
+                clip.width
+            ));
+        }
+        if sam.heads <= 0 || sam.width % sam.heads != 0 || clip.heads <= 0 || clip.width % clip.heads != 0 {
+            return Err("vision_config: widths must be multiples of the head counts".into());
+        }
+        let projector_input = clip.width + d3;
+        if let Some(p) = v.get("projector_config") {
+            let kind = p.get("projector_type").and_then(Value::as_str).unwrap_or("linear");
+            if kind != "linear" {
+                return Err(format!("projector_config.projector_type {kind:?}: DeepSeek-OCR's projector is \"linear\""));
+            }
+            let input = int(p, "input_dim", projector_input)?;
+            let n_embed = int(p, "n_embed", text.hidden_size)?;
+            if input != projector_input || n_embed != text.hidden_size {
+                return Err(format!(
+                    "projector_config: input_dim {input} -> n_embed {n_embed}, but the encoder gives {projector_input} features and the LLM is {} wide",
+                    text.hidden_size
+                ));
+            }
+        }
+        Ok(DeepseekOcrConfig { text, sam, clip, projector_input })
+    }
+}
