@@ -1,7 +1,7 @@
 //! Parity of the DeepSeek-OCR preprocessing with the original code.
 //!
 //! * The shared reference fixture computed by the original remote code's `infer`
-//!   (`$VLMHOST_DEEPSEEK_OCR_REFERENCE`, default `/work/shared/fixtures/deepseek_ocr`; its README
+//!   (`$VLMHOST_DEEPSEEK_OCR_REFERENCE`, default the repository's copy `tests/fixtures/deepseek_ocr`; its README
 //!   explains every tensor): ids, labels, mask, views and bf16 values, bit for bit.
 //! * The preprocessing cases written by `scripts/fixtures/make_deepseek_ocr_fixture.py` with
 //!   Pillow (`$VLMHOST_DEEPSEEK_OCR_FIXTURE`, default `target/fixtures/deepseek_ocr`, made by
@@ -18,7 +18,7 @@ use vlmhost_plugin_deepseek_ocr::processor::*;
 fn reference_dir() -> PathBuf {
     let dir = std::env::var_os("VLMHOST_DEEPSEEK_OCR_REFERENCE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/fixtures/deepseek_ocr"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_ocr"));
     assert!(
         dir.join("inputs.safetensors").is_file(),
         "DeepSeek-OCR reference fixture not found at {} (set VLMHOST_DEEPSEEK_OCR_REFERENCE to \
