@@ -324,6 +324,34 @@ impl HostModel {
         })
     }
 
+    /// Incremental decoding (see `Model::forward_cached`): logits of the new
+    /// tokens of `batch` (its `attention_mask` covering the cached ones too)
+    /// and the cache for the next call.
+    pub fn forward_cached(&self, batch: &BatchTensors, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+        if self.params.is_empty() {
+            bail!("the model was opened without weights");
+        }
+        let ops = Ops { model: self, training: false };
+        let ops_ref: HostOpsRef<'_> = HostOps_TO_from(&ops);
+        let tensors: RVec<NamedTensorRef<'_>> = batch
+            .tensors
+            .iter()
+            .map(|(n, t)| NamedTensorRef { name: RStr::from(n.as_str()), tensor: TensorRef::new(t) })
+            .collect();
+        let b = Batch {
+            input_ids: TensorRef::new(&batch.input_ids),
+            attention_mask: TensorRef::new(&batch.attention_mask),
+            tensors,
+        };
+        let past: RVec<TensorRef<'_>> = past.iter().map(TensorRef::new).collect();
+        let out = self
+            .model
+            .forward_cached(&ops_ref, &b, past)
+            .into_result()
+            .map_err(|e| plugin_err(&self.family, "incremental decoding", e))?;
+        Ok((out.logits.into_tensor(), out.cache.into_iter().map(|t| t.into_tensor()).collect()))
+    }
+
     /// Run `f` with this model's host operations (its parameters, and its
     /// linear layers with their adapters), for code that calls a family
     /// crate's functions directly: tests of a plugin's parts, tools.

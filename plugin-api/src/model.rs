@@ -250,8 +250,32 @@ pub trait Model: Send + Sync {
     fn prepare(&self, sample_json: RStr<'_>) -> RResult<Prepared, PluginError>;
 
     /// Run the model on a batch; returns the logits `[batch, seq, vocab]`.
-    #[sabi(last_prefix_field)]
     fn forward(&self, host: &HostOpsRef<'_>, batch: &Batch<'_>) -> RResult<OwnedTensor, PluginError>;
+
+    /// Incremental decoding: run the model on the new tokens of `batch`
+    /// (`input_ids` `[batch, new]`; `attention_mask` covers the cached and the
+    /// new tokens, `[batch, past + new]`; the images only on the first call)
+    /// with `past`, the cache the previous call returned (empty at first).
+    /// Returns the logits of the new tokens and the cache for the next call,
+    /// whose layout is the plugin's business (keys and values per layer,
+    /// position offsets, ...).
+    #[sabi(last_prefix_field)]
+    fn forward_cached(
+        &self,
+        host: &HostOpsRef<'_>,
+        batch: &Batch<'_>,
+        past: RVec<TensorRef<'_>>,
+    ) -> RResult<CachedOutput, PluginError>;
+}
+
+/// What [`Model::forward_cached`] returns.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct CachedOutput {
+    /// `[batch, new, vocab]`.
+    pub logits: OwnedTensor,
+    /// The cache to pass to the next call.
+    pub cache: RVec<OwnedTensor>,
 }
 
 /// An owned [`Model`] trait object, as plugins return it.

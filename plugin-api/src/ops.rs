@@ -82,6 +82,28 @@ pub fn causal_padding_mask(attention_mask: &Tensor) -> R {
     Ok(causal.f_view([1, 1, l, l])?.f_logical_and(&keys)?)
 }
 
+/// The boolean mask `[batch, 1, new, past + new]` for `new` query tokens that
+/// follow `past` cached ones: causal with the offset, hiding padded keys
+/// (`attention_mask` `[batch, past + new]`, 1 for real tokens).
+pub fn causal_padding_mask_cached(attention_mask: &Tensor, new: i64) -> R {
+    let size = attention_mask.size();
+    let (b, total) = (size[0], size[1]);
+    let past = total - new;
+    let device = attention_mask.device();
+    let causal = Tensor::f_ones([new, total], (Kind::Bool, device))?.f_tril(past)?;
+    let keys = attention_mask.f_ne(0)?.f_view([b, 1, 1, total])?;
+    Ok(causal.f_view([1, 1, new, total])?.f_logical_and(&keys)?)
+}
+
+/// Append the new keys (or values) `[batch, heads, new, dim]` to the cached
+/// ones along the sequence (dimension 2); the result is the next cache entry.
+pub fn append_cache(past: Option<&Tensor>, new: &Tensor) -> R {
+    match past {
+        Some(p) => Ok(Tensor::f_cat(&[p, new], 2)?),
+        None => Ok(new.shallow_clone()),
+    }
+}
+
 /// Scaled dot-product attention over `[batch, heads, seq, dim]` tensors;
 /// `kv_heads < heads` is grouped-query attention.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> R {

@@ -4,12 +4,12 @@
 //! [`export_plugin!`]: crate::export_plugin
 
 use crate::host::Host;
-use crate::model::{Batch, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared};
+use crate::model::{Batch, CachedOutput, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared};
 use crate::sample::Sample;
-use crate::tensor::OwnedTensor;
+use crate::tensor::{OwnedTensor, TensorRef};
 use crate::{FamilyInfo, ModelOptions, PluginError, PluginManifest};
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RStr, RString};
+use abi_stable::std_types::{RResult, RStr, RString, RVec};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use tch::Tensor;
@@ -71,6 +71,27 @@ pub trait FamilyModel: Send + Sync + 'static {
 
     /// Logits `[batch, seq, vocab]` for a batch, with the host's parameters.
     fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError>;
+
+    /// Incremental decoding with a key/value cache (see
+    /// [`Model::forward_cached`]): logits of the new tokens and the cache for
+    /// the next call. `past` is empty on the first call. Families that do not
+    /// implement it make `vlmhost generate` refuse with this error.
+    fn forward_cached(
+        &self,
+        _host: Host<'_, '_>,
+        _batch: &BatchInputs,
+        _past: &[Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>), PluginError> {
+        Err(PluginError::unsupported("incremental decoding (forward_cached) is not implemented by this family"))
+    }
+}
+
+fn batch_inputs(batch: &Batch<'_>) -> BatchInputs {
+    BatchInputs {
+        input_ids: batch.input_ids.to_tensor(),
+        attention_mask: batch.attention_mask.to_tensor(),
+        tensors: batch.tensors.iter().map(|t| (t.name.as_str().to_owned(), t.tensor.to_tensor())).collect(),
+    }
 }
 
 /// Adapts a [`FamilyModel`] to the ABI's [`Model`], with a panic guard on every call.
@@ -122,17 +143,21 @@ impl Model for ModelAdapter {
 
     fn forward(&self, host: &HostOpsRef<'_>, batch: &Batch<'_>) -> RResult<OwnedTensor, PluginError> {
         guard(|| {
-            let inputs = BatchInputs {
-                input_ids: batch.input_ids.to_tensor(),
-                attention_mask: batch.attention_mask.to_tensor(),
-                tensors: batch
-                    .tensors
-                    .iter()
-                    .map(|t| (t.name.as_str().to_owned(), t.tensor.to_tensor()))
-                    .collect(),
-            };
-            let logits = self.0.forward(Host::new(host), &inputs)?;
+            let logits = self.0.forward(Host::new(host), &batch_inputs(batch))?;
             Ok(OwnedTensor::new(logits))
+        })
+    }
+
+    fn forward_cached(
+        &self,
+        host: &HostOpsRef<'_>,
+        batch: &Batch<'_>,
+        past: RVec<TensorRef<'_>>,
+    ) -> RResult<CachedOutput, PluginError> {
+        guard(|| {
+            let past: Vec<Tensor> = past.iter().map(|t| t.to_tensor()).collect();
+            let (logits, cache) = self.0.forward_cached(Host::new(host), &batch_inputs(batch), &past)?;
+            Ok(CachedOutput { logits: OwnedTensor::new(logits), cache: cache.into_iter().map(OwnedTensor::new).collect() })
         })
     }
 }

@@ -562,13 +562,35 @@ impl DeepseekOcr {
 
     /// Logits `[batch, seq, vocab]`.
     pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
+        Ok(self.decode(host, batch, None)?.0)
+    }
+
+    /// Incremental decoding: logits of the new tokens and the cache (keys and
+    /// values per layer, `[batch, kv_heads, seq, head_dim]`).
+    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
+        self.decode(host, batch, Some(past))
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first call).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let t = &self.config.text;
-        let mut x = self.input_embeddings(host, batch)?;
+        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
+        // Images belong to the prompt: later decoding steps carry none.
+        let mut x = if past_len > 0 {
+            Tensor::f_embedding(&host.param(self.embed_tokens)?, &batch.input_ids, -1, false, false)?
+        } else {
+            self.input_embeddings(host, batch)?
+        };
         let (b, l) = (x.size()[0], x.size()[1]);
         let (heads, kv, hd) = (t.num_attention_heads, t.kv_heads(), t.head_dim());
-        let (cos, sin) = ops::rope_cos_sin(l, hd, t.rope_theta, x.device())?;
-        let mask = ops::causal_padding_mask(&batch.attention_mask)?;
-        for layer in &self.layers {
+        let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, t.rope_theta, x.device())?;
+        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
+        let mask = match past {
+            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
+            None => ops::causal_padding_mask(&batch.attention_mask)?,
+        };
+        let mut cache = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
             let residual = x.shallow_clone();
             let y = ops::rms_norm(host, &layer.input_norm, &x)?;
             let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
@@ -576,6 +598,15 @@ impl DeepseekOcr {
             let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
             let q = ops::apply_rope(&q, &cos, &sin)?;
             let k = ops::apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match past {
+                Some(p) => {
+                    let k = ops::append_cache(p.get(2 * i), &k)?;
+                    let v = ops::append_cache(p.get(2 * i + 1), &v)?;
+                    cache.extend([k.shallow_clone(), v.shallow_clone()]);
+                    (k, v)
+                }
+                None => (k, v),
+            };
             let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
             x = residual.f_add(&host.linear(layer.o, &att)?)?;
@@ -587,7 +618,7 @@ impl DeepseekOcr {
             x = x.f_add(&y)?;
         }
         let x = ops::rms_norm(host, &self.norm, &x)?;
-        host.linear(self.lm_head, &x)
+        Ok((host.linear(self.lm_head, &x)?, cache))
     }
 
     /// The MoE block of decoder layer `i`, if it has one.

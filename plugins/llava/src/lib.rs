@@ -111,4 +111,8 @@ impl FamilyModel for LlavaModel {
     fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
         self.model.forward(host, batch)
     }
+
+    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
+        self.model.forward_cached(host, batch, past)
+    }
 }

@@ -233,12 +233,25 @@ impl Llava {
 
     /// Logits `[batch, seq, vocab]`.
     pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
+        Ok(self.decode(host, batch, None)?.0)
+    }
+
+    /// Incremental decoding: logits of the new tokens and the cache (keys and
+    /// values per layer, `[batch, kv_heads, seq, head_dim]`).
+    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
+        self.decode(host, batch, Some(past))
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first call).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let tc = &self.config.text;
         let ids = &batch.input_ids;
+        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
         let embed = host.param(self.text.embed_tokens)?;
         let mut x = Tensor::f_embedding(&embed, ids, -1, false, false)?;
         let image_mask = ids.f_eq(self.config.image_token_index)?;
-        let n_image_tokens = image_mask.f_sum(Kind::Int64)?.int64_value(&[]);
+        // Images belong to the prompt: later decoding steps carry none.
+        let n_image_tokens = if past_len > 0 { 0 } else { image_mask.f_sum(Kind::Int64)?.int64_value(&[]) };
         match batch.get("pixel_values") {
             Some(pv) if pv.size()[0] > 0 => {
                 let features = self.image_features(host, pv)?.f_to_kind(x.kind())?;
@@ -262,9 +275,14 @@ impl Llava {
         }
         let (b, l) = (ids.size()[0], ids.size()[1]);
         let (heads, kv, hd) = (tc.num_attention_heads, tc.kv_heads(), tc.head_dim());
-        let (cos, sin) = ops::rope_cos_sin(l, hd, self.config.rope_theta, x.device())?;
-        let mask = ops::causal_padding_mask(&batch.attention_mask)?;
-        for layer in &self.text.layers {
+        let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, self.config.rope_theta, x.device())?;
+        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
+        let mask = match past {
+            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
+            None => ops::causal_padding_mask(&batch.attention_mask)?,
+        };
+        let mut cache = Vec::new();
+        for (i, layer) in self.text.layers.iter().enumerate() {
             let residual = x.shallow_clone();
             let y = ops::rms_norm(host, &layer.input_norm, &x)?;
             let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
@@ -272,6 +290,15 @@ impl Llava {
             let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
             let q = ops::apply_rope(&q, &cos, &sin)?;
             let k = ops::apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match past {
+                Some(p) => {
+                    let k = ops::append_cache(p.get(2 * i), &k)?;
+                    let v = ops::append_cache(p.get(2 * i + 1), &v)?;
+                    cache.extend([k.shallow_clone(), v.shallow_clone()]);
+                    (k, v)
+                }
+                None => (k, v),
+            };
             let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
             x = residual.f_add(&host.linear(layer.o, &att)?)?;
@@ -282,6 +309,6 @@ impl Llava {
             x = residual.f_add(&host.linear(layer.down, &y)?)?;
         }
         let x = ops::rms_norm(host, &self.text.norm, &x)?;
-        host.linear(self.text.lm_head, &x)
+        Ok((host.linear(self.text.lm_head, &x)?, cache))
     }
 }
