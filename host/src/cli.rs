@@ -77,7 +77,36 @@ pub enum Command {
         adapter: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         dataset: PathBuf,
-        /// Print JSON: {"loss": f, "samples": [{"index", "loss", "tokens"}]}.
+        /// Print JSON: {"loss": f, "samples": [{"index", "loss", "tokens"}]}
+        /// (with --generate also "cer", "wer", "exact_match" and "generated").
+        #[arg(long)]
+        json: bool,
+        /// Also generate each sample's answer (greedy) from its prompt and
+        /// score it against the reference: character and word error rates
+        /// and exact match.
+        #[arg(long)]
+        generate: bool,
+        /// Longest generated answer, in tokens (with --generate).
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+    },
+    /// Greedy decoding from an image and a prompt, streamed to the terminal,
+    /// with the family's key/value cache.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A vlmhost checkpoint or a PEFT adapter folder.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// The image (families that read images need one).
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// The user's text.
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Print JSON (tokens, text, why it stopped) instead of streaming.
         #[arg(long)]
         json: bool,
     },
@@ -374,7 +403,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { model, adapter, dataset, json } => {
+        Command::Eval { model, adapter, dataset, json, generate, max_new_tokens } => {
             let (cfg, opts) = model.resolve()?;
             let m = open_with_adapter(&opts, &cfg, adapter.as_deref())?;
             let cfg = m.config.clone();
@@ -383,10 +412,70 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("{}", ds.summary(&dataset));
             }
             let (loss, samples) = train::evaluate(&m, &ds.records)?;
+            let mut out = serde_json::json!({"loss": loss, "samples": samples});
+            let ocr = if generate {
+                let (metrics, scores) = crate::generate::evaluate_generation(&m, &ds.records, max_new_tokens)?;
+                out["cer"] = metrics.cer.into();
+                out["wer"] = metrics.wer.into();
+                out["exact_match"] = metrics.exact_match.into();
+                out["generated"] = serde_json::to_value(&scores)?;
+                Some(metrics)
+            } else {
+                None
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"loss": loss, "samples": samples}))?);
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("loss {loss:.6} over {} sample(s), {} supervised token(s)", samples.len(), samples.iter().map(|s| s.tokens).sum::<i64>());
+                if let Some(o) = ocr {
+                    println!("CER {:.4}, WER {:.4}, exact match {:.4} over {} generated answer(s)", o.cer, o.wer, o.exact_match, o.samples);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate { model, adapter, image, prompt, max_new_tokens, json } => {
+            use std::io::Write as _;
+            let (cfg, opts) = model.resolve()?;
+            if let Some(path) = &image {
+                if !path.is_file() {
+                    anyhow::bail!("--image {}: no such file", path.display());
+                }
+            }
+            let m = open_with_adapter(&opts, &cfg, adapter.as_deref())?;
+            let sample = crate::generate::prompt_sample(image.as_deref(), &prompt);
+            let prepared = m
+                .prepare(&serde_json::to_string(&sample)?)
+                .map_err(|e| crate::model::plugin_err(&m.family, "preparing the prompt", e))?;
+            let detok = crate::generate::Detokenizer::from_dir(&m.model_dir)?;
+            let stop = crate::generate::stop_tokens(&m.model_dir);
+            let mut shown = String::new();
+            let mut sofar = Vec::new();
+            let stdout = std::io::stdout();
+            let (tokens, stopped) = crate::generate::greedy(&m, &prepared, max_new_tokens, &stop, |t| {
+                if !json {
+                    // Decode everything so far and print what is new (a
+                    // character may span tokens).
+                    sofar.push(t);
+                    let text = detok.decode(&sofar)?;
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        let mut out = stdout.lock();
+                        write!(out, "{new}")?;
+                        out.flush()?;
+                    }
+                    shown = text;
+                }
+                Ok(())
+            })?;
+            if json {
+                let v = serde_json::json!({
+                    "prompt_tokens": prepared.input_ids.len(),
+                    "tokens": tokens,
+                    "text": detok.decode(&tokens)?,
+                    "stopped": stopped,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!();
             }
             Ok(ExitCode::SUCCESS)
         }

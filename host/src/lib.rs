@@ -15,6 +15,7 @@ pub mod model;
 pub mod optim;
 pub mod config;
 pub mod dataset;
+pub mod generate;
 pub mod inspect;
 pub mod patterns;
 pub mod peft;
@@ -22,5 +23,9 @@ pub mod rules;
 pub mod weights;
 pub mod torch_env;
 pub mod train;
+pub mod font;
+pub mod plot;
+pub mod report;
+pub mod synth;
 
 pub use vlmhost_plugin_api as plugin_api;

@@ -20,7 +20,7 @@ use model::DeepseekOcr;
 use processor::{DeepseekOcrProcessor, ImageOptions};
 use std::path::Path;
 use tch::Tensor;
-use vlmhost_plugin_api::sample::Sample;
+use vlmhost_plugin_api::sample::{Sample, Speaker};
 use vlmhost_plugin_api::{
     export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError,
     PreparedSample,
@@ -117,6 +117,16 @@ impl FamilyModel for DeepseekOcrModel {
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
         let p = self.processor.process(&sample.messages).map_err(processor_err)?;
+        // A prompt to answer (it ends with the user's turn) is an OCR request:
+        // without an image there is nothing to read.
+        let is_prompt = sample.messages.last().is_some_and(|m| m.role == Speaker::User);
+        if is_prompt && p.images.is_empty() {
+            return Err(PluginError::invalid_with_hint(
+                "prompt",
+                "DeepSeek-OCR reads an image, and this prompt has none",
+                "give the image to read (vlmhost generate --image FILE)",
+            ));
+        }
         let o = self.processor.options();
         let g = (if o.crop_mode { o.base_size } else { o.image_size }) as i64;
         let t = o.image_size as i64;

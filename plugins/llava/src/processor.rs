@@ -741,9 +741,13 @@ impl LlavaProcessor {
         n
     }
 
-    /// Renders a conversation with this checkpoint's eos token (no generation prompt).
+    /// Renders a conversation with this checkpoint's eos token. A
+    /// conversation that ends with a user message is a prompt to generate
+    /// from: it gets the generation prompt (`ASSISTANT:`), as
+    /// `apply_chat_template(add_generation_prompt=True)` renders it.
     pub fn render(&self, messages: &[Message]) -> RenderedChat {
-        render_chat(messages, &self.eos_token, false)
+        let prompt = messages.last().is_some_and(|m| m.role == Role::User);
+        render_chat(messages, &self.eos_token, prompt)
     }
 
     /// Processes one training conversation into model inputs.
