@@ -1,0 +1,360 @@
+//! Plots of a run: `loss.png` (training loss per step, validation loss where
+//! it was measured) and `lr.png` (learning rate per step), drawn from the run
+//! folder's `metrics.jsonl` with plotters into an RGB buffer, encoded as PNG
+//! and written atomically. Text uses the embedded font ([`crate::font`]), so no
+//! system font is needed.
+//!
+//! [`read_metrics`] is lenient where a crashed run leaves traces: missing,
+//! `null` or non-finite losses are skipped points, and a last line cut off
+//! mid-write (no trailing newline) is dropped with a warning. Any other line
+//! that is not a metrics record is an error naming the file and line.
+
+use anyhow::{bail, Context};
+use plotters::prelude::*;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The file a run writes one line per optimizer step to.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Plot size in pixels.
+pub const PLOT_WIDTH: u32 = 1000;
+pub const PLOT_HEIGHT: u32 = 600;
+
+/// One line of `metrics.jsonl` (the fields of `train::StepMetrics`, every
+/// one but `step` optional so that older or hand-written files still read).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MetricsRecord {
+    pub step: usize,
+    #[serde(default)]
+    pub epoch: usize,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    #[serde(default)]
+    pub tokens: usize,
+    #[serde(default)]
+    pub supervised_tokens: usize,
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub elapsed_seconds: Option<f64>,
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    #[serde(default)]
+    pub skipped: Option<String>,
+}
+
+/// Why `metrics.jsonl` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("{path}: cannot read: {source} (is this a run folder? training writes {METRICS_FILE} there)", path = .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: not a metrics record: {message} (fix or delete the line)", path = .path.display())]
+    Line { path: PathBuf, line: usize, message: String },
+    #[error("{path}: no metrics records (the run has not finished a step yet)", path = .path.display())]
+    Empty { path: PathBuf },
+}
+
+/// Read `path` (a `metrics.jsonl`): records sorted by step (stable, so a
+/// resumed run's re-written steps keep file order).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Io { path: path.to_owned(), source })?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<MetricsRecord>(line) {
+            Ok(r) => records.push(r),
+            Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                tracing::warn!("{}:{}: dropping a cut-off last line ({e})", path.display(), i + 1);
+            }
+            Err(e) => return Err(MetricsError::Line { path: path.to_owned(), line: i + 1, message: e.to_string() }),
+        }
+    }
+    if records.is_empty() {
+        return Err(MetricsError::Empty { path: path.to_owned() });
+    }
+    records.sort_by_key(|r| r.step);
+    Ok(records)
+}
+
+/// `(step, value)` for every record whose `field` is finite.
+pub fn finite_points(records: &[MetricsRecord], field: impl Fn(&MetricsRecord) -> Option<f64>) -> Vec<(f64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| field(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+        .collect()
+}
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Line,
+    /// Dots joined by a thin line (sparse measurements: validation loss).
+    Dots,
+}
+
+/// One curve of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub label: String,
+    pub color: RGBColor,
+    pub mark: Mark,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Distinct colours for series (matplotlib's tab10).
+pub const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Axis labels and title of a chart.
+#[derive(Debug, Clone)]
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    /// Tick labels of the y axis in scientific notation (learning rates).
+    pub y_scientific: bool,
+}
+
+/// A range around `lo..hi` with a margin, never empty.
+fn padded(lo: f64, hi: f64, margin: f64) -> std::ops::Range<f64> {
+    if hi > lo {
+        let m = (hi - lo) * margin;
+        lo - m..hi + m
+    } else {
+        let m = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
+        lo - m..hi + m
+    }
+}
+
+/// Draw `series` (a legend when there is more than one or any is labelled)
+/// and return the PNG bytes. Series without points are left out; an error
+/// when none has any.
+pub fn render_png(chart: &Chart, series: &[Series], (width, height): (u32, u32)) -> anyhow::Result<Vec<u8>> {
+    let drawn: Vec<&Series> = series.iter().filter(|s| !s.points.is_empty()).collect();
+    if drawn.is_empty() {
+        bail!("{}: nothing to plot (no finite values)", chart.title);
+    }
+    let all = drawn.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    crate::font::register_plot_font();
+    let mut buf = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let font = crate::font::PLOT_FONT;
+        let mut ctx = ChartBuilder::on(&root)
+            .caption(chart.title, (font, 24))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(if chart.y_scientific { 90 } else { 70 })
+            .build_cartesian_2d(padded(x0, x1, 0.02), padded(y0, y1, 0.05))
+            .map_err(plot_error)?;
+        let x_fmt = |v: &f64| format!("{v:.0}");
+        let y_fmt = |v: &f64| if chart.y_scientific { format!("{v:.1e}") } else { format!("{v:.3}") };
+        ctx.configure_mesh()
+            .x_desc(chart.x_label)
+            .y_desc(chart.y_label)
+            .axis_desc_style((font, 18))
+            .label_style((font, 14))
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(plot_error)?;
+        for s in &drawn {
+            let color = s.color;
+            let width = if s.mark == Mark::Dots { 1 } else { 2 };
+            let ann = ctx
+                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(width)))
+                .map_err(plot_error)?;
+            ann.label(s.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            if s.mark == Mark::Dots {
+                ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(plot_error)?;
+            }
+        }
+        if drawn.len() > 1 {
+            ctx.configure_series_labels()
+                .label_font((font, 16))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(plot_error)?;
+        }
+        root.present().map_err(plot_error)?;
+    }
+    let img = image::RgbImage::from_raw(width, height, buf).context("plot buffer size")?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
+}
+
+fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing the plot: {e}")
+}
+
+/// Render and write `path` atomically.
+pub fn write_png(path: &Path, chart: &Chart, series: &[Series], size: (u32, u32)) -> anyhow::Result<()> {
+    let png = render_png(chart, series, size)?;
+    crate::weights::write_atomic(path, &png).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The run's name for titles: its folder's name.
+pub fn run_name(run_dir: &Path) -> String {
+    let abs = std::fs::canonicalize(run_dir).unwrap_or_else(|_| run_dir.to_owned());
+    abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run_dir.display().to_string())
+}
+
+/// Write `loss.png` and `lr.png` into `run_dir` from its `metrics.jsonl`;
+/// returns the files written. A run without a single finite loss (every step
+/// skipped) gets no `loss.png` (a warning says so); a run without records is
+/// an error.
+pub fn write_run_plots(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let records = read_metrics(&run_dir.join(METRICS_FILE))?;
+    let name = run_name(run_dir);
+    let mut written = Vec::new();
+
+    let train = finite_points(&records, |r| r.loss);
+    let val = finite_points(&records, |r| r.val_loss);
+    if train.is_empty() && val.is_empty() {
+        tracing::warn!("{}: no finite training or validation loss in {} records: no loss.png", run_dir.display(), records.len());
+    } else {
+        let path = run_dir.join("loss.png");
+        let title = format!("{name}: loss");
+        let chart = Chart { title: &title, x_label: "step", y_label: "loss", y_scientific: false };
+        let series = [
+            Series { label: "training".into(), color: PALETTE[0], mark: Mark::Line, points: train },
+            Series { label: "validation".into(), color: PALETTE[1], mark: Mark::Dots, points: val },
+        ];
+        write_png(&path, &chart, &series, (PLOT_WIDTH, PLOT_HEIGHT))?;
+        written.push(path);
+    }
+
+    let lr = finite_points(&records, |r| r.lr);
+    if lr.is_empty() {
+        tracing::warn!("{}: no learning rate in {} records: no lr.png", run_dir.display(), records.len());
+    } else {
+        let path = run_dir.join("lr.png");
+        let title = format!("{name}: learning rate");
+        let chart = Chart { title: &title, x_label: "step", y_label: "learning rate", y_scientific: true };
+        let series = [Series { label: "lr".into(), color: PALETTE[2], mark: Mark::Line, points: lr }];
+        write_png(&path, &chart, &series, (PLOT_WIDTH, PLOT_HEIGHT))?;
+        written.push(path);
+    }
+    if written.is_empty() {
+        bail!("{}: no finite loss or learning rate in {} records of {METRICS_FILE}: nothing to plot", run_dir.display(), records.len());
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: usize, loss: Option<f64>, lr: f64, val: Option<f64>) -> String {
+        let mut v = serde_json::json!({
+            "step": step, "epoch": 0, "loss": loss, "lr": lr, "grad_norm": 1.0, "tokens": 100,
+            "supervised_tokens": 40, "tokens_per_second": 1000.0, "elapsed_seconds": step as f64 * 0.5,
+        });
+        if let Some(val) = val {
+            v["val_loss"] = val.into();
+        }
+        v.to_string()
+    }
+
+    fn decode(path: &Path) -> image::DynamicImage {
+        image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn writes_loss_and_lr_plots() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("my-run");
+        std::fs::create_dir(&run).unwrap();
+        let mut text = String::new();
+        for step in 1..=20 {
+            let loss = if step == 7 { None } else { Some(3.0 / step as f64) };
+            let val = (step % 5 == 0).then(|| 2.5 / step as f64);
+            text += &line(step, loss, 1e-4 * step as f64 / 20.0, val);
+            text += "\n";
+        }
+        std::fs::write(run.join(METRICS_FILE), text).unwrap();
+        let written = write_run_plots(&run).unwrap();
+        assert_eq!(written, vec![run.join("loss.png"), run.join("lr.png")]);
+        for p in &written {
+            let img = decode(p);
+            assert_eq!((img.width(), img.height()), (PLOT_WIDTH, PLOT_HEIGHT));
+            // Not a blank canvas: the curve and text are drawn.
+            let rgb = img.to_rgb8();
+            assert!(rgb.pixels().filter(|p| p.0 != [255, 255, 255]).count() > 1000);
+        }
+        // No temporary files left behind.
+        let names: Vec<_> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn nan_null_and_cut_off_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        // serde_json writes NaN as null; a skipped step has loss null; the last line was cut off.
+        let text = format!("{}\n{}\n\n{}\n{{\"step\": 4, \"lo", line(1, Some(2.0), 1e-3, None), line(2, None, 1e-3, None), line(3, Some(1.5), 1e-3, Some(1.7)));
+        std::fs::write(dir.path().join(METRICS_FILE), text).unwrap();
+        let records = read_metrics(&dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(finite_points(&records, |r| r.loss), vec![(1.0, 2.0), (3.0, 1.5)]);
+        assert_eq!(write_run_plots(dir.path()).unwrap().len(), 2);
+
+        // A single point still plots (a degenerate range is widened).
+        std::fs::write(dir.path().join(METRICS_FILE), line(1, Some(2.0), 1e-3, None) + "\n").unwrap();
+        assert_eq!(write_run_plots(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn every_step_skipped_gives_lr_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{}\n{}\n", line(1, None, 1e-3, None), line(2, None, 1e-3, None));
+        std::fs::write(dir.path().join(METRICS_FILE), text).unwrap();
+        assert_eq!(write_run_plots(dir.path()).unwrap(), vec![dir.path().join("lr.png")]);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = write_run_plots(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("cannot read"), "{e}");
+
+        std::fs::write(dir.path().join(METRICS_FILE), "\n\n").unwrap();
+        let e = write_run_plots(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("no metrics records"), "{e}");
+
+        std::fs::write(dir.path().join(METRICS_FILE), format!("{}\nnot json\n{}\n", line(1, Some(1.0), 1e-3, None), line(2, Some(1.0), 1e-3, None))).unwrap();
+        let e = write_run_plots(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl:2:"), "{e}");
+    }
+}
