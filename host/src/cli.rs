@@ -128,6 +128,27 @@ pub enum Command {
         #[arg(long, default_value_t = 4.0)]
         max_shard_size_gb: f64,
     },
+    /// A new, randomly initialised checkpoint of a family (config, weights,
+    /// tokenizer, processor settings), to train with nothing downloaded.
+    Init {
+        /// Family name or plugin library path.
+        #[arg(long, value_name = "NAME|PATH")]
+        plugin: String,
+        /// The family, when the library serves several.
+        #[arg(long)]
+        family: Option<String>,
+        /// tiny (trains in seconds per hundred steps on a CPU) or small.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace an output folder that exists and is not empty.
+        #[arg(long)]
+        force: bool,
+    },
     /// Data sets: check every sample before training.
     #[command(subcommand)]
     Data(DataCommand),
@@ -506,6 +527,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{}", ds.summary(&data.dataset));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { plugin, family, preset, output, seed, force } => {
+            let r = crate::init::init(&plugin, family.as_deref(), &preset, &output, seed, force)?;
+            println!(
+                "{} checkpoint ({} preset, {} parameters in {} tensors, seed {seed}) written to {}",
+                r.family, r.preset, r.parameters, r.tensors, r.output.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor { json } => {

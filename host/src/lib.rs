@@ -16,6 +16,7 @@ pub mod optim;
 pub mod config;
 pub mod dataset;
 pub mod generate;
+pub mod init;
 pub mod inspect;
 pub mod patterns;
 pub mod peft;

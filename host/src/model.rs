@@ -132,7 +132,10 @@ impl HostModel {
         let info = checkpoint_info(&opts.model_dir)?;
         let family = choose_family(&plugin, &info, &opts.model_dir)?;
         let dir = opts.model_dir.to_string_lossy();
-        let options = serde_json::Value::Object(opts.processor.clone()).to_string();
+        // The checkpoint's own processor settings (vlmhost.json), under the user's.
+        let mut processor = crate::init::processor_defaults(&opts.model_dir)?;
+        processor.extend(opts.processor.clone());
+        let options = serde_json::Value::Object(processor).to_string();
         let model = (plugin.module.open_model())(
             RStr::from(family.as_str()),
             RStr::from(dir.as_ref()),

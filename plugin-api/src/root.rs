@@ -32,6 +32,12 @@ pub struct PluginMod {
         model_dir: RStr<'_>,
         options: RStr<'_>,
     ) -> RResult<ModelBox, PluginError>,
+    /// Write the files of a new, randomly initialised checkpoint of `family`
+    /// at size `preset` (`tiny`, `small`) into the folder `dir`: config.json,
+    /// tokenizer and processor files (the host initialises and writes the
+    /// weights from the spec). Optional: `None` for plugins built before it.
+    pub init_model:
+        extern "C" fn(family: RStr<'_>, preset: RStr<'_>, dir: RStr<'_>) -> RResult<(), PluginError>,
 }
 
 impl RootModule for PluginModRef {

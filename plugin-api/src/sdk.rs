@@ -25,6 +25,15 @@ pub trait Plugin: 'static {
     /// `options` are the user's processor options; refuse keys you do not
     /// know ([`ModelOptions::check_keys`]).
     fn open(family: &str, model_dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError>;
+
+    /// Write a new checkpoint's files (config.json, tokenizer, processor
+    /// files; not the weights, which the host draws from the spec) for
+    /// `preset` (`tiny`: trains in seconds per hundred steps on a CPU;
+    /// `small`) into the existing, empty folder `dir`, so that `open` accepts
+    /// it. `vlmhost init` calls it.
+    fn init(family: &str, preset: &str, _dir: &Path) -> Result<(), PluginError> {
+        Err(PluginError::unsupported(format!("{family}: this plugin cannot create new checkpoints (preset {preset:?})")))
+    }
 }
 
 /// One sample turned into inputs, plugin side (see [`Prepared`]).
@@ -235,6 +244,18 @@ pub fn guard<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, Plugin
     }
 }
 
+/// Write a new checkpoint's files through `P` (used by [`export_plugin!`](crate::export_plugin)).
+#[doc(hidden)]
+pub fn init_model<P: Plugin>(family: RStr<'_>, preset: RStr<'_>, dir: RStr<'_>) -> RResult<(), PluginError> {
+    guard(|| {
+        let family = family.as_str();
+        if !P::families().iter().any(|f| f.name == family) {
+            return Err(PluginError::invalid("family", format!("this plugin does not serve {family:?}")));
+        }
+        P::init(family, preset.as_str(), Path::new(dir.as_str()))
+    })
+}
+
 /// Build the manifest of plugin `P` (used by [`export_plugin!`](crate::export_plugin)).
 #[doc(hidden)]
 pub fn manifest_of<P: Plugin>(
@@ -309,6 +330,14 @@ macro_rules! export_plugin {
                 $crate::sdk::open_model::<$plugin>(family, model_dir, options)
             }
 
+            extern "C" fn init_model(
+                family: abi_stable::std_types::RStr<'_>,
+                preset: abi_stable::std_types::RStr<'_>,
+                dir: abi_stable::std_types::RStr<'_>,
+            ) -> abi_stable::std_types::RResult<(), $crate::PluginError> {
+                $crate::sdk::init_model::<$plugin>(family, preset, dir)
+            }
+
             extern "C" fn manifest(
             ) -> abi_stable::std_types::RResult<$crate::PluginManifest, $crate::PluginError> {
                 $crate::sdk::guard(|| {
@@ -322,7 +351,7 @@ macro_rules! export_plugin {
 
             fn root_module() -> $crate::PluginModRef {
                 use abi_stable::prefix_type::PrefixTypeTrait;
-                $crate::PluginMod { manifest, open_model }.leak_into_prefix()
+                $crate::PluginMod { manifest, open_model, init_model }.leak_into_prefix()
             }
 
             extern "C" fn erased_root_module() -> abi_stable::library::RootModuleResult {

@@ -12,6 +12,7 @@
 //! `crop_mode` (each overrides the mode's value).
 
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod processor;
 
@@ -40,6 +41,10 @@ impl Plugin for DeepseekOcrPlugin {
 
     fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Ok(Box::new(DeepseekOcrModel::open(dir, &image_options(options)?)?))
+    }
+
+    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
     }
 }
 

@@ -1,0 +1,108 @@
+//! `vlmhost init`: a new, randomly initialised checkpoint of any family whose
+//! plugin implements `init_model`: the plugin writes config.json, tokenizer
+//! and processor files for the preset; the host draws the weights from the
+//! plugin's spec (as transformers' `_init_weights` does: normal(0, 0.02) for
+//! weights and embeddings, ones for norm scales, zeros for biases and norm
+//! shifts) and writes model.safetensors. The folder appears complete or not
+//! at all (it is built as `DIR.partial` and renamed).
+
+use crate::loader;
+use crate::model::plugin_err;
+use crate::weights;
+use anyhow::{anyhow, bail, Context, Result};
+use abi_stable::std_types::RStr;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+use vlmhost_plugin_api::ParamKind;
+
+/// What `init` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitReport {
+    pub family: String,
+    pub preset: String,
+    pub output: PathBuf,
+    pub parameters: i64,
+    pub tensors: usize,
+}
+
+/// The processor defaults a checkpoint folder carries in `vlmhost.json`
+/// (`{"processor": {...}}`; `vlmhost init` writes it), empty if none.
+pub fn processor_defaults(model_dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let path = model_dir.join("vlmhost.json");
+    if !path.is_file() {
+        return Ok(Default::default());
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    match v.get("processor") {
+        None => Ok(Default::default()),
+        Some(serde_json::Value::Object(m)) => Ok(m.clone()),
+        Some(other) => bail!("{}: \"processor\" must be an object, not {other}", path.display()),
+    }
+}
+
+/// Create the checkpoint `output` of `plugin` (a family name, or a library
+/// path with the family in `family`) at `preset`.
+pub fn init(plugin: &str, family: Option<&str>, preset: &str, output: &Path, seed: u64, force: bool) -> Result<InitReport> {
+    let lib = loader::resolve(plugin)?;
+    let families: Vec<String> = lib.manifest.families.iter().map(|f| f.name.to_string()).collect();
+    let family = match family {
+        Some(f) => f.to_owned(),
+        None if families.iter().any(|f| f == plugin) => plugin.to_owned(),
+        None if families.len() == 1 => families[0].clone(),
+        None => bail!("{} serves several families ({}); name one with --family", lib.path.display(), families.join(", ")),
+    };
+    if !families.contains(&family) {
+        bail!("{} does not serve family {family:?} (it serves {})", lib.path.display(), families.join(", "));
+    }
+    if output.exists() && std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(true) && !force {
+        bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
+    }
+    let init_model = lib
+        .module
+        .init_model()
+        .ok_or_else(|| anyhow!("the {family} plugin ({}) predates `vlmhost init`: it cannot create checkpoints", lib.path.display()))?;
+    let partial = PathBuf::from(format!("{}.partial", output.display()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let dir = partial.to_string_lossy().into_owned();
+    init_model(RStr::from(family.as_str()), RStr::from(preset), RStr::from(dir.as_str()))
+        .into_result()
+        .map_err(|e| plugin_err(&family, &format!("init (preset {preset})"), e))?;
+
+    let options = serde_json::Value::Object(processor_defaults(&partial)?).to_string();
+    let model = (lib.module.open_model())(RStr::from(family.as_str()), RStr::from(dir.as_str()), RStr::from(options.as_str()))
+        .into_result()
+        .map_err(|e| plugin_err(&family, "opening the new checkpoint", e))?;
+    let spec = model.spec();
+    tch::manual_seed(seed as i64);
+    let mut tensors = Vec::new();
+    let mut parameters = 0;
+    for p in spec.params.iter() {
+        if !p.tied_to.is_empty() {
+            continue;
+        }
+        let shape: Vec<i64> = p.shape.iter().copied().collect();
+        let shift = p.name.ends_with(".bias") || p.name.ends_with("_bias");
+        let t = match p.kind {
+            ParamKind::Weight | ParamKind::Embedding => Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) * 0.02,
+            ParamKind::Bias => Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+            ParamKind::Norm if shift => Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+            ParamKind::Norm => Tensor::ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+        };
+        parameters += t.numel() as i64;
+        tensors.push((p.name.to_string(), t));
+    }
+    weights::save_safetensors(&partial.join("model.safetensors"), &tensors, None)?;
+    if output.exists() {
+        std::fs::remove_dir_all(output).with_context(|| format!("replacing {}", output.display()))?;
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::rename(&partial, output).with_context(|| format!("moving {} to {}", partial.display(), output.display()))?;
+    Ok(InitReport { family, preset: preset.to_owned(), output: output.to_path_buf(), parameters, tensors: tensors.len() })
+}
