@@ -1,0 +1,217 @@
+//! The Fuyu architecture under the hub checkpoint's names, following
+//! transformers 5.23 `models/fuyu/modeling_fuyu.py` (patches projected by
+//! `vision_embed_tokens` and scattered over the `|SPEAKER|` tokens) and
+//! `models/persimmon/modeling_persimmon.py` (the decoder: fused QKV split per
+//! head, q/k LayerNorm, partial rotary embeddings, relu2 MLP, biases
+//! everywhere, final LayerNorm) with an untied `lm_head`.
+//!
+//! There is no vision encoder: `vision_embed_tokens` is the whole image path
+//! and plays the projector role; everything under `language_model.` is the LLM.
+
+use crate::config::FuyuConfig;
+use tch::{Kind, Tensor};
+use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams};
+use vlmhost_plugin_api::ops::{self, activation};
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
+
+type R<T = Tensor> = Result<T, PluginError>;
+
+struct Layer {
+    qkv: LinearId,
+    dense: LinearId,
+    q_norm: Option<LayerNormParams>,
+    k_norm: Option<LayerNormParams>,
+    input_norm: LayerNormParams,
+    post_norm: LayerNormParams,
+    h_to_4h: LinearId,
+    four_h_to_h: LinearId,
+}
+
+/// The model: the spec and typed handles into it.
+pub struct Fuyu {
+    pub config: FuyuConfig,
+    pub spec: ModelSpec,
+    vision_embed_tokens: LinearId,
+    embed_tokens: ParamId,
+    layers: Vec<Layer>,
+    final_norm: LayerNormParams,
+    lm_head: LinearId,
+}
+
+impl Fuyu {
+    pub fn new(config: FuyuConfig) -> Fuyu {
+        let b = SpecBuilder::new();
+        let root = b.root();
+        let t = &config.text;
+        let (d, hd, eps) = (t.hidden_size, t.head_dim(), t.layer_norm_eps);
+
+        // [patches, p*p*C] -> [patches, hidden]
+        let vision_embed_tokens = (&root / "vision_embed_tokens").linear(config.patch_features(), d, true);
+
+        let lm = &root / "language_model";
+        let m = &lm / "model";
+        let embed_tokens = (&m / "embed_tokens").embedding(t.vocab_size, d);
+        let layers = (0..t.num_hidden_layers)
+            .map(|i| {
+                let l = &m / "layers" / i;
+                let a = &l / "self_attn";
+                let mlp = &l / "mlp";
+                Layer {
+                    qkv: (&a / "query_key_value").linear(d, 3 * d, true),
+                    dense: (&a / "dense").linear(d, d, true),
+                    q_norm: t.qk_layernorm.then(|| (&a / "q_layernorm").layer_norm(hd, true, eps)),
+                    k_norm: t.qk_layernorm.then(|| (&a / "k_layernorm").layer_norm(hd, true, eps)),
+                    h_to_4h: (&mlp / "dense_h_to_4h").linear(d, t.intermediate_size, true),
+                    four_h_to_h: (&mlp / "dense_4h_to_h").linear(t.intermediate_size, d, true),
+                    input_norm: (&l / "input_layernorm").layer_norm(d, true, eps),
+                    post_norm: (&l / "post_attention_layernorm").layer_norm(d, true, eps),
+                }
+            })
+            .collect();
+        let final_norm = (&m / "final_layernorm").layer_norm(d, true, eps);
+        let lm_head = if config.tie_word_embeddings {
+            (&lm / "lm_head").linear_tied(d, t.vocab_size, "language_model.model.embed_tokens.weight")
+        } else {
+            (&lm / "lm_head").linear(d, t.vocab_size, false)
+        };
+
+        let mut spec = b.build(
+            "fuyu",
+            vec![
+                role_rule(Role::Projector, &["vision_embed_tokens.**"], &[], ""),
+                role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
+            ],
+            vec![
+                // transformers 5 in memory (and save_pretrained with save_original_format=False)
+                key_rule("model.language_model.", "language_model.model."),
+                key_rule("lm_head.", "language_model.lm_head."),
+                key_rule("model.vision_embed_tokens.", "vision_embed_tokens."),
+            ],
+            // Non-persistent in transformers; ignored should a checkpoint carry it.
+            vec!["**.rotary_emb.inv_freq".into()],
+            false,
+        );
+        // transformers 5 in memory (FuyuForCausalLM): what PEFT names.
+        spec.transformers_names = vec![
+            key_rule("language_model.model.", "model.language_model."),
+            key_rule("language_model.lm_head.", "lm_head."),
+            key_rule("vision_embed_tokens.", "model.vision_embed_tokens."),
+        ]
+        .into();
+        Fuyu { config, spec, vision_embed_tokens, embed_tokens, layers, final_norm, lm_head }
+    }
+
+    /// Logits `[batch, seq, vocab]`.
+    pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
+        Ok(self.decode(host, batch, None)?.0)
+    }
+
+    /// Incremental decoding: logits of the new tokens and the cache (keys and
+    /// values per layer, `[batch, heads, seq, head_dim]`, keys after RoPE).
+    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
+        let want = 2 * self.layers.len();
+        if !past.is_empty() && past.len() != want {
+            return Err(PluginError::invalid("cache", format!("{} tensors, expected {want} (keys and values per layer)", past.len())));
+        }
+        self.decode(host, batch, Some(past))
+    }
+
+    /// Token embeddings with the projected patches in place of the `|SPEAKER|`
+    /// tokens (`FuyuModel.forward`: `masked_scatter` in batch order).
+    fn embeddings(&self, host: Host<'_, '_>, batch: &BatchInputs, first_call: bool) -> R {
+        let ids = &batch.input_ids;
+        let embed = host.param(self.embed_tokens)?;
+        let x = Tensor::f_embedding(&embed, ids, -1, false, false)?; // [B, L, D]
+        let image_mask = ids.f_eq(self.config.image_token_id)?;
+        // Images belong to the prompt: later decoding steps carry none.
+        let n_tokens = if first_call { image_mask.f_sum(Kind::Int64)?.int64_value(&[]) } else { 0 };
+        let patches = batch.get("pixel_values").filter(|p| p.numel() > 0);
+        match patches {
+            Some(pv) => {
+                let size = pv.size();
+                if size.len() != 2 || size[1] != self.config.patch_features() {
+                    return Err(PluginError::invalid(
+                        "batch",
+                        format!("pixel_values has shape {size:?}, expected [patches, {}]", self.config.patch_features()),
+                    ));
+                }
+                if size[0] != n_tokens {
+                    return Err(PluginError::invalid(
+                        "batch",
+                        format!("{n_tokens} image tokens (|SPEAKER|) in the text but {} patches", size[0]),
+                    ));
+                }
+                let w = host.param(self.spec_weight(self.vision_embed_tokens))?;
+                let features = host.linear(self.vision_embed_tokens, &pv.f_to_kind(w.kind())?)?.f_to_kind(x.kind())?;
+                Ok(x.f_masked_scatter(&image_mask.f_unsqueeze(-1)?, &features)?)
+            }
+            None if n_tokens > 0 => Err(PluginError::invalid("batch", format!("{n_tokens} image tokens but no pixel_values"))),
+            None => Ok(x),
+        }
+    }
+
+    fn spec_weight(&self, id: LinearId) -> ParamId {
+        ParamId(self.spec.modules[id.0 as usize].weight)
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first call).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+        let t = &self.config.text;
+        let ids = &batch.input_ids;
+        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
+        let mut x = self.embeddings(host, batch, past_len == 0)?;
+        let (b, l) = (ids.size()[0], ids.size()[1]);
+        let (heads, hd, rd) = (t.num_attention_heads, t.head_dim(), t.rotary_dim());
+        let (cos, sin) = ops::rope_cos_sin(past_len + l, rd, t.rope_theta, x.device())?;
+        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
+        let mask = match past {
+            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
+            None => ops::causal_padding_mask(&batch.attention_mask)?,
+        };
+        let training = host.training();
+        // Rotate the first `rd` dimensions of each head, pass the rest through.
+        let rope = |v: &Tensor| -> R {
+            let rotated = ops::apply_rope(&v.f_narrow(-1, 0, rd)?, &cos, &sin)?;
+            Ok(Tensor::f_cat(&[&rotated, &v.f_narrow(-1, rd, hd - rd)?], -1)?)
+        };
+        let mut cache = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = x.shallow_clone();
+            let y = ops::layer_norm(host, &layer.input_norm, &x)?;
+            // [B, L, 3D] -> [B, L, heads, 3, hd]: q, k, v interleaved per head.
+            let qkv = host.linear(layer.qkv, &y)?.f_view([b, l, heads, 3, hd])?;
+            let (mut q, mut k, v) = (qkv.f_select(3, 0)?, qkv.f_select(3, 1)?, qkv.f_select(3, 2)?);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = ops::layer_norm(host, qn, &q)?;
+                k = ops::layer_norm(host, kn, &k)?;
+            }
+            // [B, heads, L, hd]
+            let q = rope(&q.f_transpose(1, 2)?)?;
+            let k = rope(&k.f_transpose(1, 2)?)?;
+            let v = v.f_transpose(1, 2)?;
+            let (k, v) = match past {
+                Some(p) => {
+                    let k = ops::append_cache(p.get(2 * i), &k)?;
+                    let v = ops::append_cache(p.get(2 * i + 1), &v)?;
+                    cache.extend([k.shallow_clone(), v.shallow_clone()]);
+                    (k, v)
+                }
+                None => (k, v),
+            };
+            let dropout = if training { t.attention_dropout } else { 0.0 };
+            let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&mask), dropout, false, (hd as f64).powf(-0.5), false)?;
+            let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
+            x = residual.f_add(&host.linear(layer.dense, &att)?)?;
+            let residual = x.shallow_clone();
+            let y = ops::layer_norm(host, &layer.post_norm, &x)?;
+            let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
+            let mut y = host.linear(layer.four_h_to_h, &y)?;
+            if training && t.hidden_dropout > 0.0 {
+                y = y.f_dropout(t.hidden_dropout, true)?;
+            }
+            x = y.f_add(&residual)?;
+        }
+        let x = ops::layer_norm(host, &self.final_norm, &x)?;
+        Ok((host.linear(self.lm_head, &x)?, cache))
+    }
+}
