@@ -173,9 +173,10 @@ pub fn report(run_dirs: &[PathBuf], out_png: &Path) -> anyhow::Result<Report> {
         runs.push(summary);
     }
     // Runs that share a folder name are told apart by their path as given.
-    for i in 0..runs.len() {
-        if runs.iter().filter(|r| r.run == runs[i].run).count() > 1 {
-            runs[i].run = runs[i].path.display().to_string();
+    let shared: Vec<bool> = runs.iter().map(|r| runs.iter().filter(|o| o.run == r.run).count() > 1).collect();
+    for (r, shared) in runs.iter_mut().zip(shared) {
+        if shared {
+            r.run = r.path.display().to_string();
         }
     }
     let plot = if curves.iter().all(Vec::is_empty) {
