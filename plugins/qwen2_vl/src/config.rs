@@ -1,0 +1,384 @@
+//! `config.json` of a Qwen2-VL checkpoint, in both forms: the hub's (flat text
+//! settings at the top level, `rope_theta` + `rope_scaling: {"type": "mrope",
+//! "mrope_section": ...}`, `in_chans`) and transformers 5's (nested
+//! `text_config` / `vision_config`, `rope_parameters`). Defaults are those of
+//! transformers 5.23 `models/qwen2_vl/configuration_qwen2_vl.py`
+//! (`Qwen2VLConfig`, `Qwen2VLTextConfig`, `Qwen2VLVisionConfig`).
+
+use serde_json::{Map, Value};
+use std::path::Path;
+use vlmhost_plugin_api::PluginError;
+
+/// The vision tower (`Qwen2VLVisionConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub depth: i64,
+    pub embed_dim: i64,
+    /// Output width of the merger: the language model's hidden size.
+    pub hidden_size: i64,
+    pub hidden_act: String,
+    pub mlp_ratio: f64,
+    pub num_heads: i64,
+    pub in_channels: i64,
+    pub patch_size: i64,
+    pub spatial_merge_size: i64,
+    pub temporal_patch_size: i64,
+    /// Base of the 2-D vision RoPE (`rope_parameters.rope_theta`, 10000).
+    pub rope_theta: f64,
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.embed_dim / self.num_heads
+    }
+    /// `int(embed_dim * mlp_ratio)`.
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.embed_dim as f64 * self.mlp_ratio) as i64
+    }
+    /// Values per patch row of `pixel_values`: C * T * P * P (1176 for Qwen2-VL).
+    pub fn patch_dim(&self) -> i64 {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+    /// Width of the merger's input: `embed_dim * merge^2`.
+    pub fn merged_dim(&self) -> i64 {
+        self.embed_dim * self.spatial_merge_size * self.spatial_merge_size
+    }
+}
+
+/// The Qwen2 language model (`Qwen2VLTextConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub hidden_act: String,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// How the rotary frequencies (head_dim / 2) split over the t, h, w axes.
+    pub mrope_section: Vec<i64>,
+}
+
+impl TextConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// The whole `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2VlConfig {
+    pub vision: VisionConfig,
+    pub text: TextConfig,
+    pub image_token_id: i64,
+    pub video_token_id: i64,
+    pub vision_start_token_id: i64,
+    pub vision_end_token_id: i64,
+    pub tie_word_embeddings: bool,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> PluginError {
+    PluginError::invalid_with_hint(
+        format!("config.json: {key}"),
+        message,
+        "fix the checkpoint's config.json (Qwen2-VL's keys are documented in transformers' configuration_qwen2_vl.py)",
+    )
+}
+
+/// Typed access to one JSON object, errors naming the key.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    prefix: &'static str,
+}
+
+impl Obj<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+    fn int(&self, k: &str, default: i64) -> Result<i64, PluginError> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                .ok_or_else(|| invalid(&self.key(k), format!("expected an integer, got {v}"))),
+        }
+    }
+    fn float(&self, k: &str, default: f64) -> Result<f64, PluginError> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| invalid(&self.key(k), format!("expected a number, got {v}"))),
+        }
+    }
+    fn string(&self, k: &str, default: &str) -> Result<String, PluginError> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(default.to_owned()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(invalid(&self.key(k), format!("expected a string, got {v}"))),
+        }
+    }
+    fn bool(&self, k: &str) -> Result<Option<bool>, PluginError> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(invalid(&self.key(k), format!("expected true or false, got {v}"))),
+        }
+    }
+}
+
+impl Qwen2VlConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self, PluginError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| PluginError::Io {
+            path: path.display().to_string().into(),
+            message: format!("{e} (the model folder needs the checkpoint's config.json)").into(),
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            PluginError::InvalidInput { location, message, hint } => PluginError::InvalidInput {
+                location: format!("{}/{location}", dir.display()).into(),
+                message,
+                hint,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, PluginError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| invalid("", format!("not valid JSON: {e}")))?;
+        let top = v.as_object().ok_or_else(|| invalid("", "expected a JSON object"))?;
+        let empty = Map::new();
+        let sub = |k: &str| -> Result<Option<&Map<String, Value>>, PluginError> {
+            match top.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Object(m)) => Ok(Some(m)),
+                Some(other) => Err(invalid(k, format!("expected an object, got {other}"))),
+            }
+        };
+        let root = Obj { map: top, prefix: "" };
+        // Hub configs keep the text settings at the top level; transformers 5 nests them.
+        let text_obj = match sub("text_config")? {
+            Some(m) => Obj { map: m, prefix: "text_config." },
+            None => Obj { map: top, prefix: "" },
+        };
+        let vis = Obj { map: sub("vision_config")?.unwrap_or(&empty), prefix: "vision_config." };
+
+        let (rope_theta, mrope_section) = text_rope(&text_obj, &root)?;
+        let vision_rope_theta = match vis.map.get("rope_parameters") {
+            Some(Value::Object(p)) => {
+                let p = Obj { map: p, prefix: "vision_config.rope_parameters." };
+                let kind = p.string("rope_type", "axial")?;
+                if kind != "axial" && kind != "default" {
+                    return Err(invalid("vision_config.rope_parameters.rope_type", format!("{kind:?} is not supported (only \"axial\")")));
+                }
+                p.float("rope_theta", 10000.0)?
+            }
+            _ => vis.float("rope_theta", 10000.0)?,
+        };
+        let in_channels = match vis.map.get("in_channels") {
+            Some(Value::Number(_)) => vis.int("in_channels", 3)?,
+            _ => vis.int("in_chans", 3)?,
+        };
+        let vision = VisionConfig {
+            depth: vis.int("depth", 32)?,
+            embed_dim: vis.int("embed_dim", 1280)?,
+            hidden_size: vis.int("hidden_size", 3584)?,
+            hidden_act: vis.string("hidden_act", "quick_gelu")?,
+            mlp_ratio: vis.float("mlp_ratio", 4.0)?,
+            num_heads: vis.int("num_heads", 16)?,
+            in_channels,
+            patch_size: vis.int("patch_size", 14)?,
+            spatial_merge_size: vis.int("spatial_merge_size", 2)?,
+            temporal_patch_size: vis.int("temporal_patch_size", 2)?,
+            rope_theta: vision_rope_theta,
+        };
+        let num_attention_heads = text_obj.int("num_attention_heads", 64)?;
+        let text = TextConfig {
+            vocab_size: text_obj.int("vocab_size", 152064)?,
+            hidden_size: text_obj.int("hidden_size", 8192)?,
+            intermediate_size: text_obj.int("intermediate_size", 29568)?,
+            num_hidden_layers: text_obj.int("num_hidden_layers", 80)?,
+            num_attention_heads,
+            num_key_value_heads: match text_obj.map.get("num_key_value_heads") {
+                Some(Value::Null) => num_attention_heads,
+                _ => text_obj.int("num_key_value_heads", 8)?,
+            },
+            hidden_act: text_obj.string("hidden_act", "silu")?,
+            rms_norm_eps: text_obj.float("rms_norm_eps", 1e-5)?,
+            rope_theta,
+            mrope_section,
+        };
+        if text_obj.bool("use_sliding_window")?.unwrap_or(false) {
+            return Err(invalid(
+                &text_obj.key("use_sliding_window"),
+                "sliding-window attention is not supported (transformers applies it only with flash-attention)",
+            ));
+        }
+        // transformers 5 reads tie_word_embeddings at the top level; pre-v5 saves put it in text_config.
+        let tie = root.bool("tie_word_embeddings")?.unwrap_or(false)
+            || (text_obj.prefix != "" && text_obj.bool("tie_word_embeddings")?.unwrap_or(false));
+        let cfg = Qwen2VlConfig {
+            vision,
+            text,
+            image_token_id: root.int("image_token_id", 151655)?,
+            video_token_id: root.int("video_token_id", 151656)?,
+            vision_start_token_id: root.int("vision_start_token_id", 151652)?,
+            vision_end_token_id: root.int("vision_end_token_id", 151653)?,
+            tie_word_embeddings: tie,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), PluginError> {
+        use vlmhost_plugin_api::ops::known_activation;
+        let (v, t) = (&self.vision, &self.text);
+        for (key, act) in [("vision_config.hidden_act", &v.hidden_act), ("text_config.hidden_act", &t.hidden_act)] {
+            if !known_activation(act) {
+                return Err(invalid(key, format!("activation {act:?} is not supported")));
+            }
+        }
+        let positive = [
+            ("vision_config.depth", v.depth),
+            ("vision_config.embed_dim", v.embed_dim),
+            ("vision_config.num_heads", v.num_heads),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.spatial_merge_size", v.spatial_merge_size),
+            ("vision_config.temporal_patch_size", v.temporal_patch_size),
+            ("vision_config.in_channels", v.in_channels),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.vocab_size", t.vocab_size),
+        ];
+        for (key, n) in positive {
+            if n <= 0 {
+                return Err(invalid(key, format!("must be positive, got {n}")));
+            }
+        }
+        if v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
+            return Err(invalid(
+                "vision_config.embed_dim",
+                format!("{} / num_heads {} must be a multiple of 4 (2-D rotary embedding)", v.embed_dim, v.num_heads),
+            ));
+        }
+        if t.hidden_size % t.num_attention_heads != 0 || t.head_dim() % 2 != 0 {
+            return Err(invalid("text_config.hidden_size", "must be an even multiple of num_attention_heads"));
+        }
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
+            return Err(invalid("text_config.num_key_value_heads", "must divide num_attention_heads"));
+        }
+        let sum: i64 = t.mrope_section.iter().sum();
+        if t.mrope_section.len() != 3 || t.mrope_section.iter().any(|&s| s < 0) || sum != t.head_dim() / 2 {
+            return Err(invalid(
+                "rope mrope_section",
+                format!(
+                    "{:?} must be three non-negative sizes summing to head_dim / 2 = {}",
+                    t.mrope_section,
+                    t.head_dim() / 2
+                ),
+            ));
+        }
+        for (key, id) in [
+            ("image_token_id", self.image_token_id),
+            ("vision_start_token_id", self.vision_start_token_id),
+            ("vision_end_token_id", self.vision_end_token_id),
+        ] {
+            if id < 0 || id >= t.vocab_size {
+                return Err(invalid(key, format!("{id} is outside the vocabulary ({} tokens)", t.vocab_size)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The text RoPE: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (hub),
+/// in `text_config` or at the top level. Only the default (M-RoPE) kind is supported.
+fn text_rope(text: &Obj<'_>, root: &Obj<'_>) -> Result<(f64, Vec<i64>), PluginError> {
+    let mut theta = text.float("rope_theta", root.float("rope_theta", 1_000_000.0)?)?;
+    let mut section = vec![16, 24, 24];
+    for obj in [root, text] {
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(p) = obj.map.get(key).filter(|p| !p.is_null()) else { continue };
+            let full = obj.key(key);
+            let p = p.as_object().ok_or_else(|| invalid(&full, "expected an object"))?;
+            let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+            if kind != "default" && kind != "mrope" {
+                return Err(invalid(&full, format!("RoPE type {kind:?} is not supported by the qwen2_vl plugin (only M-RoPE)")));
+            }
+            if let Some(th) = p.get("rope_theta") {
+                theta = th.as_f64().ok_or_else(|| invalid(&format!("{full}.rope_theta"), "expected a number"))?;
+            }
+            if let Some(s) = p.get("mrope_section") {
+                section = s
+                    .as_array()
+                    .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| invalid(&format!("{full}.mrope_section"), format!("expected a list of integers, got {s}")))?;
+            }
+        }
+    }
+    Ok((theta, section))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The public Qwen/Qwen2-VL-2B config.json (hub form; same architecture as -Instruct).
+    pub const QWEN2_VL_2B: &str = include_str!("../tests/qwen2-vl-2b.config.json");
+
+    #[test]
+    fn hub_config() {
+        let c = Qwen2VlConfig::from_json(QWEN2_VL_2B).unwrap();
+        assert_eq!(c.vision.depth, 32);
+        assert_eq!(c.vision.embed_dim, 1280);
+        assert_eq!(c.vision.hidden_size, 1536);
+        assert_eq!(c.vision.mlp_hidden(), 5120);
+        assert_eq!(c.vision.patch_dim(), 1176);
+        assert_eq!(c.vision.head_dim(), 80);
+        assert_eq!(c.vision.rope_theta, 10000.0);
+        assert_eq!(c.text.hidden_size, 1536);
+        assert_eq!(c.text.num_hidden_layers, 28);
+        assert_eq!(c.text.num_key_value_heads, 2);
+        assert_eq!(c.text.head_dim(), 128);
+        assert_eq!(c.text.rms_norm_eps, 1e-6);
+        assert_eq!(c.text.rope_theta, 1_000_000.0);
+        assert_eq!(c.text.mrope_section, [16, 24, 24]);
+        assert_eq!(c.text.vocab_size, 151936);
+        assert!(c.tie_word_embeddings);
+        assert_eq!((c.image_token_id, c.vision_start_token_id, c.vision_end_token_id), (151655, 151652, 151653));
+    }
+
+    #[test]
+    fn transformers_5_nested_form() {
+        let c = Qwen2VlConfig::from_json(
+            r#"{"model_type": "qwen2_vl", "image_token_id": 7, "vision_start_token_id": 5, "vision_end_token_id": 6,
+                "tie_word_embeddings": false,
+                "text_config": {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+                "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2,
+                  "in_channels": 3, "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.text.mrope_section, [2, 3, 3]);
+        assert_eq!(c.text.rope_theta, 10000.0);
+        assert_eq!(c.vision.mlp_hidden(), 64);
+        assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let bad = QWEN2_VL_2B.replace("\"mrope_section\": [\n      16,", "\"mrope_section\": [\n      15,");
+        let e = Qwen2VlConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("mrope_section") && e.contains("head_dim / 2 = 64"), "{e}");
+        let bad = QWEN2_VL_2B.replace("\"type\": \"mrope\"", "\"type\": \"yarn\"");
+        let e = Qwen2VlConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("config.json: rope_scaling") && e.contains("\"yarn\" is not supported"), "{e}");
+        let bad = QWEN2_VL_2B.replace("\"use_sliding_window\": false", "\"use_sliding_window\": true");
+        assert!(Qwen2VlConfig::from_json(&bad).unwrap_err().to_string().contains("use_sliding_window"));
+        let e = Qwen2VlConfig::from_json("[1]").unwrap_err().to_string();
+        assert!(e.contains("expected a JSON object"), "{e}");
+    }
+}

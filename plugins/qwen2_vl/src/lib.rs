@@ -1,0 +1,127 @@
+//! # vlmhost plugin: Qwen2-VL
+//!
+//! ViT with 2-D RoPE ([`vision`]) -> 2x2 patch merger (the projector, inside
+//! `visual.*`) -> Qwen2 with M-RoPE ([`text`], [`rope`]), under the hub
+//! checkpoint's names (`Qwen/Qwen2-VL-2B-Instruct`), accepting transformers 5's
+//! in-memory layout too ([`model`]). Preprocessing (smart resize, patches,
+//! the ChatML template, labels) is in [`processor`]; see this crate's README.
+//!
+//! Processor options (`--processor KEY=VALUE`): `min_pixels`, `max_pixels`
+//! (pixels per image after resizing; the default `max_pixels` is capped at
+//! [`processor::DEFAULT_MAX_PIXELS`]).
+
+pub mod config;
+pub mod model;
+pub mod processor;
+pub mod rope;
+pub mod text;
+pub mod vision;
+
+use config::Qwen2VlConfig;
+use model::Qwen2Vl;
+use processor::{PixelOptions, Qwen2VlProcessor};
+use std::path::Path;
+use tch::Tensor;
+use vlmhost_plugin_api::sample::Sample;
+use vlmhost_plugin_api::{
+    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
+};
+
+pub struct Qwen2VlPlugin;
+
+impl Plugin for Qwen2VlPlugin {
+    fn families() -> Vec<FamilyInfo> {
+        vec![FamilyInfo::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE")
+            .model_types(["qwen2_vl"])
+            .architectures(["Qwen2VLForConditionalGeneration"])]
+    }
+
+    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
+        Ok(Box::new(Qwen2VlModel::open(dir, pixel_options(options)?)?))
+    }
+}
+
+export_plugin!(Qwen2VlPlugin);
+
+/// The processor options this family accepts.
+pub fn pixel_options(options: &ModelOptions) -> Result<PixelOptions, PluginError> {
+    options.check_keys(&["min_pixels", "max_pixels"])?;
+    Ok(PixelOptions { min_pixels: options.usize("min_pixels")?, max_pixels: options.usize("max_pixels")? })
+}
+
+fn processor_err(e: processor::ProcessorError) -> PluginError {
+    PluginError::invalid("qwen2_vl processor", e.to_string())
+}
+
+/// A Qwen2-VL checkpoint folder, opened.
+pub struct Qwen2VlModel {
+    pub model: Qwen2Vl,
+    pub processor: Qwen2VlProcessor,
+}
+
+impl Qwen2VlModel {
+    pub fn open(dir: &Path, options: PixelOptions) -> Result<Self, PluginError> {
+        let config = Qwen2VlConfig::from_dir(dir)?;
+        let processor = Qwen2VlProcessor::from_dir(dir, options).map_err(processor_err)?;
+        let config_path = dir.join("config.json").display().to_string();
+        for (key, in_config, in_tokenizer) in [
+            ("image_token_id", config.image_token_id, processor.image_token_id),
+            ("vision_start_token_id", config.vision_start_token_id, processor.vision_start_id),
+            ("vision_end_token_id", config.vision_end_token_id, processor.vision_end_id),
+        ] {
+            if in_config != in_tokenizer {
+                return Err(PluginError::invalid_with_hint(
+                    format!("{config_path}: {key}"),
+                    format!("{in_config}, but the tokenizer's token is {in_tokenizer}"),
+                    "the model folder's config.json and tokenizer.json come from different checkpoints",
+                ));
+            }
+        }
+        let ic = &processor.image_config;
+        let v = &config.vision;
+        if (ic.patch_size, ic.temporal_patch_size, ic.merge_size)
+            != (v.patch_size as usize, v.temporal_patch_size as usize, v.spatial_merge_size as usize)
+            || v.in_channels != 3
+        {
+            return Err(PluginError::invalid(
+                dir.join("preprocessor_config.json").display().to_string(),
+                format!(
+                    "patch_size {}, temporal_patch_size {}, merge_size {} differ from config.json's vision_config \
+                     ({}, {}, {}, {} channels)",
+                    ic.patch_size, ic.temporal_patch_size, ic.merge_size, v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.in_channels
+                ),
+            ));
+        }
+        Ok(Qwen2VlModel { model: Qwen2Vl::new(config), processor })
+    }
+}
+
+impl FamilyModel for Qwen2VlModel {
+    fn spec(&self) -> ModelSpec {
+        self.model.spec.clone()
+    }
+
+    fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
+        let p = self.processor.process(&sample.messages).map_err(processor_err)?;
+        let dim = self.processor.image_config.patch_dim() as i64;
+        let rows = p.pixel_values.len() as i64 / dim;
+        let pixel_values = Tensor::f_from_slice(&p.pixel_values)?.f_view([rows, dim])?;
+        let flat: Vec<i64> = p.grids.iter().flatten().copied().collect();
+        let grids = Tensor::f_from_slice(&flat)?.f_view([p.grids.len() as i64, 3])?;
+        let image = self.processor.image_token_id;
+        Ok(PreparedSample {
+            image_token_mask: p.input_ids.iter().map(|&t| t == image).collect(),
+            input_ids: p.input_ids,
+            labels: p.labels,
+            tensors: vec![("pixel_values".into(), pixel_values), ("image_grid_thw".into(), grids)],
+        })
+    }
+
+    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
+        self.model.forward(host, batch)
+    }
+
+    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
+        self.model.forward_cached(host, batch, past)
+    }
+}
