@@ -149,9 +149,22 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Data sets: check every sample before training.
+    /// Data sets: check every sample before training; make synthetic OCR data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Runs side by side: a Markdown table (or JSON) of their losses, speed
+    /// and eval metrics (eval.json), and one PNG of their loss curves.
+    Report {
+        /// Run folders of `vlmhost train`.
+        #[arg(required = true, value_name = "RUN_DIR")]
+        runs: Vec<PathBuf>,
+        /// The loss-curve PNG.
+        #[arg(long, value_name = "FILE", default_value = "report.png")]
+        output: PathBuf,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check libtorch, CUDA and every plugin; report every problem at once.
     ///
     /// Exits non-zero when anything is broken.
@@ -175,6 +188,27 @@ pub enum DataCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Synthetic OCR data: rendered words, numbers, dates and short lines
+    /// (embedded font; varied size, position, colour, noise) with their text
+    /// as the answer, as messages JSONL + PNG files, from a fixed seed.
+    SynthOcr {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 256)]
+        width: u32,
+        #[arg(long, default_value_t = 64)]
+        height: u32,
+        /// The user's text after the image.
+        #[arg(long, default_value = "Free OCR.")]
+        prompt: String,
+        /// Write into a folder that is not empty.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -526,6 +560,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{}", ds.summary(&data.dataset));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, force }) => {
+            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, force, ..Default::default() };
+            let r = crate::synth::synth_ocr(&output, &opts)?;
+            println!(
+                "{} samples ({} words, {} numbers, {} lines) written to {}",
+                r.count, r.words, r.numbers, r.lines, r.data_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { runs, output, json } => {
+            let r = crate::report::report(&runs, &output)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.markdown());
+                if let Some(p) = &r.plot {
+                    eprintln!("loss curves: {}", p.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -486,6 +486,13 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
     }
     let summary = TrainSummary { steps: state.step, first_loss, last_loss, final_val_loss: final_val, stopped_early, checkpoint: last_checkpoint };
     weights::write_atomic(&job.output.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    match crate::plot::write_run_plots(&job.output) {
+        Ok(files) => {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            eprintln!("plots written: {}", names.join(", "));
+        }
+        Err(e) => eprintln!("warning: no plots written: {e:#}"),
+    }
     Ok(summary)
 }
 

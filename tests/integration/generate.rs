@@ -10,7 +10,7 @@ use crate::llava;
 use tch::{Kind, Tensor};
 use vlmhost::config::{Mode, TrainConfig};
 use vlmhost::generate::{greedy, prompt_sample, stop_tokens, StopReason};
-use vlmhost::model::{collate, HostModel};
+use vlmhost::model::{collate, HostModel, PreparedSample};
 use vlmhost::plugin_api::sample::Sample;
 
 #[derive(serde::Deserialize)]
@@ -57,19 +57,29 @@ fn llava_greedy_generation_matches_transformers() {
     }
 }
 
+/// The prompt followed by `tokens`.
+fn extended(p: &PreparedSample, tokens: &[i64]) -> PreparedSample {
+    let mut input_ids = p.input_ids.clone();
+    input_ids.extend_from_slice(tokens);
+    let n = input_ids.len();
+    let mut image_token_mask = p.image_token_mask.clone();
+    image_token_mask.resize(n, false);
+    PreparedSample {
+        input_ids,
+        labels: vec![-100; n],
+        image_token_mask,
+        tensors: p.tensors.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect(),
+    }
+}
+
 /// Greedy decoding without a cache: the full forward over the growing sequence.
-fn greedy_uncached(m: &HostModel, prompt: &vlmhost::model::PreparedSample, n: usize) -> Vec<i64> {
+fn greedy_uncached(m: &HostModel, prompt: &PreparedSample, n: usize) -> Vec<i64> {
     let _g = tch::no_grad_guard();
-    let mut p = prompt.clone();
     let mut out = Vec::new();
     for _ in 0..n {
-        let batch = collate(&[&p], 0, m.device).unwrap();
+        let batch = collate(&[&extended(prompt, &out)], 0, m.device).unwrap();
         let logits = m.forward(&batch, false).unwrap();
-        let next = logits.get(0).get(-1).argmax(0, false).int64_value(&[]);
-        out.push(next);
-        p.input_ids.push(next);
-        p.labels.push(-100);
-        p.image_token_mask.push(false);
+        out.push(logits.get(0).get(-1).argmax(0, false).int64_value(&[]));
     }
     out
 }
@@ -88,12 +98,7 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
     let (tokens, _) = greedy(&m, &prompt, 8, &[], |_| Ok(())).unwrap();
     assert_eq!(tokens, greedy_uncached(&m, &prompt, 8), "cached vs full-forward greedy tokens");
     // The last step's logits, cached against full.
-    let mut longer = prompt.clone();
-    for &t in &tokens[..7] {
-        longer.input_ids.push(t);
-        longer.labels.push(-100);
-        longer.image_token_mask.push(false);
-    }
+    let longer = extended(&prompt, &tokens[..7]);
     let full = m.forward(&collate(&[&longer], 0, m.device).unwrap(), false).unwrap().get(0).get(-1);
     let mut past = Vec::new();
     let mut batch = collate(&[&prompt], 0, m.device).unwrap();

@@ -95,7 +95,7 @@ pub enum ProcessorError {
     },
     #[error("message {index} (assistant) has an empty answer: nothing to train on")]
     EmptyAnswer { index: usize },
-    #[error("the conversation has no assistant message: no token would be labelled")]
+    #[error("the conversation has no assistant message and does not end with a user prompt: no token would be labelled")]
     NoAnswer,
     #[error(
         "images of one sample have different processed sizes ({first:?} and {other:?} as HxW): \
@@ -766,7 +766,10 @@ impl LlavaProcessor {
                 }
             }
         }
-        if !has_answer {
+        // A conversation ending with the user is a prompt to generate from
+        // (no labels); otherwise something must be labelled.
+        let is_prompt = messages.last().is_some_and(|m| m.role == Role::User);
+        if !has_answer && !is_prompt {
             return Err(ProcessorError::NoAnswer);
         }
 
