@@ -127,7 +127,9 @@ pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: usiz
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     let ratio = h.max(w) / h.min(w);
     if ratio > 200.0 {
-        return Err(format!("absolute aspect ratio must be smaller than 200, got {ratio}"));
+        // Python's repr of a float: `201.0`, not `201`.
+        let shown = if ratio.fract() == 0.0 { format!("{ratio:.1}") } else { format!("{ratio}") };
+        return Err(format!("absolute aspect ratio must be smaller than 200, got {shown}"));
     }
     let mut h_bar = (h / f).round_ties_even() as usize * factor;
     let mut w_bar = (w / f).round_ties_even() as usize * factor;
@@ -635,7 +637,7 @@ mod tests {
         assert_eq!(smart_resize(1080, 1920, 28, 3136, 12845056), Ok((1092, 1932)));
         assert_eq!(smart_resize(1080, 1920, 28, 3136, 1003520), Ok((728, 1316)));
         assert_eq!(smart_resize(2000, 11, 28, 3136, 1003520), Ok((756, 28)));
-        assert!(smart_resize(1, 201, 28, 3136, 1003520).unwrap_err().contains("smaller than 200, got 201"));
+        assert!(smart_resize(1, 201, 28, 3136, 1003520).unwrap_err().ends_with("smaller than 200, got 201.0"));
     }
 
     #[test]
