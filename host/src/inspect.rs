@@ -2,6 +2,10 @@
 //! It opens the model through its plugin, checks the checkpoint's keys and
 //! shapes (without loading tensor data), applies the rules, and reports per
 //! role what trains and how.
+//!
+//! Every role is reported, also for an encoder-free family (Fuyu): its vision
+//! role is shown empty, as `none (encoder-free)` in the table and with
+//! `"note": "none (encoder-free)"` (0 parameters, frozen) in the JSON.
 
 use crate::config::Strategy;
 use crate::model::HostModel;
@@ -21,7 +25,13 @@ pub struct RoleReport {
     pub lr_scale: f64,
     /// Full names of the modules that get a LoRA adapter.
     pub lora_modules: Vec<String>,
+    /// Set when the role does not exist in this family (`none (encoder-free)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// How an encoder-free family's vision role is shown.
+pub const NO_VISION_ENCODER: &str = "none (encoder-free)";
 
 #[derive(Debug, Serialize)]
 pub struct LoraReport {
@@ -60,9 +70,8 @@ impl InspectReport {
         let mut roles = BTreeMap::new();
         let (mut total, mut trainable) = (0, 0);
         for role in Role::ALL {
-            if role == Role::Vision && !m.spec.has_vision_encoder {
-                // Shown, empty: the family has no vision encoder.
-            }
+            // Shown, empty, when the family has no vision encoder.
+            let note = (role == Role::Vision && !m.spec.has_vision_encoder).then(|| NO_VISION_ENCODER.to_owned());
             let (p, t) = m.counts(role);
             total += p;
             trainable += t;
@@ -75,6 +84,7 @@ impl InspectReport {
                     strategy: plan.strategy,
                     lr_scale: plan.lr_scale,
                     lora_modules: m.lora_module_names(role),
+                    note,
                 },
             );
         }
@@ -120,10 +130,13 @@ impl InspectReport {
         let _ = writeln!(s, "{:<10} {:<8} {:>14} {:>14} {:>8} {:>6}", "ROLE", "STRATEGY", "PARAMETERS", "TRAINABLE", "LR SCALE", "LORA");
         for role in Role::ALL {
             let r = &self.roles[role.name()];
-            let note = if role == Role::Vision && !self.has_vision_encoder { "  (no vision encoder)" } else { "" };
+            if let Some(note) = &r.note {
+                let _ = writeln!(s, "{:<10} {note}", role.name());
+                continue;
+            }
             let _ = writeln!(
                 s,
-                "{:<10} {:<8} {:>14} {:>14} {:>8} {:>6}{note}",
+                "{:<10} {:<8} {:>14} {:>14} {:>8} {:>6}",
                 role.name(),
                 r.strategy.name(),
                 group_digits(r.parameters),

@@ -12,6 +12,14 @@
 //!    never targets.
 //! 5. **Last k layers**, **`modules_to_save`** and **regex overrides** refine
 //!    the result, in that order.
+//!
+//! **Encoder-free families** (Fuyu: the spec says `has_vision_encoder: false`)
+//! have no vision role at all: a plugin that declares one is refused. Their
+//! image path is the projector (Fuyu's `vision_embed_tokens`), which trains in
+//! every mode like any projector, so mode `projector` trains it alone and mode
+//! `llm` trains it with the LLM. Modes `vision` and `both` have nothing to add
+//! and are refused with "`<family>` has no vision encoder; its image path is the
+//! projector, which trains in every mode", rather than silently meaning `llm`.
 
 use crate::config::{Mode, Strategy, TrainConfig};
 use crate::patterns::{layer_index, Pattern};
@@ -145,8 +153,9 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
     let family = spec.family.as_str();
     if !spec.has_vision_encoder && matches!(mode, Mode::Vision | Mode::Both) {
         return Err(RulesError::Config(format!(
-            "{family} has no vision encoder; its image path is the projector, which trains in every mode. \
-             Use mode projector or llm."
+            "{family} has no vision encoder; its image path is the projector, which trains in every mode \
+             (mode {} has nothing more to train: use mode llm, or projector for the projector alone)",
+            mode.name()
         )));
     }
     let mut warnings = Vec::new();
@@ -505,9 +514,18 @@ mod tests {
             role_rule(Role::Llm, &["model.**", "lm_head.**"], &[], "model.layers.*"),
         ]
         .into();
-        let err = plan(&spec, &TrainConfig::default(), Mode::Both).unwrap_err().to_string();
-        assert!(err.starts_with("fuyu has no vision encoder; its image path is the projector"), "{err}");
-        assert!(plan(&spec, &TrainConfig::default(), Mode::Llm).is_ok());
+        for mode in [Mode::Vision, Mode::Both] {
+            let err = plan(&spec, &TrainConfig::default(), mode).unwrap_err().to_string();
+            assert!(
+                err.starts_with("fuyu has no vision encoder; its image path is the projector, which trains in every mode"),
+                "{err}"
+            );
+        }
+        let p = plan(&spec, &TrainConfig::default(), Mode::Llm).unwrap();
+        assert!(p.role_trains(Role::Projector, &spec) && p.role_trains(Role::Llm, &spec));
+        assert!(!p.roles.contains(&Role::Vision));
+        spec.roles = vec![role_rule(Role::Vision, &["visual.**"], &[], "")].into();
+        assert!(assign_roles(&spec).unwrap_err().to_string().contains("no vision encoder but declares a vision role"));
     }
 
     #[test]
