@@ -6,6 +6,7 @@
 mod cli;
 mod common;
 mod deepseek_ocr;
+mod fuyu;
 mod generate;
 mod llava;
 mod plugins;
