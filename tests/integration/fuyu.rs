@@ -195,6 +195,33 @@ fn cached_decoding_equals_the_full_forward() {
     assert!(format!("{err:#}").contains("1 tensors, expected 4"), "{err:#}");
 }
 
+#[test]
+fn greedy_generation_equals_transformers_generate() {
+    let m = open(Mode::Llm, &TrainConfig::default());
+    let data = fixture().join("samples");
+    let stop = vlmhost::generate::stop_tokens(&m.model_dir);
+    for (i, image, prompt) in [(0, "img0_rgb_90x60.png", "What is in this picture?"), (4, "img4_rgba_70x50.png", "What does the sign say?")] {
+        let r = reference(&format!("generate_{i}.safetensors"));
+        // A user message alone: exactly FuyuProcessor's output, nothing labelled.
+        let sample = vlmhost::generate::prompt_sample(Some(&data.join(image)), prompt);
+        let p = m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap();
+        assert_eq!(p.input_ids, ids(&r["input_ids"]), "generate {i}: prompt ids");
+        assert!(p.labels.iter().all(|&l| l == -100));
+        let (tokens, _) = vlmhost::generate::greedy(&m, &p, 8, &stop, |_| Ok(())).unwrap();
+        assert_eq!(tokens, ids(&r["generated"]), "generate {i}: tokens");
+    }
+    // The same through the binary.
+    let dir = tempdir();
+    let (plugin, model) = (plugin(), fixture().join("model").display().to_string());
+    let image = data.join("img0_rgb_90x60.png").display().to_string();
+    let args = ["generate", "--plugin", &plugin, "--model", &model, "--image", &image, "--prompt", "What is in this picture?", "--max-new-tokens", "8", "--json"];
+    let run = vlmhost(&args, dir.path(), None);
+    assert!(run.success(), "{}", run.all());
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let tokens: Vec<i64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(tokens, ids(&reference("generate_0.safetensors")["generated"]));
+}
+
 /// PEFT's `LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")` as vlmhost rules:
 /// the projector (vision_embed_tokens) and the LLM's linears, lm_head left out.
 fn peft_all_linear() -> TrainConfig {

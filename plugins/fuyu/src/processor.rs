@@ -327,12 +327,13 @@ pub struct Processed {
     pub prompt_len: usize,
 }
 
-/// What a sample says: one image, the prompt and the answer.
+/// What a sample says: one image, the prompt and the answer (none: a prompt
+/// to generate from, exactly what `FuyuProcessor` gives, nothing labelled).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FuyuSample {
     pub image: PathBuf,
     pub prompt: String,
-    pub answer: String,
+    pub answer: Option<String>,
 }
 
 impl FuyuSample {
@@ -340,20 +341,23 @@ impl FuyuSample {
     /// assistant answer: what `FuyuProcessor(images=image, text=prompt)` takes
     /// (it has no chat template, one image per sample). The user's text parts
     /// are joined verbatim; the image always comes first, as Fuyu places it.
+    /// A user message alone is a prompt to generate from.
     pub fn from_messages(messages: &[Message]) -> Result<Self> {
         let bad = |m: String| ProcessorError::Sample(m);
-        let [user, assistant] = messages else {
-            return Err(bad(format!(
-                "{} message(s); fuyu takes one user message (one image and a prompt) and one assistant answer \
-                 (FuyuProcessor has no chat template: no system message, no further turns)",
-                messages.len()
-            )));
+        let (user, assistant) = match messages {
+            [user] => (user, None),
+            [user, assistant] => (user, Some(assistant)),
+            _ => {
+                return Err(bad(format!(
+                    "{} message(s); fuyu takes one user message (one image and a prompt) and one assistant answer \
+                     (FuyuProcessor has no chat template: no system message, no further turns)",
+                    messages.len()
+                )))
+            }
         };
-        if user.role != Speaker::User || assistant.role != Speaker::Assistant {
-            return Err(bad(format!(
-                "roles are {:?}, {:?}; fuyu takes a user message then an assistant answer",
-                user.role, assistant.role
-            )));
+        if user.role != Speaker::User || assistant.is_some_and(|a| a.role != Speaker::Assistant) {
+            let roles: Vec<Speaker> = messages.iter().map(|m| m.role).collect();
+            return Err(bad(format!("roles are {roles:?}; fuyu takes a user message then an assistant answer")));
         }
         let images: Vec<&PathBuf> = user.content.iter().filter_map(|p| if let Part::Image { path } = p { Some(path) } else { None }).collect();
         let [image] = images.as_slice() else {
@@ -368,13 +372,19 @@ impl FuyuSample {
                 return Err(bad(format!("the prompt contains {token:?}, which stands for image patches; remove it")));
             }
         }
-        if assistant.content.iter().any(|p| matches!(p, Part::Image { .. })) {
-            return Err(bad("the assistant message contains an image; answers are text".into()));
-        }
-        let answer: String = assistant.content.iter().filter_map(|p| if let Part::Text { text } = p { Some(text.as_str()) } else { None }).collect();
-        if answer.trim().is_empty() {
-            return Err(bad("the assistant answer is empty: nothing to train on".into()));
-        }
+        let answer = match assistant {
+            None => None,
+            Some(a) => {
+                if a.content.iter().any(|p| matches!(p, Part::Image { .. })) {
+                    return Err(bad("the assistant message contains an image; answers are text".into()));
+                }
+                let answer: String = a.content.iter().filter_map(|p| if let Part::Text { text } = p { Some(text.as_str()) } else { None }).collect();
+                if answer.trim().is_empty() {
+                    return Err(bad("the assistant answer is empty: nothing to train on".into()));
+                }
+                Some(answer)
+            }
+        };
         Ok(FuyuSample { image: (*image).clone(), prompt, answer })
     }
 }
@@ -462,7 +472,8 @@ impl FuyuProcessor {
         Ok(expected)
     }
 
-    /// Process one sample: image tokens, `<s>`, prompt, `<0x04>`, answer, `|ENDOFTEXT|`.
+    /// Process one sample: image tokens, `<s>`, prompt, `<0x04>`, answer, `|ENDOFTEXT|`
+    /// (without an answer: up to `<0x04>`, nothing labelled).
     pub fn process(&self, sample: &FuyuSample) -> Result<Processed> {
         let decoded = load_image(&sample.image)?;
         let image = self.image_config.process(&decoded, &sample.image)?;
@@ -470,11 +481,13 @@ impl FuyuProcessor {
         let n_image = input_ids.len() - 1;
         input_ids.extend(self.encode(&format!("{}{BOA_TOKEN}", sample.prompt))?);
         let prompt_len = input_ids.len();
-        let mut answer = self.encode(&sample.answer)?;
-        answer.push(self.end_id);
         let mut labels = vec![IGNORE_INDEX; prompt_len];
-        labels.extend_from_slice(&answer);
-        input_ids.extend(answer);
+        if let Some(answer) = &sample.answer {
+            let mut answer = self.encode(answer)?;
+            answer.push(self.end_id);
+            labels.extend_from_slice(&answer);
+            input_ids.extend(answer);
+        }
         let image_token_mask = (0..input_ids.len()).map(|i| i < n_image).collect();
         Ok(Processed { input_ids, labels, image_token_mask, image, prompt_len })
     }
@@ -550,11 +563,16 @@ mod tests {
             msg(Speaker::Assistant, vec![text("A cat.")]),
         ])
         .unwrap();
-        assert_eq!((s.prompt.as_str(), s.answer.as_str()), ("What is this?", "A cat."));
+        assert_eq!((s.prompt.as_str(), s.answer.as_deref()), ("What is this?", Some("A cat.")));
+        let s = FuyuSample::from_messages(&[msg(Speaker::User, vec![img(), text("Caption:")])]).unwrap();
+        assert_eq!(s.answer, None);
         let e = FuyuSample::from_messages(&[msg(Speaker::User, vec![text("hi")]), msg(Speaker::Assistant, vec![text("A")])]).unwrap_err();
         assert!(e.to_string().contains("exactly one image"), "{e}");
-        let e = FuyuSample::from_messages(&[msg(Speaker::User, vec![img()])]).unwrap_err();
-        assert!(e.to_string().contains("1 message(s)"), "{e}");
+        let e = FuyuSample::from_messages(&[msg(Speaker::Assistant, vec![text("A")])]).unwrap_err();
+        assert!(e.to_string().contains("roles are [Assistant]"), "{e}");
+        let three = [msg(Speaker::System, vec![text("x")]), msg(Speaker::User, vec![img()]), msg(Speaker::Assistant, vec![text("A")])];
+        let e = FuyuSample::from_messages(&three).unwrap_err();
+        assert!(e.to_string().contains("3 message(s)"), "{e}");
         let e = FuyuSample::from_messages(&[msg(Speaker::User, vec![img(), text("|NEWLINE|")]), msg(Speaker::Assistant, vec![text("A")])]).unwrap_err();
         assert!(e.to_string().contains("\"|NEWLINE|\""), "{e}");
         let e = FuyuSample::from_messages(&[msg(Speaker::User, vec![img()]), msg(Speaker::Assistant, vec![text("  ")])]).unwrap_err();
