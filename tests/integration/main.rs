@@ -10,4 +10,5 @@ mod fuyu;
 mod generate;
 mod llava;
 mod plugins;
+mod qwen2_vl;
 mod train;
