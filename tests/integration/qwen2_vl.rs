@@ -458,3 +458,32 @@ fn processor_options_reach_the_plugin() {
     let e = format!("{:#}", HostModel::open(&opts, &TrainConfig::default()).err().unwrap());
     assert!(e.contains("unknown option(s) resolution") && e.contains("this family accepts: min_pixels, max_pixels"), "{e}");
 }
+
+#[test]
+fn qwen2_vl_peft_adapter_loads_and_saves_under_peft_names() {
+    // The adapter PEFT saved loads through the plugin's key rules with PEFT's logits ...
+    let opts = OpenOptions {
+        plugin: plugin(),
+        model_dir: fixture().join("model"),
+        mode: Mode::Llm,
+        kind: Kind::Float,
+        device: Device::Cpu,
+        allow_missing: false,
+        load_weights: true,
+        processor: Default::default(),
+    };
+    let adapter = fixture().join("peft_adapter");
+    let m = vlmhost::cli::open_with_adapter(&opts, &TrainConfig::default(), Some(&adapter)).unwrap_or_else(|e| panic!("{e:#}"));
+    let r = reference("lora_sample_4.safetensors");
+    let (d, rel) = check_sample(&m, &samples(&m)[4], &r["logits"], r["loss"].double_value(&[0]));
+    assert!(d <= 1e-4 && rel <= 1e-5, "adapter from PEFT: logits {d}, loss {rel:e}");
+    // ... and is written back under exactly PEFT's names (transformers' in-memory names).
+    let dir = tempdir();
+    vlmhost::peft::save(&m, dir.path()).unwrap();
+    let keys = |path: PathBuf| -> Vec<String> {
+        let mut k: Vec<String> = Tensor::read_safetensors(path).unwrap().into_iter().map(|(n, _)| n).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(dir.path().join("adapter_model.safetensors")), keys(adapter.join("adapter_model.safetensors")));
+}
