@@ -12,7 +12,7 @@
 
 use crate::config::{ClipConfig, DeepseekOcrConfig, SamConfig, TextConfig};
 use tch::{Kind, Tensor};
-use vlmhost_plugin_api::builder::{role_rule, ConvParams, LayerNormParams, RmsNormParams, SpecPath};
+use vlmhost_plugin_api::builder::{key_rule, role_rule, ConvParams, LayerNormParams, RmsNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, PluginError, Role, SpecBuilder};
 
@@ -248,6 +248,9 @@ impl DeepseekOcr {
             vec!["model.vision_model.embeddings.position_ids".into()],
             true,
         );
+        let mut spec = spec;
+        // The remote code names parameters as the checkpoint does (what PEFT saves under).
+        spec.transformers_names = vec![key_rule("model.", "model."), key_rule("lm_head.", "lm_head.")].into();
         DeepseekOcr {
             config,
             spec,
