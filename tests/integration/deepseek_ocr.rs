@@ -285,3 +285,33 @@ fn deepseek_ocr_frozen_vision_builds_no_graph() {
         }
     }
 }
+
+/// LoRA over the MoE: every expert's linear layers (and the shared experts')
+/// take adapters in mode llm; the router never does, and stays frozen.
+#[test]
+fn deepseek_ocr_lora_covers_experts_not_the_router() {
+    let m = open(Mode::Llm, Kind::Float);
+    let names = m.lora_module_names(Role::Llm);
+    for layer in [1, 2] {
+        for e in 0..4 {
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                let name = format!("model.layers.{layer}.mlp.experts.{e}.{proj}");
+                assert!(names.contains(&name), "{name} has no adapter");
+            }
+        }
+        assert!(names.contains(&format!("model.layers.{layer}.mlp.shared_experts.down_proj")));
+        assert!(!names.iter().any(|n| n.ends_with(".mlp.gate")), "the router is never a LoRA target");
+        let gate = m.spec.params.iter().position(|p| p.name == format!("model.layers.{layer}.mlp.gate.weight")).unwrap();
+        assert!(!m.params[gate].requires_grad(), "the router is frozen under LoRA");
+    }
+    // LoRA gradients reach the experts the tokens were routed to.
+    let b = batch(Kind::Float);
+    let loss = causal_lm_loss(&m.forward(&b, true).unwrap(), &b.labels).unwrap().0;
+    loss.backward();
+    let with_grad = m
+        .trainable_tensors()
+        .iter()
+        .filter(|(n, t)| n.contains(".mlp.experts.") && t.grad().defined() && t.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0)
+        .count();
+    assert!(with_grad > 0, "no expert adapter received a gradient");
+}
