@@ -128,6 +128,37 @@ pub enum Command {
         #[arg(long, default_value_t = 4.0)]
         max_shard_size_gb: f64,
     },
+    /// The same data and rules over several families, one after another: a
+    /// report (Markdown, JSON, loss-curve PNG) of parameters per role, losses,
+    /// held-out CER, tokens/s and peak memory.
+    Compare {
+        /// Families (or plugin library paths), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        plugins: Vec<String>,
+        /// A model folder for a family, FAMILY=DIR (repeatable); the others
+        /// get a new `--preset` checkpoint from `vlmhost init`.
+        #[arg(long = "model", value_name = "FAMILY=DIR")]
+        models: Vec<String>,
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, value_name = "FILE")]
+        dataset: PathBuf,
+        /// Held-out data: final loss and CER of generated answers.
+        #[arg(long, value_name = "FILE")]
+        val_dataset: Option<PathBuf>,
+        /// One training configuration for every family.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// A processor option for every family, KEY=VALUE (repeatable).
+        #[arg(long = "processor", value_name = "KEY=VALUE")]
+        processor: Vec<String>,
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+    },
     /// A new, randomly initialised checkpoint of a family (config, weights,
     /// tokenizer, processor settings), to train with nothing downloaded.
     Init {
@@ -582,6 +613,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("loss curves: {}", p.display());
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare { plugins, models, preset, dataset, val_dataset, config, max_steps, max_new_tokens, processor, output } => {
+            let models = models
+                .iter()
+                .map(|m| {
+                    m.split_once('=')
+                        .map(|(f, d)| (f.to_owned(), PathBuf::from(d)))
+                        .ok_or_else(|| anyhow::anyhow!("--model {m:?}: write FAMILY=DIR"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let job = crate::compare::CompareJob {
+                plugins, models, preset, dataset, val_dataset, config, max_steps, max_new_tokens, processor, output,
+            };
+            let r = crate::compare::compare(&job)?;
+            print!("{}", r.markdown());
+            eprintln!("report written to {}", job.output.join("report.md").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Init { plugin, family, preset, output, seed, force } => {

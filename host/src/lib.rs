@@ -7,6 +7,7 @@
 
 pub mod autocast;
 pub mod cli;
+pub mod compare;
 pub mod doctor;
 pub mod loader;
 pub mod lora;

@@ -105,6 +105,17 @@ pub struct TrainSummary {
     pub final_val_loss: Option<f64>,
     pub stopped_early: bool,
     pub checkpoint: PathBuf,
+    /// The process's peak resident memory (Linux `VmHWM`), model loading included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// This process's peak resident set size in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The data-set options of a run configuration.
@@ -484,7 +495,15 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
         Ok(()) => eprintln!("PEFT adapter written to {}", adapter.display()),
         Err(e) => eprintln!("warning: no PEFT adapter written: {e:#}"),
     }
-    let summary = TrainSummary { steps: state.step, first_loss, last_loss, final_val_loss: final_val, stopped_early, checkpoint: last_checkpoint };
+    let summary = TrainSummary {
+        steps: state.step,
+        first_loss,
+        last_loss,
+        final_val_loss: final_val,
+        stopped_early,
+        checkpoint: last_checkpoint,
+        peak_rss_mib: peak_rss_mib(),
+    };
     weights::write_atomic(&job.output.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     match crate::plot::write_run_plots(&job.output) {
         Ok(files) => {
