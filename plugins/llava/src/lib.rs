@@ -7,6 +7,7 @@
 //! labels) is in [`processor`]; see this crate's README for the conventions.
 
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod processor;
 
@@ -33,6 +34,10 @@ impl Plugin for LlavaPlugin {
         // The CLIP processor's settings come from the checkpoint's files.
         options.check_keys(&[])?;
         Ok(Box::new(LlavaModel::open(dir)?))
+    }
+
+    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
     }
 }
 

@@ -1,0 +1,199 @@
+//! New LLaVA-1.5-shaped checkpoints (`vlmhost init`): the real model's wiring
+//! (CLIP ViT -> two-layer GELU MLP projector -> Llama with grouped-query
+//! attention) at small sizes, with a byte-level tokenizer (every UTF-8 byte a
+//! token, so any text is covered; `assets/make_tokenizer.py`) and the
+//! llava-hf chat template.
+//!
+//! | preset | CLIP (width x layers, heads, MLP) | image, patch -> image tokens | Llama (hidden x layers, heads/kv, MLP) | parameters |
+//! |---|---|---|---|---|
+//! | `tiny` | 64 x 2, 4 heads, 256 | 64 px, 8 px -> 64 | 128 x 4, 4/2, 384 | 1,011,072 |
+//! | `small` | 192 x 4, 6 heads, 768 | 128 px, 8 px -> 256 | 384 x 6, 6/2, 1024 | 11,776,512 |
+//!
+//! Both use the vocabulary of 320 (`<unk>` 0, `<s>` 1, `</s>` 2, byte b ->
+//! b + 3, `<image>` 259, `<pad>` 260), untied embeddings and
+//! `vision_feature_layer: -1` (a fresh model has no reason to leave its last
+//! vision layer unused, as LLaVA-1.5's -2 does). Images are resized to the
+//! square (`size: {height, width}`, no centre crop), so a whole 256x64 text
+//! line stays in view, squeezed, instead of losing its ends to a crop.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use vlmhost_plugin_api::PluginError;
+
+/// The byte-level tokenizer (see the module doc for its ids).
+pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
+/// The llava-hf chat template, with `{% generation %}` around each answer and its `</s>`.
+pub const CHAT_TEMPLATE: &str = include_str!("../assets/chat_template.jinja");
+
+const VOCAB: i64 = 320;
+const BOS: i64 = 1;
+const EOS: i64 = 2;
+const IMAGE: i64 = 259;
+const PAD: i64 = 260;
+
+struct Preset {
+    /// (width, layers, heads, MLP width)
+    vision: (i64, i64, i64, i64),
+    /// (image size, patch size)
+    image: (i64, i64),
+    /// (hidden, layers, heads, kv heads, MLP width)
+    llm: (i64, i64, i64, i64, i64),
+}
+
+fn preset(name: &str) -> Result<Preset, PluginError> {
+    Ok(match name {
+        "tiny" => Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: (128, 4, 4, 2, 384) },
+        "small" => Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: (384, 6, 6, 2, 1024) },
+        other => {
+            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+        }
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), PluginError> {
+    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
+    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
+}
+
+/// Write config.json, the tokenizer files, processor_config.json,
+/// chat_template.jinja and generation_config.json into `dir`.
+pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    let p = preset(preset_name)?;
+    let (vw, vl, vh, vi) = p.vision;
+    let (image, patch) = p.image;
+    let (hidden, layers, heads, kv, inter) = p.llm;
+    let image_tokens = (image / patch) * (image / patch);
+    let config = json!({
+        "_name_or_path": format!("vlmhost-init-llava-{preset_name}"),
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "dtype": "float32",
+        "image_token_index": IMAGE,
+        "image_seq_length": image_tokens,
+        "pad_token_id": PAD,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": true,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": false,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": hidden / heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "max_position_embeddings": 4096,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": false,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+            "pad_token_id": PAD,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": vw,
+            "intermediate_size": vi,
+            "num_hidden_layers": vl,
+            "num_attention_heads": vh,
+            "num_channels": 3,
+            "image_size": image,
+            "patch_size": patch,
+            "projection_dim": vw,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    });
+    let processor = json!({
+        "processor_class": "LlavaProcessor",
+        "image_token": "<image>",
+        "patch_size": patch,
+        "num_additional_image_tokens": 1,
+        "vision_feature_select_strategy": "default",
+        "image_processor": {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": true,
+            "size": {"height": image, "width": image},
+            "resample": 3,
+            "do_center_crop": false,
+            "crop_size": {"height": image, "width": image},
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_convert_rgb": true,
+        },
+    });
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "processor_class": "LlavaProcessor",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 4096,
+    });
+    let generation = json!({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD});
+    write_json(&dir.join("config.json"), &config)?;
+    write(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&dir.join("processor_config.json"), &processor)?;
+    write(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
+    write_json(&dir.join("generation_config.json"), &generation)?;
+    // The folder must be one this plugin opens: its config parser and processor.
+    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
+    crate::config::LlavaConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
+    let proc = crate::processor::LlavaProcessor::from_dir(dir).map_err(|e| invalid(e.to_string()))?;
+    if proc.image_token_id as i64 != IMAGE {
+        return Err(invalid(format!("the tokenizer's <image> is {} (expected {IMAGE})", proc.image_token_id)));
+    }
+    let n = proc.num_image_tokens(image as usize, image as usize) as i64;
+    if n != image_tokens {
+        return Err(invalid(format!("the processor gives {n} image tokens per image, config.json says {image_tokens}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vlmhost-init-llava-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        for name in ["tiny", "small"] {
+            let dir = fresh_dir(name);
+            init(name, &dir).unwrap();
+            let m = crate::LlavaModel::open(&dir).unwrap();
+            assert_eq!(m.processor.image_token_id as i64, IMAGE, "{name}");
+            assert!(!m.model.spec.params.is_empty(), "{name}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_preset_names_the_known_ones() {
+        let dir = fresh_dir("huge");
+        let e = init("huge", &dir).unwrap_err().to_string();
+        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
