@@ -11,6 +11,7 @@
 //! [`processor::DEFAULT_MAX_PIXELS`]).
 
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod processor;
 pub mod rope;
@@ -38,6 +39,10 @@ impl Plugin for Qwen2VlPlugin {
 
     fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Ok(Box::new(Qwen2VlModel::open(dir, pixel_options(options)?)?))
+    }
+
+    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
     }
 }
 

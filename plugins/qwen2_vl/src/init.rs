@@ -1,0 +1,196 @@
+//! New Qwen2-VL-shaped checkpoints (`vlmhost init`): the real model's wiring
+//! (ViT with 2-D RoPE -> 2x2 patch merger -> Qwen2 with M-RoPE, grouped-query
+//! attention and q/k/v biases, tied embeddings as in Qwen2-VL-2B) at small
+//! sizes, with a byte-level tokenizer (every UTF-8 byte a token, so any text
+//! is covered; `assets/make_tokenizer.py`) and the Qwen2-VL chat template.
+//!
+//! | preset | ViT (width x depth, heads) | patch, merge | pixels per image (min - max) -> image tokens | Qwen2 (hidden x layers, heads/kv, MLP, M-RoPE) | parameters |
+//! |---|---|---|---|---|---|
+//! | `tiny` | 64 x 2, 4 heads | 8, 2x2 | 1,024 - 16,384 -> 4 to 64 (256x64: 64) | 128 x 4, 4/2, 384, [4, 6, 6] | 1,052,928 |
+//! | `small` | 192 x 4, 6 heads | 8, 2x2 | 1,024 - 65,536 -> 4 to 256 (256x64: 64) | 384 x 6, 6/2, 1024, [8, 12, 12] | 12,308,352 |
+//!
+//! Both use the vocabulary of 320 (byte b -> b, `<|endoftext|>` 256,
+//! `<|im_start|>` 257, `<|im_end|>` 258, `<|vision_start|>` 259,
+//! `<|vision_end|>` 260, `<|vision_pad|>` 261, `<|image_pad|>` 262,
+//! `<|video_pad|>` 263) and patches of 8 pixels (Qwen2-VL's are 14), so a
+//! 256x64 text line keeps its resolution at 64 image tokens. The pixel budget
+//! is `min_pixels` / `max_pixels` in preprocessor_config.json (a smaller
+//! image is enlarged, a larger one shrunk, to a multiple of 16 pixels per
+//! side); `--processor max_pixels=N` overrides it.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use vlmhost_plugin_api::PluginError;
+
+/// The byte-level tokenizer (see the module doc for its ids).
+pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
+/// Qwen2-VL-2B-Instruct's chat template, with `{% generation %}` around each answer and its `<|im_end|>`.
+pub const CHAT_TEMPLATE: &str = include_str!("../assets/chat_template.jinja");
+
+const VOCAB: i64 = 320;
+const ENDOFTEXT: i64 = 256;
+const IM_END: i64 = 258;
+const VISION_START: i64 = 259;
+const VISION_END: i64 = 260;
+const IMAGE_PAD: i64 = 262;
+const VIDEO_PAD: i64 = 263;
+const PATCH: i64 = 8;
+const MERGE: i64 = 2;
+
+struct Preset {
+    /// (width, depth, heads)
+    vision: (i64, i64, i64),
+    /// (min_pixels, max_pixels)
+    pixels: (i64, i64),
+    /// (hidden, layers, heads, kv heads, MLP width)
+    llm: (i64, i64, i64, i64, i64),
+}
+
+fn preset(name: &str) -> Result<Preset, PluginError> {
+    Ok(match name {
+        "tiny" => Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: (128, 4, 4, 2, 384) },
+        "small" => Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: (384, 6, 6, 2, 1024) },
+        other => {
+            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+        }
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), PluginError> {
+    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
+    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
+}
+
+/// Write config.json, the tokenizer files, preprocessor_config.json (the
+/// pixel budget), processor_config.json, chat_template.jinja and
+/// generation_config.json into `dir`.
+pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    let p = preset(preset_name)?;
+    let (vw, depth, vheads) = p.vision;
+    let (min_pixels, max_pixels) = p.pixels;
+    let (hidden, layers, heads, kv, inter) = p.llm;
+    // M-RoPE splits head_dim / 2 frequencies over (t, h, w) as Qwen2-VL's 16/24/24 of 64.
+    let half = hidden / heads / 2;
+    let mrope = [half / 4, half * 3 / 8, half - half / 4 - half * 3 / 8];
+    let config = json!({
+        "_name_or_path": format!("vlmhost-init-qwen2_vl-{preset_name}"),
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "dtype": "float32",
+        "image_token_id": IMAGE_PAD,
+        "video_token_id": VIDEO_PAD,
+        "vision_start_token_id": VISION_START,
+        "vision_end_token_id": VISION_END,
+        "tie_word_embeddings": true,
+        "text_config": {
+            "model_type": "qwen2_vl_text",
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            "max_position_embeddings": 4096,
+            "use_sliding_window": false,
+            "sliding_window": null,
+            "layer_types": vec!["full_attention"; layers as usize],
+            "bos_token_id": ENDOFTEXT,
+            "eos_token_id": IM_END,
+            "pad_token_id": ENDOFTEXT,
+        },
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": depth,
+            "embed_dim": vw,
+            "hidden_size": hidden,
+            "hidden_act": "quick_gelu",
+            "mlp_ratio": 4,
+            "num_heads": vheads,
+            "in_channels": 3,
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": 2,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+        },
+    });
+    let preprocessor = json!({
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": PATCH,
+        "merge_size": MERGE,
+        "temporal_patch_size": 2,
+        "do_resize": true,
+        "resample": 3,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": true,
+    });
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "processor_class": "Qwen2VLProcessor",
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": null,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 4096,
+    });
+    // Qwen2-VL-Instruct stops at <|im_end|> or <|endoftext|>.
+    let generation = json!({"bos_token_id": ENDOFTEXT, "eos_token_id": [IM_END, ENDOFTEXT], "pad_token_id": ENDOFTEXT});
+    write_json(&dir.join("config.json"), &config)?;
+    write(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&dir.join("preprocessor_config.json"), &preprocessor)?;
+    write_json(&dir.join("processor_config.json"), &json!({"processor_class": "Qwen2VLProcessor"}))?;
+    write(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
+    write_json(&dir.join("generation_config.json"), &generation)?;
+    // The folder must be one this plugin opens: its config parser, processor and their agreement.
+    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
+    crate::config::Qwen2VlConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
+    crate::Qwen2VlModel::open(dir, Default::default()).map_err(|e| invalid(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vlmhost-init-qwen2_vl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        for name in ["tiny", "small"] {
+            let dir = fresh_dir(name);
+            init(name, &dir).unwrap();
+            let m = crate::Qwen2VlModel::open(&dir, Default::default()).unwrap();
+            assert_eq!(m.processor.image_token_id, IMAGE_PAD, "{name}");
+            assert!(!m.model.spec.params.is_empty(), "{name}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_preset_names_the_known_ones() {
+        let dir = fresh_dir("huge");
+        let e = init("huge", &dir).unwrap_err().to_string();
+        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
