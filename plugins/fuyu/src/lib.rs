@@ -11,6 +11,7 @@
 //! (default: the checkpoint's, 1080x1920 for fuyu-8b; multiples of the patch size).
 
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod processor;
 
@@ -35,6 +36,10 @@ impl Plugin for FuyuPlugin {
 
     fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
         Ok(Box::new(FuyuModel::open(dir, options)?))
+    }
+
+    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
     }
 }
 

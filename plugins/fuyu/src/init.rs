@@ -1,0 +1,166 @@
+//! New Fuyu-shaped checkpoints (`vlmhost init`): the real model's wiring (no
+//! vision encoder: each image patch goes through one linear layer,
+//! `vision_embed_tokens`, into a Persimmon decoder with squared-ReLU MLPs,
+//! q/k layer norms and rotary embeddings on half of each head) at small sizes,
+//! with a tokenizer built like fuyu-8b's (Unigram, byte fallback, so any text
+//! is covered; `assets/make_tokenizer.py`).
+//!
+//! | preset | patch | target size (H x W) -> image tokens | Persimmon (hidden x layers, heads, MLP) | parameters |
+//! |---|---|---|---|---|
+//! | `tiny` | 16 px | 64 x 256 -> at most 4 x 16 patches + 4 `\|NEWLINE\|` (256x64: all of them) | 128 x 4, 4, 512 | 990,592 |
+//! | `small` | 16 px | 128 x 512 -> at most 8 x 32 patches + 8 `\|NEWLINE\|` (256x64: 64 + 4) | 384 x 6, 6, 1536 | 11,239,296 |
+//!
+//! Both use the vocabulary of 384 (`<unk>` 0, `<s>` 1, `</s>` 2,
+//! `|ENDOFTEXT|` 3, `|SPEAKER|` 4, `|NEWLINE|` 5, `<0xNN>` 6 + NN so the
+//! beginning-of-answer `<0x04>` is 10, `▁` 262, `!`..`~` 263..356) and patches
+//! of 16 pixels (fuyu-8b's are 30). Images larger than the target size are
+//! shrunk to fit it (aspect kept); smaller ones keep their size, padded to
+//! whole patches. The target size is `size` in processor_config.json;
+//! `--processor target_height=H --processor target_width=W` overrides it.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use vlmhost_plugin_api::PluginError;
+
+/// The tokenizer (see the module doc for its ids).
+pub const TOKENIZER: &str = include_str!("../assets/tokenizer.json");
+
+const VOCAB: i64 = 384;
+const BOS: i64 = 1;
+const END: i64 = 3;
+const SPEAKER: i64 = 4;
+const PATCH: i64 = 16;
+
+struct Preset {
+    /// (height, width) images are shrunk to fit
+    target: (i64, i64),
+    /// (hidden, layers, heads, MLP width)
+    llm: (i64, i64, i64, i64),
+}
+
+fn preset(name: &str) -> Result<Preset, PluginError> {
+    Ok(match name {
+        "tiny" => Preset { target: (64, 256), llm: (128, 4, 4, 512) },
+        "small" => Preset { target: (128, 512), llm: (384, 6, 6, 1536) },
+        other => {
+            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+        }
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), PluginError> {
+    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
+    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
+}
+
+/// Write config.json, the tokenizer files, processor_config.json (the target
+/// size) and generation_config.json into `dir`.
+pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    let p = preset(preset_name)?;
+    let (height, width) = p.target;
+    let (hidden, layers, heads, inter) = p.llm;
+    let config = json!({
+        "_name_or_path": format!("vlmhost-init-fuyu-{preset_name}"),
+        "architectures": ["FuyuForCausalLM"],
+        "model_type": "fuyu",
+        "dtype": "float32",
+        "image_token_id": SPEAKER,
+        "patch_size": PATCH,
+        "num_channels": 3,
+        "image_size": height.max(width),
+        "tie_word_embeddings": false,
+        "text_config": {
+            "model_type": "persimmon",
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "hidden_act": "relu2",
+            "layer_norm_eps": 1e-5,
+            "qk_layernorm": true,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": false,
+            "bos_token_id": BOS,
+            "eos_token_id": END,
+            "pad_token_id": null,
+        },
+    });
+    let processor = json!({
+        "processor_class": "FuyuProcessor",
+        "image_processor": {
+            "image_processor_type": "FuyuImageProcessor",
+            "do_resize": true,
+            "size": {"height": height, "width": width},
+            "resample": 2,
+            "do_pad": true,
+            "padding_mode": "constant",
+            "padding_value": 1.0,
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": 0.5,
+            "image_std": 0.5,
+            "patch_size": {"height": PATCH, "width": PATCH},
+        },
+    });
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "processor_class": "FuyuProcessor",
+        "eos_token": "|ENDOFTEXT|",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 4096,
+    });
+    let generation = json!({"bos_token_id": BOS, "eos_token_id": END});
+    write_json(&dir.join("config.json"), &config)?;
+    write(&dir.join("tokenizer.json"), TOKENIZER)?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&dir.join("processor_config.json"), &processor)?;
+    write_json(&dir.join("generation_config.json"), &generation)?;
+    // The folder must be one this plugin opens: its config parser, processor and their agreement.
+    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
+    crate::config::FuyuConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
+    crate::FuyuModel::open(dir, &Default::default()).map_err(|e| invalid(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vlmhost-init-fuyu-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        for name in ["tiny", "small"] {
+            let dir = fresh_dir(name);
+            init(name, &dir).unwrap();
+            let m = crate::FuyuModel::open(&dir, &Default::default()).unwrap();
+            assert_eq!(m.processor.image_token_id, SPEAKER, "{name}");
+            assert!(!m.model.spec.params.is_empty(), "{name}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_preset_names_the_known_ones() {
+        let dir = fresh_dir("huge");
+        let e = init("huge", &dir).unwrap_err().to_string();
+        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
