@@ -8,6 +8,7 @@ mod common;
 mod deepseek_ocr;
 mod fuyu;
 mod generate;
+mod init;
 mod llava;
 mod plugins;
 mod qwen2_vl;
