@@ -48,8 +48,11 @@ impl Detokenizer {
         Ok(Detokenizer { tokenizer })
     }
 
+    /// Ids the tokenizer does not know (a model's vocabulary may be larger
+    /// than its tokenizer's) decode to nothing.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let ids: Vec<u32> =
+            ids.iter().map(|&i| i as u32).filter(|&i| self.tokenizer.id_to_token(i).is_some()).collect();
         self.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding tokens: {e}"))
     }
 }

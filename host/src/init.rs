@@ -59,24 +59,41 @@ pub fn init(plugin: &str, family: Option<&str>, preset: &str, output: &Path, see
     if output.exists() && std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(true) && !force {
         bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
     }
-    let init_model = lib
-        .module
-        .init_model()
-        .ok_or_else(|| anyhow!("the {family} plugin ({}) predates `vlmhost init`: it cannot create checkpoints", lib.path.display()))?;
     let partial = PathBuf::from(format!("{}.partial", output.display()));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
     }
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let dir = partial.to_string_lossy().into_owned();
-    init_model(RStr::from(family.as_str()), RStr::from(preset), RStr::from(dir.as_str()))
-        .into_result()
-        .map_err(|e| plugin_err(&family, &format!("init (preset {preset})"), e))?;
+    let made = write_checkpoint(&lib, &family, preset, &partial, seed);
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    let (parameters, tensors) = made?;
+    if output.exists() {
+        std::fs::remove_dir_all(output).with_context(|| format!("replacing {}", output.display()))?;
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::rename(&partial, output).with_context(|| format!("moving {} to {}", partial.display(), output.display()))?;
+    Ok(InitReport { family, preset: preset.to_owned(), output: output.to_path_buf(), parameters, tensors })
+}
 
-    let options = serde_json::Value::Object(processor_defaults(&partial)?).to_string();
-    let model = (lib.module.open_model())(RStr::from(family.as_str()), RStr::from(dir.as_str()), RStr::from(options.as_str()))
+/// The plugin's files and the host's weights in `partial`: (values, tensors).
+fn write_checkpoint(lib: &loader::LoadedPlugin, family: &str, preset: &str, partial: &Path, seed: u64) -> Result<(i64, usize)> {
+    let init_model = lib
+        .module
+        .init_model()
+        .ok_or_else(|| anyhow!("the {family} plugin ({}) predates `vlmhost init`: it cannot create checkpoints", lib.path.display()))?;
+    let dir = partial.to_string_lossy().into_owned();
+    init_model(RStr::from(family), RStr::from(preset), RStr::from(dir.as_str()))
         .into_result()
-        .map_err(|e| plugin_err(&family, "opening the new checkpoint", e))?;
+        .map_err(|e| plugin_err(family, &format!("init (preset {preset})"), e))?;
+
+    let options = serde_json::Value::Object(processor_defaults(partial)?).to_string();
+    let model = (lib.module.open_model())(RStr::from(family), RStr::from(dir.as_str()), RStr::from(options.as_str()))
+        .into_result()
+        .map_err(|e| plugin_err(family, "opening the new checkpoint", e))?;
     let spec = model.spec();
     tch::manual_seed(seed as i64);
     let mut tensors = Vec::new();
@@ -97,12 +114,5 @@ pub fn init(plugin: &str, family: Option<&str>, preset: &str, output: &Path, see
         tensors.push((p.name.to_string(), t));
     }
     weights::save_safetensors(&partial.join("model.safetensors"), &tensors, None)?;
-    if output.exists() {
-        std::fs::remove_dir_all(output).with_context(|| format!("replacing {}", output.display()))?;
-    }
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::rename(&partial, output).with_context(|| format!("moving {} to {}", partial.display(), output.display()))?;
-    Ok(InitReport { family, preset: preset.to_owned(), output: output.to_path_buf(), parameters, tensors: tensors.len() })
+    Ok((parameters, tensors.len()))
 }

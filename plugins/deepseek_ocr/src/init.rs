@@ -56,7 +56,7 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     let down = [sw, cw];
     let neck = down[0] / 2;
     let llm = json!({
-        "vocab_size": 512,
+        "vocab_size": 304,
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
         "moe_intermediate_size": moe_inter,

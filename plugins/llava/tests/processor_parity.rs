@@ -376,11 +376,19 @@ fn empty_or_missing_answers_are_rejected() {
         matches!(err, ProcessorError::EmptyAnswer { index: 1 }),
         "{err}"
     );
+    // A conversation ending with the user is a generation prompt: the
+    // generation prompt is rendered and nothing is labelled.
     let only_user = vec![Message {
         role: Role::User,
         content: vec![Part::Text("Hi".into())],
     }];
-    let err = f.processor.process(&only_user).unwrap_err();
+    let p = f.processor.process(&only_user).unwrap();
+    assert!(p.labels.iter().all(|&l| l == -100));
+    let text = f.processor.tokenizer().decode(&p.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
+    assert!(text.trim_end().ends_with("ASSISTANT:"), "{text}");
+    // Ending with a system message is neither an answer nor a prompt.
+    let only_system = vec![Message { role: Role::System, content: vec![Part::Text("Be brief.".into())] }];
+    let err = f.processor.process(&only_system).unwrap_err();
     assert!(matches!(err, ProcessorError::NoAnswer), "{err}");
 }
 
