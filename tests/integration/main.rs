@@ -10,6 +10,7 @@ mod fuyu;
 mod generate;
 mod init;
 mod llava;
+mod plugin_kit;
 mod plugins;
 mod qwen2_vl;
 mod train;
