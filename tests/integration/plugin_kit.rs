@@ -161,5 +161,5 @@ fn plugin_template_builds_outside_the_workspace_and_runs_in_vlmhost() {
     assert!(!tokens.is_empty() && tokens.len() <= 3, "{}", run.all());
     // bos + 16 image tokens + "Free OCR." + "\n"
     assert_eq!(v["prompt_tokens"], 1 + 16 + 9 + 1, "{}", run.all());
-    eprintln!("plugin kit: toy_vlm trained 3 steps (last loss {loss:.4}), generated {tokens:?}");
+    eprintln!("plugin kit: toy_vlm trained 3 steps (last loss {loss:.4}), generated {}", v["tokens"]);
 }
