@@ -5,8 +5,8 @@
 //!
 //! | preset | SAM (width/depth/heads/window) | CLIP | LLM (hidden/layers/experts top-k) | view |
 //! |---|---|---|---|---|
-//! | `tiny` | 32/2/2/4 | 48 x 2 | 128/4, 8 experts top-2 + 1 shared | 256 px, no tiles |
-//! | `small` | 64/4/4/8 | 128 x 4 | 256/6, 16 experts top-4 + 2 shared | 512 px, no tiles |
+//! | `tiny` | 32/2/2/8 | 48 x 2 | 128/4, 8 experts top-2 + 1 shared | 512 px (64 image tokens), no tiles |
+//! | `small` | 64/4/4/8 | 128 x 4 | 256/6, 16 experts top-4 + 2 shared | 512 px (64 image tokens), no tiles |
 
 use serde_json::json;
 use std::path::Path;
@@ -27,7 +27,7 @@ fn preset(name: &str) -> Result<Preset, PluginError> {
     Ok(match name {
         // (width, depth, heads, window, global blocks), (width, layers, heads),
         // (hidden, layers, heads, experts, top-k, shared, moe intermediate)
-        "tiny" => Preset { sam: (32, 2, 2, 4, vec![1]), image_size: 256, clip: (48, 2, 4), llm: (128, 4, 4, 8, 2, 1, 64) },
+        "tiny" => Preset { sam: (32, 2, 2, 8, vec![1]), image_size: 512, clip: (48, 2, 4), llm: (128, 4, 4, 8, 2, 1, 64) },
         "small" => Preset { sam: (64, 4, 4, 8, vec![1, 3]), image_size: 512, clip: (128, 4, 4), llm: (256, 6, 8, 16, 4, 2, 128) },
         other => {
             return Err(PluginError::invalid_with_hint(
