@@ -170,3 +170,57 @@ fn eval_generate_reports_ocr_metrics() {
     assert_eq!(v["exact_match"].as_f64().unwrap(), 0.0);
     assert!(generated.iter().all(|s| s["new_tokens"].as_u64().unwrap() <= 4));
 }
+
+/// Every run leaves loss and learning-rate plots; `vlmhost report` puts runs
+/// side by side (Markdown and one PNG); `vlmhost compare` runs a recipe over
+/// families and reports parameters per role, losses, CER and peak memory.
+#[test]
+fn runs_leave_plots_and_reports_compare_them() {
+    let dir = tempdir();
+    let fixture = llava::fixture();
+    let plugin = member_plugin("vlmhost_plugin_llava").display().to_string();
+    let data = fixture.join("samples/data.jsonl").display().to_string();
+    let cwd = workspace_root();
+    let mut runs = Vec::new();
+    for (name, steps) in [("a", "3"), ("b", "5")] {
+        let out = dir.path().join(name);
+        let run = vlmhost(&[
+            "train", "--config", "config/examples/demo.yaml", "--plugin", &plugin, "--dataset", &data,
+            "--max-steps", steps, "--output", &out.display().to_string(),
+        ], &cwd, None);
+        assert!(run.success(), "{}", run.all());
+        for png in ["loss.png", "lr.png"] {
+            let img = image::open(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+            assert!(img.width() > 100 && img.height() > 100);
+        }
+        let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert!(summary["peak_rss_mib"].as_f64().unwrap() > 10.0, "{}", run.stdout);
+        runs.push(out.display().to_string());
+    }
+    let png = dir.path().join("report.png");
+    let run = vlmhost(&["report", &runs[0], &runs[1], "--output", &png.display().to_string()], &cwd, None);
+    assert!(run.success(), "{}", run.all());
+    let lines: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with("| a ") || l.starts_with("| b ")).collect();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    assert!(lines[0].contains("| 3 |") && lines[1].contains("| 5 |"), "{}", run.stdout);
+    assert!(png.is_file());
+
+    let out = dir.path().join("compare");
+    let run = vlmhost(&[
+        "compare", "--plugins", "deepseek_ocr,llava", "--dataset", &data, "--val-dataset", &data,
+        "--config", "config/examples/compare.yaml", "--max-steps", "2", "--max-new-tokens", "2",
+        "--output", &out.display().to_string(),
+    ], &cwd, None);
+    assert!(run.success(), "{}", run.all());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let families = report["families"].as_array().unwrap();
+    assert_eq!(families.len(), 2);
+    for f in families {
+        assert!(f["roles"]["llm"]["trainable"].as_i64().unwrap() > 0, "{f}");
+        assert!(f["run"]["eval"]["cer"].as_f64().is_some(), "{f}");
+        assert!(f["peak_rss_mib"].as_f64().unwrap() > 10.0, "{f}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| deepseek_ocr |") && md.contains("| llava |"), "{md}");
+    assert!(out.join("loss.png").is_file());
+}
