@@ -31,6 +31,27 @@ for device in cuda cpu; do
         --output "$out/demo-$device" > "$out/train-$device.json" 2> "$out/train-$device.log" \
         || echo "train on $device failed" | tee -a "$out/errors.txt"
 done
+# DeepSeek-OCR: the original code's fixture evaluated on both devices, a
+# tiny model trained on synthetic OCR data on both, greedy generation, and the
+# MoE benchmark at the real layer's size on CUDA.
+ds=target/fixtures/deepseek_ocr/model
+dsopts=(--processor base_size=256 --processor image_size=128)
+printf '%s\n' '{"images": ["image.png"], "messages": [{"role": "user", "content": "<image>\nFree OCR. "}, {"role": "assistant", "content": "HELLO 42"}]}' \
+    > tests/fixtures/deepseek_ocr/data.jsonl
+"$bin" init --plugin deepseek_ocr --preset tiny --output "$out/ds-tiny" --force > "$out/ds-init.txt" 2>&1 || echo "init failed" | tee -a "$out/errors.txt"
+"$bin" data synth-ocr --count 256 --seed 1 --output "$out/ocr-data" --force > /dev/null
+for device in cuda cpu; do
+    "$bin" eval --plugin deepseek_ocr --model "$ds" "${dsopts[@]}" --dataset tests/fixtures/deepseek_ocr/data.jsonl \
+        --device "$device" --json > "$out/ds-eval-$device.json" 2> "$out/ds-eval-$device.log" || echo "ds eval on $device failed" | tee -a "$out/errors.txt"
+    /usr/bin/time -v "$bin" train --config config/examples/ocr_stage1.yaml --model "$out/ds-tiny" --mode llm \
+        --dataset "$out/ocr-data/data.jsonl" --device "$device" --max-steps 40 --output "$out/ds-train-$device" \
+        > "$out/ds-train-$device.json" 2> "$out/ds-train-$device.log" || echo "ds train on $device failed" | tee -a "$out/errors.txt"
+done
+"$bin" generate --plugin deepseek_ocr --model "$ds" "${dsopts[@]}" --image tests/fixtures/deepseek_ocr/image.png \
+    --prompt "Free OCR." --max-new-tokens 8 --device cuda --json > "$out/ds-generate-cuda.json" 2>&1 || echo "ds generate failed" | tee -a "$out/errors.txt"
+if [[ -x target/release/examples/bench_moe ]]; then
+    target/release/examples/bench_moe --device cuda --tokens 2048 --runs 5 > "$out/bench-moe-cuda.txt" 2>&1 || echo "bench_moe failed" | tee -a "$out/errors.txt"
+fi
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -41,4 +62,16 @@ for d in ("cuda", "cpu"):
         print(f"{d}: eval loss {e['loss']:.6f}; train {t['first_loss']:.4f} -> {t['last_loss']:.4f}")
     except Exception as err:  # report, never hide
         print(f"{d}: no result ({err})")
+for d in ("cuda", "cpu"):
+    try:
+        e = json.loads((out / f"ds-eval-{d}.json").read_text())
+        t = json.loads((out / f"ds-train-{d}.json").read_text())
+        m = [json.loads(l) for l in (out / f"ds-train-{d}" / "metrics.jsonl").read_text().splitlines()]
+        tps = sorted(x["tokens_per_second"] for x in m)[len(m) // 2]
+        print(f"deepseek_ocr {d}: fixture loss {e['loss']:.6f} (original code: 6.798001); tiny train {t['first_loss']:.4f} -> {t['last_loss']:.4f}, median {tps:.0f} tok/s")
+    except Exception as err:
+        print(f"deepseek_ocr {d}: no result ({err})")
+for f in ("ds-generate-cuda.json", "bench-moe-cuda.txt"):
+    p = out / f
+    print(p.read_text().strip()[-600:] if p.exists() else f"{f}: missing")
 PY
