@@ -11,9 +11,12 @@
 //! large, gundam; default gundam), or explicit `base_size`, `image_size`,
 //! `crop_mode` (each overrides the mode's value).
 
+pub mod clip;
 pub mod config;
 pub mod init;
 pub mod model;
+pub mod sam;
+pub mod text;
 pub mod processor;
 
 use config::DeepseekOcrConfig;
