@@ -534,6 +534,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| crate::model::plugin_err(&m.family, "preparing the prompt", e))?;
             let detok = crate::generate::Detokenizer::from_dir(&m.model_dir)?;
             let stop = crate::generate::stop_tokens(&m.model_dir);
+            crate::generate::warn_without_stop_tokens(&m.model_dir, &stop);
             let mut shown = String::new();
             let mut sofar = Vec::new();
             let stdout = std::io::stdout();

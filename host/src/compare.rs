@@ -107,7 +107,8 @@ pub fn compare(job: &CompareJob) -> Result<CompareReport> {
         let inspect: serde_json::Value = serde_json::from_str(&vlmhost(
             &[vec!["inspect".to_owned(), "--json".to_owned()], common.clone()].concat(),
             &format!("{name}: inspect"),
-        )?)?;
+        )?)
+        .with_context(|| format!("{name}: inspect --json printed something else than JSON"))?;
         let mut roles = BTreeMap::new();
         if let Some(r) = inspect["roles"].as_object() {
             for (role, v) in r {
@@ -130,9 +131,14 @@ pub fn compare(job: &CompareJob) -> Result<CompareReport> {
         if let Some(n) = job.max_steps {
             train.extend(["--max-steps".to_owned(), n.to_string()]);
         }
-        let summary: serde_json::Value = serde_json::from_str(&vlmhost(&train, &format!("{name}: train"))?)?;
+        let summary: serde_json::Value = serde_json::from_str(&vlmhost(&train, &format!("{name}: train"))?)
+            .with_context(|| format!("{name}: train printed a summary that is not JSON"))?;
         if let Some(val) = &job.val_dataset {
-            let checkpoint = summary["checkpoint"].as_str().unwrap_or_default().to_owned();
+            let checkpoint = summary["checkpoint"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("{name}: train reported no checkpoint to evaluate"))?
+                .to_owned();
             let mut eval = [vec!["eval".to_owned()], common.clone()].concat();
             eval.extend([
                 "--adapter".to_owned(),

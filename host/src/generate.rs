@@ -34,6 +34,17 @@ pub fn stop_tokens(model_dir: &Path) -> Vec<i64> {
         .unwrap_or_default()
 }
 
+/// Say so when the checkpoint names no end-of-sequence token: generation
+/// then always runs to `max_new_tokens`.
+pub fn warn_without_stop_tokens(model_dir: &Path, stop: &[i64]) {
+    if stop.is_empty() {
+        eprintln!(
+            "warning: neither {} nor config.json names an eos_token_id: generation runs to --max-new-tokens",
+            model_dir.join("generation_config.json").display()
+        );
+    }
+}
+
 /// Token ids to text with the checkpoint's `tokenizer.json` (special tokens
 /// left out), for streaming and for the metrics.
 pub struct Detokenizer {
@@ -129,10 +140,12 @@ pub fn split_last_answer(sample: &Sample) -> Option<(Sample, String)> {
         })
         .collect();
     let prompt = Sample { messages: sample.messages[..last].to_vec() };
-    if prompt.messages.is_empty() {
+    // A prompt to answer ends with the user's turn.
+    if prompt.messages.last().is_none_or(|m| m.role != Speaker::User) {
         return None;
     }
-    Some((prompt, answer.join(" ")))
+    // The processors join an answer's text parts with nothing between them.
+    Some((prompt, answer.concat()))
 }
 
 /// Levenshtein distance between two sequences.
@@ -220,10 +233,15 @@ pub fn evaluate_generation(
 ) -> Result<(OcrMetrics, Vec<OcrScore>)> {
     let detok = Detokenizer::from_dir(&model.model_dir)?;
     let stop = stop_tokens(&model.model_dir);
+    warn_without_stop_tokens(&model.model_dir, &stop);
     let mut scores = Vec::new();
     for r in records {
         let Some((prompt, reference)) = split_last_answer(&r.sample) else {
-            bail!("sample {} has no assistant answer to compare with", r.origin.index);
+            bail!(
+                "sample {} ({}): no assistant answer right after a user turn to compare a generated answer with",
+                r.origin.index,
+                r.origin
+            );
         };
         let json = serde_json::to_string(&prompt)?;
         let prepared = model

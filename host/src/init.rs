@@ -33,7 +33,8 @@ pub fn processor_defaults(model_dir: &Path) -> Result<serde_json::Map<String, se
     if !path.is_file() {
         return Ok(Default::default());
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not JSON", path.display()))?;
     match v.get("processor") {
         None => Ok(Default::default()),

@@ -181,6 +181,42 @@ impl DeepseekOcrConfig {
             }
         }
         let text: TextConfig = serde_json::from_value(merged).map_err(|e| format!("language model keys: {e}"))?;
+        for (key, n) in [
+            ("vocab_size", text.vocab_size),
+            ("hidden_size", text.hidden_size),
+            ("intermediate_size", text.intermediate_size),
+            ("num_hidden_layers", text.num_hidden_layers),
+            ("num_attention_heads", text.num_attention_heads),
+            ("num_key_value_heads", text.kv_heads()),
+            ("moe_layer_freq", text.moe_layer_freq),
+        ] {
+            if n <= 0 {
+                return Err(format!("{key} must be positive, got {n}"));
+            }
+        }
+        if text.hidden_size % text.num_attention_heads != 0 || text.num_attention_heads % text.kv_heads() != 0 {
+            return Err(format!(
+                "hidden_size {} must be a multiple of num_attention_heads {}, which must be a multiple of num_key_value_heads {}",
+                text.hidden_size,
+                text.num_attention_heads,
+                text.kv_heads()
+            ));
+        }
+        if let Some(experts) = text.n_routed_experts {
+            let k = text.num_experts_per_tok.unwrap_or(0);
+            if experts <= 0 || k <= 0 || k > experts || text.moe_intermediate_size <= 0 {
+                return Err(format!(
+                    "n_routed_experts {experts}, num_experts_per_tok {k}, moe_intermediate_size {}: need 0 < num_experts_per_tok <= n_routed_experts and a positive moe_intermediate_size",
+                    text.moe_intermediate_size
+                ));
+            }
+            let groups = text.n_group.unwrap_or(1);
+            if text.topk_method == "group_limited_greedy"
+                && (groups <= 0 || experts % groups != 0 || text.topk_group.unwrap_or(1) > groups)
+            {
+                return Err(format!("n_group {groups} must divide n_routed_experts {experts}, with topk_group <= n_group"));
+            }
+        }
         if text.use_mla {
             return Err("use_mla is true: multi-head latent attention is not supported (DeepSeek-OCR sets use_mla false)".into());
         }
@@ -224,6 +260,9 @@ impl DeepseekOcrConfig {
         };
         let clip_width = int(&c, "width", 1024)?;
         let clip_patch = int(&c, "patch_size", 14)?;
+        if clip_patch <= 0 || int(&vc, "image_size", 1024)? < patch {
+            return Err("vision_config: clip-l-14-224.patch_size must be positive and image_size at least 16".into());
+        }
         let clip = ClipConfig {
             width: clip_width,
             layers: int(&c, "layers", 24)?,

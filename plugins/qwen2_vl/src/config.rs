@@ -251,6 +251,9 @@ impl Qwen2VlConfig {
             ("text_config.num_key_value_heads", t.num_key_value_heads),
             ("text_config.hidden_size", t.hidden_size),
             ("text_config.vocab_size", t.vocab_size),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("vision_config.hidden_size", v.hidden_size),
         ];
         for (key, n) in positive {
             if n <= 0 {
@@ -263,6 +266,12 @@ impl Qwen2VlConfig {
                 format!("{} / num_heads {} must be a multiple of 4 (2-D rotary embedding)", v.embed_dim, v.num_heads),
             ));
         }
+        if v.hidden_size != t.hidden_size {
+            return Err(invalid(
+                "vision_config.hidden_size",
+                format!("the merger's output ({}) must equal the LLM's hidden_size ({})", v.hidden_size, t.hidden_size),
+            ));
+        }
         if t.hidden_size % t.num_attention_heads != 0 || t.head_dim() % 2 != 0 {
             return Err(invalid("text_config.hidden_size", "must be an even multiple of num_attention_heads"));
         }
@@ -272,7 +281,7 @@ impl Qwen2VlConfig {
         let sum: i64 = t.mrope_section.iter().sum();
         if t.mrope_section.len() != 3 || t.mrope_section.iter().any(|&s| s < 0) || sum != t.head_dim() / 2 {
             return Err(invalid(
-                "rope mrope_section",
+                "text_config.rope_scaling.mrope_section",
                 format!(
                     "{:?} must be three non-negative sizes summing to head_dim / 2 = {}",
                     t.mrope_section,

@@ -72,7 +72,7 @@ pub fn rope_index(
             }
             let (image, grid) = images.next().ok_or(RopeError::NoImageLeft { row, at: i })?;
             let [t, h, w] = *grid;
-            if merge <= 0 || h % merge != 0 || w % merge != 0 || t <= 0 {
+            if merge <= 0 || h <= 0 || w <= 0 || h % merge != 0 || w % merge != 0 || t <= 0 {
                 return Err(RopeError::BadGrid { image, grid: *grid, merge });
             }
             let (lh, lw) = (h / merge, w / merge);
