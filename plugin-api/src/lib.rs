@@ -47,6 +47,7 @@
 pub mod builder;
 pub mod error;
 pub mod host;
+pub mod init;
 pub mod manifest;
 pub mod model;
 pub mod ops;

@@ -104,6 +104,29 @@ pub fn append_cache(past: Option<&Tensor>, new: &Tensor) -> R {
     }
 }
 
+/// Keys and values of decoder layer `layer` with the cache: when `past` is
+/// given (incremental decoding), the layer's cached entries (`past[2 * layer]`,
+/// `past[2 * layer + 1]`; none on the first call) are prepended and the
+/// results pushed onto `cache`, the next call's cache; without `past`, `k`
+/// and `v` as they are.
+pub fn cached_kv(
+    past: Option<&[Tensor]>,
+    layer: usize,
+    k: Tensor,
+    v: Tensor,
+    cache: &mut Vec<Tensor>,
+) -> Result<(Tensor, Tensor), PluginError> {
+    match past {
+        Some(p) => {
+            let k = append_cache(p.get(2 * layer), &k)?;
+            let v = append_cache(p.get(2 * layer + 1), &v)?;
+            cache.extend([k.shallow_clone(), v.shallow_clone()]);
+            Ok((k, v))
+        }
+        None => Ok((k, v)),
+    }
+}
+
 /// Scaled dot-product attention over `[batch, heads, seq, dim]` tensors;
 /// `kv_heads < heads` is grouped-query attention.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> R {

@@ -97,3 +97,38 @@ pub fn vlmhost_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Run {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("cannot create a temporary folder")
 }
+
+/// Every sample of the data file `data` (messages or LLaVA JSONL), prepared by `m`.
+pub fn prepare_file(m: &vlmhost::model::HostModel, data: &Path) -> Vec<vlmhost::model::PreparedSample> {
+    std::fs::read_to_string(data)
+        .unwrap_or_else(|e| panic!("{}: {e}", data.display()))
+        .lines()
+        .map(|line| {
+            let sample = vlmhost::plugin_api::sample::parse_line(line, data.parent().unwrap()).unwrap();
+            m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+/// The tensors of a safetensors file, by name.
+pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// The largest absolute difference of two tensors of the same shape (0 for empty ones).
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    if a.numel() == 0 {
+        return 0.0;
+    }
+    let d = a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double);
+    d.abs().max().double_value(&[])
+}
+
+/// An integer tensor's values, flattened.
+pub fn ids(t: &tch::Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(t.reshape([-1])).unwrap()
+}

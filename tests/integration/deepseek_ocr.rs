@@ -59,25 +59,15 @@ fn family_model() -> DeepseekOcrModel {
     DeepseekOcrModel::open(&model_dir(), &opts).unwrap()
 }
 
-fn read(path: PathBuf) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
 
 fn inputs() -> HashMap<String, Tensor> {
-    read(reference_dir().join("inputs.safetensors"))
+    read_tensors(&reference_dir().join("inputs.safetensors"))
 }
 
 fn outputs() -> HashMap<String, Tensor> {
-    read(reference_dir().join("outputs.safetensors"))
+    read_tensors(&reference_dir().join("outputs.safetensors"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
 
 fn check(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let d = max_abs_diff(got, want);
@@ -172,7 +162,7 @@ fn deepseek_ocr_logits_and_loss_match_original_code() {
 fn with_part(m: &HostModel, part: &str) -> HashMap<String, Tensor> {
     let path = workspace_root().join("target/fixtures/deepseek_parts").join(format!("{part}.safetensors"));
     assert!(path.is_file(), "{} is missing: run scripts/fixtures.sh", path.display());
-    let t = read(path);
+    let t = read_tensors(&path);
     let weights: HashMap<String, Tensor> =
         t.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
     let copied = m.load_tensors(&weights, false).unwrap();

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
-use vlmhost::plugin_api::sample::parse_line;
 use vlmhost::model::{causal_lm_loss, collate, HostModel, OpenOptions, PreparedSample};
 use vlmhost::weights;
 use vlmhost::plugin_api::Role;
@@ -37,28 +36,16 @@ pub fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
     HostModel::open(&open_options(mode), cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn reference(name: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture().join("reference").join(name)).unwrap().into_iter().collect()
-}
+
+
+
 
 pub fn samples(m: &HostModel) -> Vec<PreparedSample> {
-    let data = fixture().join("samples/data.jsonl");
-    std::fs::read_to_string(&data)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let sample = parse_line(line, data.parent().unwrap()).unwrap();
-            m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap()
-        })
-        .collect()
+    prepare_file(m, &fixture().join("samples/data.jsonl"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn ids(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(t.reshape([-1])).unwrap()
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    read_tensors(&fixture().join("reference").join(name))
 }
 
 #[test]

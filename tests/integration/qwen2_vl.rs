@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
 use vlmhost::model::{causal_lm_loss, collate, BatchTensors, HostModel, OpenOptions, PreparedSample};
-use vlmhost::plugin_api::sample::parse_line;
 use vlmhost::plugin_api::Role;
 use vlmhost::weights;
 
@@ -41,37 +40,21 @@ fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
     open_dir("model", mode, cfg)
 }
 
-fn reference(name: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture().join("reference").join(name)).unwrap().into_iter().collect()
-}
+
 
 fn samples(m: &HostModel) -> Vec<PreparedSample> {
-    let data = fixture().join("samples/data.jsonl");
-    std::fs::read_to_string(&data)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let sample = parse_line(line, data.parent().unwrap()).unwrap();
-            m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap()
-        })
-        .collect()
+    prepare_file(m, &fixture().join("samples/data.jsonl"))
+}
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    read_tensors(&fixture().join("reference").join(name))
 }
 
 fn tensor<'a>(p: &'a PreparedSample, name: &str) -> &'a Tensor {
     &p.tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    if a.numel() == 0 {
-        return 0.0;
-    }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
 
-fn ids(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(t.reshape([-1])).unwrap()
-}
 
 fn pad_id() -> i64 {
     let meta: serde_json::Value =

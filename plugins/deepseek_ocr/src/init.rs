@@ -10,6 +10,7 @@
 
 use serde_json::json;
 use std::path::Path;
+use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
 
 /// The byte-level tokenizer: `<｜begin▁of▁sentence｜>` 0,
@@ -30,18 +31,11 @@ fn preset(name: &str) -> Result<Preset, PluginError> {
         "tiny" => Preset { sam: (32, 2, 2, 8, vec![1]), image_size: 512, clip: (48, 2, 4), llm: (128, 4, 4, 8, 2, 1, 64) },
         "small" => Preset { sam: (64, 4, 4, 8, vec![1, 3]), image_size: 512, clip: (128, 4, 4), llm: (256, 6, 8, 16, 4, 2, 128) },
         other => {
-            return Err(PluginError::invalid_with_hint(
-                "preset",
-                format!("unknown preset {other:?}"),
-                "use tiny or small",
-            ))
+            return Err(unknown_preset(other, &["tiny", "small"]))
         }
     })
 }
 
-fn write(path: &Path, text: &str) -> Result<(), PluginError> {
-    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
-}
 
 /// Write config.json, tokenizer.json and vlmhost.json (the processor
 /// settings that fit the encoder's size) into `dir`.
@@ -114,11 +108,11 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
-    write(&dir.join("config.json"), &serde_json::to_string_pretty(&config).unwrap_or_default())?;
-    write(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
-    write(&dir.join("generation_config.json"), &json!({"bos_token_id": 0, "eos_token_id": 1}).to_string())?;
+    write_json(&dir.join("config.json"), &config)?;
+    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": 0, "eos_token_id": 1}))?;
     let processor = json!({"processor": {"base_size": p.image_size, "image_size": p.image_size, "crop_mode": false}});
-    write(&dir.join("vlmhost.json"), &serde_json::to_string_pretty(&processor).unwrap_or_default())?;
+    write_json(&dir.join("vlmhost.json"), &processor)?;
     // The config must describe a model this plugin opens.
     crate::config::DeepseekOcrConfig::from_value(&config).map_err(|m| PluginError::invalid("init", format!("preset {preset_name}: {m}")))?;
     Ok(())

@@ -18,8 +18,9 @@
 //! whole patches. The target size is `size` in processor_config.json;
 //! `--processor target_height=H --processor target_width=W` overrides it.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
+use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
 
 /// The tokenizer (see the module doc for its ids).
@@ -43,18 +44,12 @@ fn preset(name: &str) -> Result<Preset, PluginError> {
         "tiny" => Preset { target: (64, 256), llm: (128, 4, 4, 512) },
         "small" => Preset { target: (128, 512), llm: (384, 6, 6, 1536) },
         other => {
-            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+            return Err(unknown_preset(other, &["tiny", "small"]))
         }
     })
 }
 
-fn write(path: &Path, text: &str) -> Result<(), PluginError> {
-    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
-}
 
-fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
-    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
-}
 
 /// Write config.json, the tokenizer files, processor_config.json (the target
 /// size) and generation_config.json into `dir`.
@@ -121,7 +116,7 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     });
     let generation = json!({"bos_token_id": BOS, "eos_token_id": END});
     write_json(&dir.join("config.json"), &config)?;
-    write(&dir.join("tokenizer.json"), TOKENIZER)?;
+    write_text(&dir.join("tokenizer.json"), TOKENIZER)?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&dir.join("processor_config.json"), &processor)?;
     write_json(&dir.join("generation_config.json"), &generation)?;

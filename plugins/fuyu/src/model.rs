@@ -189,15 +189,7 @@ impl Fuyu {
             let q = rope(&q.f_transpose(1, 2)?)?;
             let k = rope(&k.f_transpose(1, 2)?)?;
             let v = v.f_transpose(1, 2)?;
-            let (k, v) = match past {
-                Some(p) => {
-                    let k = ops::append_cache(p.get(2 * i), &k)?;
-                    let v = ops::append_cache(p.get(2 * i + 1), &v)?;
-                    cache.extend([k.shallow_clone(), v.shallow_clone()]);
-                    (k, v)
-                }
-                None => (k, v),
-            };
+            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
             let dropout = if training { t.attention_dropout } else { 0.0 };
             let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&mask), dropout, false, (hd as f64).powf(-0.5), false)?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;

@@ -16,8 +16,9 @@
 //! square (`size: {height, width}`, no centre crop), so a whole 256x64 text
 //! line stays in view, squeezed, instead of losing its ends to a crop.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
+use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
 
 /// The byte-level tokenizer (see the module doc for its ids).
@@ -45,18 +46,12 @@ fn preset(name: &str) -> Result<Preset, PluginError> {
         "tiny" => Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: (128, 4, 4, 2, 384) },
         "small" => Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: (384, 6, 6, 2, 1024) },
         other => {
-            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+            return Err(unknown_preset(other, &["tiny", "small"]))
         }
     })
 }
 
-fn write(path: &Path, text: &str) -> Result<(), PluginError> {
-    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
-}
 
-fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
-    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
-}
 
 /// Write config.json, the tokenizer files, processor_config.json,
 /// chat_template.jinja and generation_config.json into `dir`.
@@ -146,10 +141,10 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     });
     let generation = json!({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD});
     write_json(&dir.join("config.json"), &config)?;
-    write(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&dir.join("processor_config.json"), &processor)?;
-    write(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
+    write_text(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
     write_json(&dir.join("generation_config.json"), &generation)?;
     // The folder must be one this plugin opens: its config parser and processor.
     let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));

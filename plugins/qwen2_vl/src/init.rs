@@ -18,8 +18,9 @@
 //! image is enlarged, a larger one shrunk, to a multiple of 16 pixels per
 //! side); `--processor max_pixels=N` overrides it.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
+use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
 
 /// The byte-level tokenizer (see the module doc for its ids).
@@ -51,18 +52,12 @@ fn preset(name: &str) -> Result<Preset, PluginError> {
         "tiny" => Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: (128, 4, 4, 2, 384) },
         "small" => Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: (384, 6, 6, 2, 1024) },
         other => {
-            return Err(PluginError::invalid_with_hint("preset", format!("unknown preset {other:?}"), "use tiny or small"))
+            return Err(unknown_preset(other, &["tiny", "small"]))
         }
     })
 }
 
-fn write(path: &Path, text: &str) -> Result<(), PluginError> {
-    std::fs::write(path, text).map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })
-}
 
-fn write_json(path: &Path, v: &Value) -> Result<(), PluginError> {
-    write(path, &(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"))
-}
 
 /// Write config.json, the tokenizer files, preprocessor_config.json (the
 /// pixel budget), processor_config.json, chat_template.jinja and
@@ -149,11 +144,11 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     // Qwen2-VL-Instruct stops at <|im_end|> or <|endoftext|>.
     let generation = json!({"bos_token_id": ENDOFTEXT, "eos_token_id": [IM_END, ENDOFTEXT], "pad_token_id": ENDOFTEXT});
     write_json(&dir.join("config.json"), &config)?;
-    write(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&dir.join("preprocessor_config.json"), &preprocessor)?;
     write_json(&dir.join("processor_config.json"), &json!({"processor_class": "Qwen2VLProcessor"}))?;
-    write(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
+    write_text(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
     write_json(&dir.join("generation_config.json"), &generation)?;
     // The folder must be one this plugin opens: its config parser, processor and their agreement.
     let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));

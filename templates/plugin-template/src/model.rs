@@ -304,15 +304,8 @@ impl ToyVlm {
             let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
             let q = ops::apply_rope(&q, &cos, &sin)?;
             let k = ops::apply_rope(&k, &cos, &sin)?;
-            let (k, v) = match past {
-                Some(p) => {
-                    let k = ops::append_cache(p.get(2 * i), &k)?; // [b, kv, past + l, hd]
-                    let v = ops::append_cache(p.get(2 * i + 1), &v)?;
-                    cache.extend([k.shallow_clone(), v.shallow_clone()]);
-                    (k, v)
-                }
-                None => (k, v),
-            };
+            // With a cache: the earlier tokens' keys and values first, [b, kv, past + l, hd].
+            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
             // kv < heads: grouped-query attention.
             let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
