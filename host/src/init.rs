@@ -91,10 +91,7 @@ fn write_checkpoint(lib: &loader::LoadedPlugin, family: &str, preset: &str, part
         .into_result()
         .map_err(|e| plugin_err(family, &format!("init (preset {preset})"), e))?;
 
-    let options = serde_json::Value::Object(processor_defaults(partial)?).to_string();
-    let model = (lib.module.open_model())(RStr::from(family), RStr::from(dir.as_str()), RStr::from(options.as_str()))
-        .into_result()
-        .map_err(|e| plugin_err(family, "opening the new checkpoint", e))?;
+    let model = crate::model::open_family_model(lib, family, partial, &Default::default())?;
     let spec = model.spec();
     tch::manual_seed(seed as i64);
     let mut tensors = Vec::new();

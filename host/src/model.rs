@@ -111,6 +111,23 @@ pub struct HostModel {
     pub device: Device,
 }
 
+/// Open the checkpoint folder `dir` as `family` through `plugin`, with the
+/// folder's own processor settings (`vlmhost.json`) under the user's `processor`.
+pub fn open_family_model(
+    plugin: &LoadedPlugin,
+    family: &str,
+    dir: &Path,
+    processor: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ModelBox> {
+    let mut options = crate::init::processor_defaults(dir)?;
+    options.extend(processor.clone());
+    let options = serde_json::Value::Object(options).to_string();
+    let path = dir.to_string_lossy();
+    (plugin.module.open_model())(RStr::from(family), RStr::from(path.as_ref()), RStr::from(options.as_str()))
+        .into_result()
+        .map_err(|e| plugin_err(family, &format!("opening {}", dir.display()), e))
+}
+
 /// Turn a plugin error into an error with context.
 pub fn plugin_err(family: &str, what: &str, e: PluginError) -> anyhow::Error {
     anyhow!("{family} plugin, {what}: {e}")
@@ -131,18 +148,7 @@ impl HostModel {
         let plugin = loader::resolve(&opts.plugin)?;
         let info = checkpoint_info(&opts.model_dir)?;
         let family = choose_family(&plugin, &info, &opts.model_dir)?;
-        let dir = opts.model_dir.to_string_lossy();
-        // The checkpoint's own processor settings (vlmhost.json), under the user's.
-        let mut processor = crate::init::processor_defaults(&opts.model_dir)?;
-        processor.extend(opts.processor.clone());
-        let options = serde_json::Value::Object(processor).to_string();
-        let model = (plugin.module.open_model())(
-            RStr::from(family.as_str()),
-            RStr::from(dir.as_ref()),
-            RStr::from(options.as_str()),
-        )
-            .into_result()
-            .map_err(|e| plugin_err(&family, &format!("opening {}", opts.model_dir.display()), e))?;
+        let model = open_family_model(&plugin, &family, &opts.model_dir, &opts.processor)?;
         let spec = model.spec();
         validate_spec(&spec, &family)?;
         let roles = rules::assign_roles(&spec)?;
