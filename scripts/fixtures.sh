@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv/bin/python
 [[ -x "$py" ]] || { echo "fixtures: .venv is missing; run scripts/setup.sh first" >&2; exit 1; }
 mkdir -p target/fixtures
+generated=0
 for script in scripts/fixtures/make_*_fixture.py; do
     name="$(basename "$script")"; name="${name#make_}"; name="${name%_fixture.py}"
     out="target/fixtures/$name"
@@ -24,4 +25,8 @@ for script in scripts/fixtures/make_*_fixture.py; do
     echo "$want" > "$out.tmp/.stamp"
     rm -rf "$out"
     mv "$out.tmp" "$out"
+    generated=$((generated + 1))
 done
+if [[ "$generated" == 0 ]]; then
+    echo "fixtures: up to date"
+fi

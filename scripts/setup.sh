@@ -5,8 +5,11 @@
 #                 packages the parity tests run (scripts/requirements-ref.txt);
 #   * .libtorch   a link to that torch package; .cargo/config.toml points
 #                 LIBTORCH at it, so plain `cargo build` / `cargo test` work and
-#                 built binaries find libtorch through their run path.
-# Running it again does nothing unless the requirements changed.
+#                 built binaries find libtorch through their run path;
+#   * target/fixtures/  the tiny reference models the parity tests read;
+#   * target/release/   the vlmhost binary and every plugin (cargo build --release).
+# Running it again does nothing unless something changed: it then ends with
+# "setup: done, nothing changed".
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +21,9 @@ req="$root/scripts/requirements-ref.txt"
 stamp="$venv/.vlmhost-requirements.sha256"
 want="$(sha256sum "$req" | cut -d' ' -f1)"
 
+changed=0
 if [[ ! -x "$venv/bin/python" ]]; then
+    changed=1
     echo "setup: creating the virtualenv in .venv"
     "$python" -m venv "$venv"
 fi
@@ -28,6 +33,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
     echo "$want" > "$stamp"
+    changed=1
 else
     echo "setup: .venv is up to date"
 fi
@@ -40,7 +46,31 @@ case "$torch_version" in
 esac
 if [[ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]]; then
     ln -sfn "$torch_dir" .libtorch
+    changed=1
 fi
 echo "setup: libtorch $torch_version at .libtorch -> $torch_dir"
-"$root/scripts/fixtures.sh"
-echo "setup: done; next: cargo build --release --workspace"
+fixtures="$("$root/scripts/fixtures.sh" | tee /dev/stderr)"
+[[ "$fixtures" == *"up to date"* ]] || changed=1
+
+# The release build: cargo rebuilds only what changed since the last one.
+if ! command -v cargo > /dev/null; then
+    echo "setup: cargo is missing: install Rust (https://rustup.rs), then run scripts/setup.sh again" >&2
+    exit 1
+fi
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+echo "setup: building target/release (the first time takes 15-20 minutes on 2 cores)"
+if ! cargo build --release --workspace 2>&1 | tee "$log" >&2; then
+    echo "setup: the release build failed (above)" >&2
+    exit 1
+fi
+if grep -q "Compiling" "$log"; then
+    changed=1
+else
+    echo "setup: target/release is up to date"
+fi
+if [[ "$changed" == 0 ]]; then
+    echo "setup: done, nothing changed"
+else
+    echo "setup: done; next: scripts/demo.sh (the main job) or scripts/test.sh (the tests)"
+fi

@@ -67,6 +67,9 @@ pub enum Command {
         /// Optimizer steps (overrides train.max_steps and train.epochs).
         #[arg(long)]
         max_steps: Option<usize>,
+        /// Held-out data for validation (overrides train.val_dataset and train.val_size).
+        #[arg(long, value_name = "FILE")]
+        val_dataset: Option<PathBuf>,
     },
     /// Loss on a data set: the mean over assistant tokens and each sample's.
     Eval {
@@ -237,10 +240,18 @@ pub enum DataCommand {
         /// The user's text after the image.
         #[arg(long, default_value = "Free OCR.")]
         prompt: String,
+        /// The kinds of text drawn, comma-separated: words, numbers (integers,
+        /// decimals, ISO dates), lines (2-4 words).
+        #[arg(long, value_delimiter = ',', default_value = "words,numbers,lines", value_parser = parse_text_kind)]
+        kinds: Vec<crate::synth::TextKind>,
         /// Write into a folder that is not empty.
         #[arg(long)]
         force: bool,
     },
+}
+
+fn parse_text_kind(s: &str) -> Result<crate::synth::TextKind, String> {
+    crate::synth::TextKind::parse(s).ok_or_else(|| format!("{s:?} is not a kind of text: use words, numbers or lines"))
 }
 
 /// How a data set is read.
@@ -456,10 +467,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train { model, dataset, output, resume, init_from, max_steps } => {
+        Command::Train { model, dataset, output, resume, init_from, max_steps, val_dataset } => {
             let (mut cfg, opts) = model.resolve()?;
             if max_steps.is_some() {
                 cfg.train.max_steps = max_steps;
+            }
+            if val_dataset.is_some() {
+                cfg.train.val_dataset = val_dataset;
             }
             cfg.plugin = Some(opts.plugin.clone());
             cfg.model = Some(opts.model_dir.clone());
@@ -497,23 +511,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !ds.problems.is_empty() {
                 eprintln!("{}", ds.summary(&dataset));
             }
-            let (loss, samples) = train::evaluate(&m, &ds.records)?;
-            let mut out = serde_json::json!({"loss": loss, "samples": samples});
-            let ocr = if generate {
-                let (metrics, scores) = crate::generate::evaluate_generation(&m, &ds.records, max_new_tokens)?;
-                out["cer"] = metrics.cer.into();
-                out["wer"] = metrics.wer.into();
-                out["exact_match"] = metrics.exact_match.into();
-                out["generated"] = serde_json::to_value(&scores)?;
-                Some(metrics)
-            } else {
-                None
-            };
+            let eval = train::Evaluation::run(&m, &ds.records, generate.then_some(max_new_tokens))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                println!("{}", serde_json::to_string_pretty(&eval.to_json()?)?);
             } else {
-                println!("loss {loss:.6} over {} sample(s), {} supervised token(s)", samples.len(), samples.iter().map(|s| s.tokens).sum::<i64>());
-                if let Some(o) = ocr {
+                let tokens: i64 = eval.samples.iter().map(|s| s.tokens).sum();
+                println!("loss {:.6} over {} sample(s), {tokens} supervised token(s)", eval.loss, eval.samples.len());
+                if let Some((o, _)) = &eval.generation {
                     println!("CER {:.4}, WER {:.4}, exact match {:.4} over {} generated answer(s)", o.cer, o.wer, o.exact_match, o.samples);
                 }
             }
@@ -595,8 +599,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, force }) => {
-            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, force, ..Default::default() };
+        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, kinds, force }) => {
+            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, kinds, force, ..Default::default() };
             let r = crate::synth::synth_ocr(&output, &opts)?;
             println!(
                 "{} samples ({} words, {} numbers, {} lines) written to {}",

@@ -235,6 +235,12 @@ pub struct TrainSettings {
     pub val_dataset: Option<PathBuf>,
     /// Validation loss every N steps (0: only at the end).
     pub eval_every: usize,
+    /// Also generate every validation sample's answer (greedy) before the
+    /// first step and after the last, and score it against the sample's
+    /// answer (CER, WER, exact match): `eval-before.json` and `eval.json`.
+    pub eval_generate: bool,
+    /// Longest generated answer of `eval_generate`, in tokens.
+    pub eval_max_new_tokens: usize,
     /// Checkpoint every N steps (0: only at the end).
     pub save_every: usize,
     /// Checkpoints kept (the oldest are removed).
@@ -263,6 +269,8 @@ impl Default for TrainSettings {
             val_size: 0.0,
             val_dataset: None,
             eval_every: 0,
+            eval_generate: false,
+            eval_max_new_tokens: 64,
             save_every: 0,
             keep_last: 3,
             early_stopping_patience: None,

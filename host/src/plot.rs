@@ -231,40 +231,135 @@ pub fn run_name(run_dir: &Path) -> String {
     abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| run_dir.display().to_string())
 }
 
+/// One stage of a chained run: a run folder and the steps of it that the
+/// next stage started from.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    /// Steps before this stage's first (the earlier stages' steps).
+    pub offset: usize,
+    pub records: Vec<MetricsRecord>,
+}
+
+/// The checkpoint a run started from with `--init-from` (its `summary.json`'s
+/// `init_from`), when there is one.
+fn init_from(run_dir: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(run_dir.join("summary.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("init_from")?.as_str().map(PathBuf::from)
+}
+
+/// The step a checkpoint was saved at: its `state.json`'s `step`.
+fn checkpoint_step(checkpoint: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(checkpoint.join("state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("step")?.as_u64().map(|s| s as usize)
+}
+
+/// The stages that led to `run_dir`, oldest first, ending with `run_dir`
+/// itself: a run started `--init-from RUN/checkpoints/step-N` continues
+/// `RUN`'s first N steps (and so on, up to 8 stages back). An earlier run
+/// whose folder or metrics are gone ends the chain quietly.
+pub fn stages(run_dir: &Path) -> Result<Vec<Stage>, MetricsError> {
+    let last = Stage { name: run_name(run_dir), offset: 0, records: read_metrics(&run_dir.join(METRICS_FILE))? };
+    let mut chain = vec![last];
+    let mut dir = run_dir.to_owned();
+    let mut seen = vec![std::fs::canonicalize(run_dir).unwrap_or_else(|_| run_dir.to_owned())];
+    while chain.len() < 8 {
+        let Some(checkpoint) = init_from(&dir) else { break };
+        let Some(prev) = checkpoint.parent().and_then(Path::parent).map(Path::to_owned) else { break };
+        let canonical = std::fs::canonicalize(&prev).unwrap_or_else(|_| prev.clone());
+        if seen.contains(&canonical) {
+            break;
+        }
+        let Ok(mut records) = read_metrics(&prev.join(METRICS_FILE)) else { break };
+        if let Some(step) = checkpoint_step(&checkpoint) {
+            records.retain(|r| r.step <= step);
+        }
+        if records.is_empty() {
+            break;
+        }
+        seen.push(canonical);
+        chain.push(Stage { name: run_name(&prev), offset: 0, records });
+        dir = prev;
+    }
+    chain.reverse();
+    let mut offset = 0;
+    for stage in &mut chain {
+        stage.offset = offset;
+        offset += stage.records.iter().map(|r| r.step).max().unwrap_or(0);
+    }
+    Ok(chain)
+}
+
+/// `field` of every record of every stage, at the step counted from the
+/// first stage's first.
+fn stage_points(stage: &Stage, field: impl Fn(&MetricsRecord) -> Option<f64>) -> Vec<(f64, f64)> {
+    finite_points(&stage.records, field).into_iter().map(|(x, y)| (x + stage.offset as f64, y)).collect()
+}
+
+/// The loss series of `stages`: training (lines) and validation (dots) per
+/// stage, labelled with the stage's name when there are several.
+fn loss_series(stages: &[Stage]) -> Vec<Series> {
+    let chained = stages.len() > 1;
+    let label = |stage: &Stage, what: &str| if chained { format!("{}: {what}", stage.name) } else { what.to_owned() };
+    stages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, stage)| {
+            [
+                Series { label: label(stage, "training"), color: PALETTE[(2 * i) % PALETTE.len()], mark: Mark::Line, points: stage_points(stage, |r| r.loss) },
+                Series {
+                    label: label(stage, "validation"),
+                    color: PALETTE[(2 * i + 1) % PALETTE.len()],
+                    mark: Mark::Dots,
+                    points: stage_points(stage, |r| r.val_loss),
+                },
+            ]
+        })
+        .collect()
+}
+
 /// Write `loss.png` and `lr.png` into `run_dir` from its `metrics.jsonl`;
-/// returns the files written. A run without a single finite loss (every step
-/// skipped) gets no `loss.png` (a warning says so); a run without records is
-/// an error.
+/// returns the files written. A run started from an earlier run's checkpoint
+/// (`--init-from`) is drawn after the stages before it ([`stages`]), each
+/// stage in its own colours, steps counted from the first stage's first. A
+/// run without a single finite loss (every step skipped) gets no `loss.png`
+/// (a warning says so); a run without records is an error.
 pub fn write_run_plots(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let records = read_metrics(&run_dir.join(METRICS_FILE))?;
-    let name = run_name(run_dir);
+    let stages = stages(run_dir)?;
+    let name = stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" -> ");
+    let records = &stages.last().expect("stages ends with the run itself").records;
     let mut written = Vec::new();
 
-    let train = finite_points(&records, |r| r.loss);
-    let val = finite_points(&records, |r| r.val_loss);
-    if train.is_empty() && val.is_empty() {
+    let series = loss_series(&stages);
+    if series.iter().all(|s| s.points.is_empty()) {
         tracing::warn!("{}: no finite training or validation loss in {} records: no loss.png", run_dir.display(), records.len());
     } else {
         let path = run_dir.join("loss.png");
         let title = format!("{name}: loss");
         let chart = Chart { title: &title, x_label: "step", y_label: "loss", y_scientific: false };
-        let series = [
-            Series { label: "training".into(), color: PALETTE[0], mark: Mark::Line, points: train },
-            Series { label: "validation".into(), color: PALETTE[1], mark: Mark::Dots, points: val },
-        ];
         write_png(&path, &chart, &series, (PLOT_WIDTH, PLOT_HEIGHT))?;
         written.push(path);
     }
 
-    let lr = finite_points(&records, |r| r.lr);
-    if lr.is_empty() {
+    let lr: Vec<Series> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| Series {
+            label: if stages.len() > 1 { stage.name.clone() } else { "lr".into() },
+            color: PALETTE[(2 * i + 2) % PALETTE.len()],
+            mark: Mark::Line,
+            points: stage_points(stage, |r| r.lr),
+        })
+        .collect();
+    if lr.iter().all(|s| s.points.is_empty()) {
         tracing::warn!("{}: no learning rate in {} records: no lr.png", run_dir.display(), records.len());
     } else {
         let path = run_dir.join("lr.png");
         let title = format!("{name}: learning rate");
         let chart = Chart { title: &title, x_label: "step", y_label: "learning rate", y_scientific: true };
-        let series = [Series { label: "lr".into(), color: PALETTE[2], mark: Mark::Line, points: lr }];
-        write_png(&path, &chart, &series, (PLOT_WIDTH, PLOT_HEIGHT))?;
+        write_png(&path, &chart, &lr, (PLOT_WIDTH, PLOT_HEIGHT))?;
         written.push(path);
     }
     if written.is_empty() {
@@ -317,6 +412,42 @@ mod tests {
         // No temporary files left behind.
         let names: Vec<_> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn a_chained_run_draws_the_stages_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let write_run = |name: &str, steps: usize, loss0: f64| {
+            let run = dir.path().join(name);
+            std::fs::create_dir_all(run.join("checkpoints/step-00000004")).unwrap();
+            let text: String = (1..=steps).map(|s| line(s, Some(loss0 / s as f64), 1e-3, (s % 2 == 0).then_some(loss0)) + "\n").collect();
+            std::fs::write(run.join(METRICS_FILE), text).unwrap();
+            std::fs::write(run.join("checkpoints/step-00000004/state.json"), r#"{"step": 4}"#).unwrap();
+            run
+        };
+        let s1 = write_run("stage1", 6, 6.0);
+        let s2 = write_run("stage2", 3, 3.0);
+        let from = s1.join("checkpoints/step-00000004");
+        std::fs::write(s2.join("summary.json"), serde_json::json!({"init_from": from}).to_string()).unwrap();
+        // A stage that points at itself does not loop.
+        std::fs::write(s1.join("summary.json"), serde_json::json!({"init_from": s2.join("checkpoints/x")}).to_string()).unwrap();
+
+        let chain = stages(&s2).unwrap();
+        let names: Vec<_> = chain.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["stage1", "stage2"]);
+        // Stage 1 up to the checkpoint stage 2 started from (step 4), stage 2 after it.
+        assert_eq!(chain[0].records.len(), 4);
+        assert_eq!((chain[0].offset, chain[1].offset), (0, 4));
+        let series = loss_series(&chain);
+        assert_eq!(series.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(), ["stage1: training", "stage1: validation", "stage2: training", "stage2: validation"]);
+        assert_eq!(series[2].points.first(), Some(&(5.0, 3.0)));
+        assert_eq!(series[3].points, vec![(6.0, 3.0)]);
+        assert_eq!(write_run_plots(&s2).unwrap().len(), 2);
+
+        // Without its earlier run, a stage plots alone.
+        std::fs::remove_dir_all(&s1).unwrap();
+        assert_eq!(stages(&s2).unwrap().len(), 1);
+        assert_eq!(loss_series(&stages(&s2).unwrap())[0].label, "training");
     }
 
     #[test]

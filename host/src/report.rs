@@ -1,7 +1,8 @@
 //! `vlmhost report RUN_DIR...`: runs side by side. For each run folder, from
 //! its `metrics.jsonl` (required), `config.yaml` (the resolved configuration
-//! training saves; optional) and `eval.json` (optional; numbers under `loss`,
-//! `cer`, `wer`, `exact_match`): a row of a Markdown table ([`Report::markdown`])
+//! training saves; optional), `eval.json` (optional; numbers under `loss`,
+//! `cer`, `wer`, `exact_match`) and `eval-before.json` (the same, measured on
+//! the run's starting point: `train.eval_generate`): a row of a Markdown table ([`Report::markdown`])
 //! or of JSON (`Report` is `Serialize`), and one PNG overlaying the runs'
 //! training-loss curves.
 
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 /// The optional evaluation results file in a run folder.
 pub const EVAL_FILE: &str = "eval.json";
+/// The same, measured before the run's first step.
+pub const EVAL_BEFORE_FILE: &str = crate::train::EVAL_BEFORE_FILE;
 /// The resolved configuration training saves in a run folder.
 pub const CONFIG_FILE: &str = "config.yaml";
 
@@ -47,6 +50,8 @@ pub struct RunSummary {
     /// Training time, summed over resumed segments.
     pub wall_seconds: Option<f64>,
     pub eval: Option<EvalMetrics>,
+    /// The evaluation of the run's starting point (`eval-before.json`).
+    pub eval_before: Option<EvalMetrics>,
 }
 
 /// Runs side by side.
@@ -105,9 +110,9 @@ fn read_config(run_dir: &Path) -> anyhow::Result<(Option<String>, Option<String>
     Ok((get("plugin"), get("model"), get("mode")))
 }
 
-/// `run_dir/eval.json`, when there is one.
-fn read_eval(run_dir: &Path) -> anyhow::Result<Option<EvalMetrics>> {
-    let path = run_dir.join(EVAL_FILE);
+/// `run_dir/FILE` (`eval.json`, `eval-before.json`), when there is one.
+fn read_eval(run_dir: &Path, file: &str) -> anyhow::Result<Option<EvalMetrics>> {
+    let path = run_dir.join(file);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -133,7 +138,8 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
     }
     let records = plot::read_metrics(&run_dir.join(plot::METRICS_FILE))?;
     let (plugin, model, mode) = read_config(run_dir)?;
-    let eval = read_eval(run_dir)?;
+    let eval = read_eval(run_dir, EVAL_FILE)?;
+    let eval_before = read_eval(run_dir, EVAL_BEFORE_FILE)?;
     let losses = plot::finite_points(&records, |r| r.loss);
     let best = losses.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1));
     let summary = RunSummary {
@@ -154,6 +160,7 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
         ),
         wall_seconds: wall_seconds(&records),
         eval,
+        eval_before,
     };
     Ok((summary, records))
 }
@@ -234,6 +241,10 @@ impl Report {
         let mut head = vec![
             "run", "plugin", "model", "mode", "steps", "first loss", "last loss", "best loss (step)", "final val loss", "tokens/s (median)", "wall time",
         ];
+        let with_before = self.runs.iter().any(|r| r.eval_before.is_some());
+        if with_before {
+            head.extend(["CER before", "exact match before"]);
+        }
         if with_eval {
             head.extend(["eval loss", "CER", "WER", "exact match"]);
         }
@@ -257,6 +268,10 @@ impl Report {
                 num(r.median_tokens_per_second, 0),
                 r.wall_seconds.map_or_else(|| "–".to_owned(), duration),
             ];
+            if with_before {
+                let e = r.eval_before.clone().unwrap_or_default();
+                row.extend([num(e.cer, 4), num(e.exact_match, 4)]);
+            }
             if with_eval {
                 let e = r.eval.clone().unwrap_or_default();
                 row.extend([num(e.loss, 4), num(e.cer, 4), num(e.wer, 4), num(e.exact_match, 4)]);
@@ -328,6 +343,14 @@ mod tests {
             "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
         );
         assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | 25.0s | – | – | – | – |");
+
+        // The starting point's scores (eval-before.json) get their own columns.
+        std::fs::write(b.join(EVAL_BEFORE_FILE), r#"{"loss": 4.0, "cer": 0.875, "exact_match": 0.0}"#).unwrap();
+        let md = report(&[a.clone(), b.clone()], &out).unwrap().markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert!(lines[0].contains("| CER before | exact match before | eval loss | CER |"), "{md}");
+        assert!(lines[2].ends_with("| 4.0s | – | – | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"), "{md}");
+        assert!(lines[3].ends_with("| 25.0s | 0.8750 | 0.0000 | – | – | – | – |"), "{md}");
 
         let json = serde_json::to_value(&rep).unwrap();
         assert_eq!(json["runs"][1]["run"], "run-b");

@@ -43,6 +43,9 @@ pub struct SynthOptions {
     pub margin: u32,
     /// Standard deviation of the pixel noise, in 0..255 units (0: none).
     pub noise: f32,
+    /// The kinds of text drawn (at least one), in the proportions of
+    /// [`random_text`] among those given.
+    pub kinds: Vec<TextKind>,
     /// Write into a non-empty output folder (images and `data.jsonl` of the
     /// same names are overwritten; other files are left as they are).
     pub force: bool,
@@ -60,6 +63,7 @@ impl Default for SynthOptions {
             max_font_px: 40.0,
             margin: 2,
             noise: 4.0,
+            kinds: TextKind::ALL.to_vec(),
             force: false,
         }
     }
@@ -80,9 +84,38 @@ pub struct SynthReport {
 /// The kinds of text drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TextKind {
+    /// One common English word, lower, capitalised or upper case.
     Word,
+    /// An integer, a decimal or an ISO date.
     Number,
+    /// Two to four words, sometimes with a full stop.
     Line,
+}
+
+impl TextKind {
+    pub const ALL: [TextKind; 3] = [TextKind::Word, TextKind::Number, TextKind::Line];
+
+    /// `words`, `numbers`, `lines` (the names `--kinds` takes).
+    pub fn name(self) -> &'static str {
+        match self {
+            TextKind::Word => "words",
+            TextKind::Number => "numbers",
+            TextKind::Line => "lines",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TextKind> {
+        TextKind::ALL.into_iter().find(|k| k.name() == s.trim())
+    }
+
+    /// Relative frequency when every kind is drawn (out of 20).
+    fn weight(self) -> u32 {
+        match self {
+            TextKind::Word => 8,
+            TextKind::Number => 5,
+            TextKind::Line => 7,
+        }
+    }
 }
 
 /// Common English words the texts are made of.
@@ -162,14 +195,26 @@ fn line(rng: &mut ChaCha8Rng) -> String {
     s
 }
 
-/// A random text: a word (40%), a number (25%: integer, decimal or
-/// ISO date) or 2-4 words (35%).
-pub fn random_text(rng: &mut ChaCha8Rng) -> (TextKind, String) {
-    match rng.gen_range(0..20) {
-        0..=7 => (TextKind::Word, word(rng)),
-        8..=12 => (TextKind::Number, number(rng)),
-        _ => (TextKind::Line, line(rng)),
-    }
+/// A random text of one of `kinds` (not empty): with all three, a word
+/// (40%), a number (25%: integer, decimal or ISO date) or 2-4 words (35%);
+/// with fewer, the same proportions among those.
+pub fn random_text(rng: &mut ChaCha8Rng, kinds: &[TextKind]) -> (TextKind, String) {
+    let total: u32 = kinds.iter().map(|k| k.weight()).sum();
+    let mut pick = rng.gen_range(0..total.max(1));
+    let kind = *kinds
+        .iter()
+        .find(|k| {
+            let hit = pick < k.weight();
+            pick = pick.saturating_sub(k.weight());
+            hit
+        })
+        .unwrap_or(&TextKind::Word);
+    let text = match kind {
+        TextKind::Word => word(rng),
+        TextKind::Number => number(rng),
+        TextKind::Line => line(rng),
+    };
+    (kind, text)
 }
 
 /// Relative luminance (WCAG 2) of an sRGB colour.
@@ -320,7 +365,7 @@ pub fn render_sample(font: &FontRef, index: usize, opts: &SynthOptions) -> anyho
     let avail_h = opts.height.saturating_sub(2 * opts.margin);
     let max_px = opts.max_font_px.min(avail_h as f32).max(opts.min_font_px);
     for _ in 0..100 {
-        let (kind, text) = random_text(&mut rng);
+        let (kind, text) = random_text(&mut rng, &opts.kinds);
         let mut px = rng.gen_range(opts.min_font_px..=max_px);
         let fitted = loop {
             match rasterise(font, &text, px) {
@@ -364,6 +409,9 @@ pub fn sample_line(image: &str, prompt: &str, text: &str) -> String {
 fn check(opts: &SynthOptions) -> anyhow::Result<()> {
     if opts.count == 0 {
         bail!("count is 0: ask for at least one sample");
+    }
+    if opts.kinds.is_empty() {
+        bail!("no kind of text to draw: name at least one of words, numbers, lines");
     }
     if !(opts.min_font_px.is_finite() && opts.min_font_px >= 4.0 && opts.max_font_px >= opts.min_font_px) {
         bail!("font sizes {}..{} px: the minimum must be at least 4 and at most the maximum", opts.min_font_px, opts.max_font_px);
@@ -538,12 +586,34 @@ mod tests {
         let date = regex::Regex::new(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$").unwrap();
         let num = regex::Regex::new(r"^-?\d+(\.\d{1,2})?$").unwrap();
         for _ in 0..500 {
-            match random_text(&mut rng) {
+            match random_text(&mut rng, &TextKind::ALL) {
                 (TextKind::Word, t) => assert!(!t.contains(' ') && WORDS.iter().any(|w| w.eq_ignore_ascii_case(&t)), "{t:?}"),
                 (TextKind::Number, t) => assert!(date.is_match(&t) || num.is_match(&t), "{t:?}"),
                 (TextKind::Line, t) => assert!((2..=4).contains(&t.split(' ').count()), "{t:?}"),
             }
         }
         assert!(contrast([0; 3], [255; 3]) > 20.9);
+    }
+
+    #[test]
+    fn kinds_limit_what_is_drawn() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut seen = [0usize; 3];
+        for _ in 0..300 {
+            let (kind, text) = random_text(&mut rng, &[TextKind::Word, TextKind::Line]);
+            assert_ne!(kind, TextKind::Number, "{text:?}");
+            assert!(!text.chars().any(|c| c.is_ascii_digit()), "{text:?}");
+            seen[kind as usize] += 1;
+        }
+        // 8 : 7 of 300 draws: both kinds appear (each expected ~140 times).
+        assert!(seen[0] > 100 && seen[2] > 100, "{seen:?}");
+        let only: Vec<_> = (0..50).map(|_| random_text(&mut rng, &[TextKind::Number]).0).collect();
+        assert!(only.iter().all(|k| *k == TextKind::Number));
+        assert_eq!(TextKind::parse("numbers"), Some(TextKind::Number));
+        assert_eq!(TextKind::parse("digits"), None);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let e = synth_ocr(tmp.path(), &SynthOptions { kinds: vec![], ..small(2, 0) }).unwrap_err().to_string();
+        assert!(e.contains("words, numbers, lines"), "{e}");
     }
 }

@@ -15,6 +15,7 @@
 
 use crate::config::{Schedule, TrainConfig};
 use crate::dataset::{self, Dataset, DatasetOptions, Record};
+use crate::generate::OcrMetrics;
 use crate::model::{causal_lm_loss, collate, HostModel, PreparedSample};
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -77,6 +78,9 @@ pub fn learning_rate(base: f64, schedule: Schedule, warmup: usize, step: usize, 
     }
 }
 
+/// The scored validation answers of a run's starting point (`train.eval_generate`).
+pub const EVAL_BEFORE_FILE: &str = "eval-before.json";
+
 /// Where to resume from.
 #[derive(Debug, Clone)]
 pub enum Resume {
@@ -105,6 +109,15 @@ pub struct TrainSummary {
     pub final_val_loss: Option<f64>,
     pub stopped_early: bool,
     pub checkpoint: PathBuf,
+    /// The checkpoint of an earlier stage this run started from (`--init-from`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Generated validation answers scored before the first step and after
+    /// the last (`train.eval_generate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_before: Option<OcrMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_after: Option<OcrMetrics>,
     /// The process's peak resident memory (Linux `VmHWM`), model loading included.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
@@ -176,6 +189,52 @@ pub fn evaluate(model: &HostModel, records: &[Record]) -> Result<(f64, Vec<Sampl
         per.push(SampleLoss { index: r.origin.index, loss: if n > 0 { sum / n as f64 } else { f64::NAN }, tokens: n });
     }
     Ok((if count > 0 { total / count as f64 } else { f64::NAN }, per))
+}
+
+/// An evaluation of a data set: the loss and, when asked for, each answer
+/// generated greedily and scored against the sample's.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Mean loss over every supervised token.
+    pub loss: f64,
+    pub samples: Vec<SampleLoss>,
+    pub generation: Option<(OcrMetrics, Vec<crate::generate::OcrScore>)>,
+}
+
+impl Evaluation {
+    /// Evaluate `records`; with `max_new_tokens`, also generate and score.
+    pub fn run(model: &HostModel, records: &[Record], max_new_tokens: Option<usize>) -> Result<Evaluation> {
+        let (loss, samples) = evaluate(model, records)?;
+        let generation = max_new_tokens.map(|n| crate::generate::evaluate_generation(model, records, n)).transpose()?;
+        Ok(Evaluation { loss, samples, generation })
+    }
+
+    /// What `vlmhost eval --json` prints and a run's `eval.json` holds:
+    /// `loss`, `samples` (per sample) and with generation `cer`, `wer`,
+    /// `exact_match`, `generated`.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let mut out = serde_json::json!({"loss": self.loss, "samples": self.samples});
+        if let Some((metrics, scores)) = &self.generation {
+            out["cer"] = metrics.cer.into();
+            out["wer"] = metrics.wer.into();
+            out["exact_match"] = metrics.exact_match.into();
+            out["generated"] = serde_json::to_value(scores)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The validation set's generated answers scored, written to `file` in the
+/// run folder and summed up on the terminal as `when` ("before", "after").
+fn generation_eval(model: &HostModel, val_set: &[Record], cfg: &TrainConfig, output: &Path, file: &str, when: &str) -> Result<OcrMetrics> {
+    let eval = Evaluation::run(model, val_set, Some(cfg.train.eval_max_new_tokens))?;
+    weights::write_atomic(&output.join(file), serde_json::to_string_pretty(&eval.to_json()?)?.as_bytes())?;
+    let metrics = eval.generation.expect("asked for generation").0;
+    eprintln!(
+        "validation answers {when} training: CER {:.3}  WER {:.3}  exact match {:.3} ({} samples, {file})",
+        metrics.cer, metrics.wer, metrics.exact_match, metrics.samples
+    );
+    Ok(metrics)
 }
 
 /// Train/validation split: a separate file, or `val_size` samples drawn with the seed.
@@ -346,6 +405,16 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
         eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
 
+    let generate_eval = t.eval_generate && !val_set.is_empty();
+    if t.eval_generate && val_set.is_empty() {
+        eprintln!("warning: train.eval_generate is set but there is no validation set (set train.val_size or train.val_dataset)");
+    }
+    let generation_before = if generate_eval && (resume_dir.is_none() || !job.output.join(EVAL_BEFORE_FILE).is_file()) {
+        Some(generation_eval(model, &val_set, cfg, &job.output, EVAL_BEFORE_FILE, "before")?)
+    } else {
+        None
+    };
+
     let metrics_path = job.output.join("metrics.jsonl");
     if resume_dir.is_none() {
         let _ = std::fs::remove_file(&metrics_path);
@@ -495,6 +564,11 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
         Ok(()) => eprintln!("PEFT adapter written to {}", adapter.display()),
         Err(e) => eprintln!("warning: no PEFT adapter written: {e:#}"),
     }
+    let generation_after = if generate_eval {
+        Some(generation_eval(model, &val_set, cfg, &job.output, crate::report::EVAL_FILE, "after")?)
+    } else {
+        None
+    };
     let summary = TrainSummary {
         steps: state.step,
         first_loss,
@@ -502,6 +576,9 @@ pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<Tra
         final_val_loss: final_val,
         stopped_early,
         checkpoint: last_checkpoint,
+        init_from: job.init_from.clone(),
+        generation_before,
+        generation_after,
         peak_rss_mib: peak_rss_mib(),
     };
     weights::write_atomic(&job.output.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
