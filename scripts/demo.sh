@@ -2,22 +2,24 @@
 # The main job: teach a small OCR model to read a kind of text it has never
 # seen, on the CPU, in a few minutes, with nothing downloaded.
 #
-# The base, models/ocr-base, is a tiny DeepSeek-OCR-shaped model (SAM + CLIP +
-# projector + MoE LLM, 1.3M parameters) that the project pre-trained itself
-# to read English words and short lines (scripts/pretrain_ocr_base.sh says
-# exactly how). It has never seen a digit. This script:
+# The base, models/ocr-base, is a tiny Fuyu-style model (encoder-free: 16-pixel
+# patches projected straight into a 4-layer LLM; 1.0M parameters) that the
+# project pre-trained itself to read letters, words and short lines
+# (scripts/pretrain_ocr_base.sh says exactly how). It has never seen a digit.
+# This script:
 #   1. renders a new domain with `vlmhost data synth-ocr --kinds numbers`:
 #      integers, decimals and ISO dates (training and held-out sets);
-#   2. stage 1 trains the projector alone (config/examples/ocr_stage1.yaml);
+#   2. stage 1 trains the projector alone, the patch embedding
+#      (config/examples/ocr_stage1.yaml);
 #   3. stage 2 trains the projector and the LLM with LoRA from stage 1's
 #      checkpoint (config/examples/ocr_stage2.yaml);
 #   each stage scores the held-out answers it generates before its first
 #   step and after its last (train.eval_generate: CER, exact match);
 #   4. prints the held-out readings before and after, and writes a report.
 #
-# Environment: OUT (default runs/ocr-demo), MODEL (another DeepSeek-OCR
-# checkpoint folder, e.g. the real deepseek-ai/DeepSeek-OCR; then also set
-# PROCESSOR, e.g. "--processor mode=base", and DATA/VAL to your own data),
+# Environment: OUT (default runs/ocr-demo), MODEL (another Fuyu checkpoint
+# folder, e.g. adept/fuyu-8b; then also set DATA/VAL to your own data, and
+# PROCESSOR to "--processor KEY=VALUE" options if needed),
 # VLMHOST (the binary, default target/release/vlmhost), TRAIN_COUNT and
 # VAL_COUNT (synthetic samples), STAGE1_STEPS and STAGE2_STEPS.
 set -euo pipefail
@@ -34,12 +36,13 @@ data="${DATA:-$out/data/train/data.jsonl}"
 val="${VAL:-$out/data/val/data.jsonl}"
 if [[ -z "${DATA:-}" ]]; then
     echo "== the new domain: numbers, decimals and dates (the base model has only read words)"
-    "$bin" data synth-ocr --kinds numbers --count "${TRAIN_COUNT:-3000}" --seed 1 --output "$out/data/train" --force
-    "$bin" data synth-ocr --kinds numbers --count "${VAL_COUNT:-48}" --seed 2 --output "$out/data/val" --force
+    text=(--kinds numbers --min-font-px 20 --max-font-px 36)
+    "$bin" data synth-ocr "${text[@]}" --count "${TRAIN_COUNT:-3000}" --seed 1 --output "$out/data/train" --force
+    "$bin" data synth-ocr "${text[@]}" --count "${VAL_COUNT:-48}" --seed 2 --output "$out/data/val" --force
 fi
 
 rm -rf "$out/stage1" "$out/stage2"
-echo "== stage 1: the projector alone"
+echo "== stage 1: the projector (patch embedding) alone"
 "$bin" train --config config/examples/ocr_stage1.yaml --model "$model" "${processor[@]}" \
     --dataset "$data" --val-dataset "$val" --output "$out/stage1" \
     ${STAGE1_STEPS:+--max-steps "$STAGE1_STEPS"} > "$out/stage1.json"

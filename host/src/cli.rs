@@ -241,9 +241,18 @@ pub enum DataCommand {
         #[arg(long, default_value = "Free OCR.")]
         prompt: String,
         /// The kinds of text drawn, comma-separated: words, numbers (integers,
-        /// decimals, ISO dates), lines (2-4 words).
+        /// decimals, ISO dates), lines (2-4 words), letters (2-8 random letters).
         #[arg(long, value_delimiter = ',', default_value = "words,numbers,lines", value_parser = parse_text_kind)]
         kinds: Vec<crate::synth::TextKind>,
+        /// Smallest font size in pixels (the font shrinks down to it until the text fits).
+        #[arg(long, default_value_t = 12.0)]
+        min_font_px: f32,
+        /// Largest font size in pixels.
+        #[arg(long, default_value_t = 40.0)]
+        max_font_px: f32,
+        /// Standard deviation of the pixel noise, in 0..255 units (0: none).
+        #[arg(long, default_value_t = 4.0)]
+        noise: f32,
         /// Write into a folder that is not empty.
         #[arg(long)]
         force: bool,
@@ -251,7 +260,7 @@ pub enum DataCommand {
 }
 
 fn parse_text_kind(s: &str) -> Result<crate::synth::TextKind, String> {
-    crate::synth::TextKind::parse(s).ok_or_else(|| format!("{s:?} is not a kind of text: use words, numbers or lines"))
+    crate::synth::TextKind::parse(s).ok_or_else(|| format!("{s:?} is not a kind of text: use words, numbers, lines or letters"))
 }
 
 /// How a data set is read.
@@ -599,12 +608,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, kinds, force }) => {
-            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, kinds, force, ..Default::default() };
+        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, force }) => {
+            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, force, ..Default::default() };
             let r = crate::synth::synth_ocr(&output, &opts)?;
             println!(
-                "{} samples ({} words, {} numbers, {} lines) written to {}",
-                r.count, r.words, r.numbers, r.lines, r.data_file.display()
+                "{} samples ({} words, {} numbers, {} lines, {} letter strings) written to {}",
+                r.count, r.words, r.numbers, r.lines, r.letters, r.data_file.display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -63,7 +63,7 @@ impl Default for SynthOptions {
             max_font_px: 40.0,
             margin: 2,
             noise: 4.0,
-            kinds: TextKind::ALL.to_vec(),
+            kinds: TextKind::DEFAULT.to_vec(),
             force: false,
         }
     }
@@ -79,6 +79,7 @@ pub struct SynthReport {
     pub words: usize,
     pub numbers: usize,
     pub lines: usize,
+    pub letters: usize,
 }
 
 /// The kinds of text drawn.
@@ -90,10 +91,15 @@ pub enum TextKind {
     Number,
     /// Two to four words, sometimes with a full stop.
     Line,
+    /// Two to eight random letters, upper or lower case: text with no
+    /// language to guess from, only the image to read.
+    Letters,
 }
 
 impl TextKind {
-    pub const ALL: [TextKind; 3] = [TextKind::Word, TextKind::Number, TextKind::Line];
+    /// What synth-ocr draws unless told otherwise.
+    pub const DEFAULT: [TextKind; 3] = [TextKind::Word, TextKind::Number, TextKind::Line];
+    pub const ALL: [TextKind; 4] = [TextKind::Word, TextKind::Number, TextKind::Line, TextKind::Letters];
 
     /// `words`, `numbers`, `lines` (the names `--kinds` takes).
     pub fn name(self) -> &'static str {
@@ -101,6 +107,7 @@ impl TextKind {
             TextKind::Word => "words",
             TextKind::Number => "numbers",
             TextKind::Line => "lines",
+            TextKind::Letters => "letters",
         }
     }
 
@@ -114,6 +121,7 @@ impl TextKind {
             TextKind::Word => 8,
             TextKind::Number => 5,
             TextKind::Line => 7,
+            TextKind::Letters => 8,
         }
     }
 }
@@ -195,6 +203,12 @@ fn line(rng: &mut ChaCha8Rng) -> String {
     s
 }
 
+fn letters(rng: &mut ChaCha8Rng) -> String {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let n = rng.gen_range(2..=8);
+    (0..n).map(|_| LETTERS[rng.gen_range(0..LETTERS.len())] as char).collect()
+}
+
 /// A random text of one of `kinds` (not empty): with all three, a word
 /// (40%), a number (25%: integer, decimal or ISO date) or 2-4 words (35%);
 /// with fewer, the same proportions among those.
@@ -213,6 +227,7 @@ pub fn random_text(rng: &mut ChaCha8Rng, kinds: &[TextKind]) -> (TextKind, Strin
         TextKind::Word => word(rng),
         TextKind::Number => number(rng),
         TextKind::Line => line(rng),
+        TextKind::Letters => letters(rng),
     };
     (kind, text)
 }
@@ -411,7 +426,7 @@ fn check(opts: &SynthOptions) -> anyhow::Result<()> {
         bail!("count is 0: ask for at least one sample");
     }
     if opts.kinds.is_empty() {
-        bail!("no kind of text to draw: name at least one of words, numbers, lines");
+        bail!("no kind of text to draw: name at least one of words, numbers, lines, letters");
     }
     if !(opts.min_font_px.is_finite() && opts.min_font_px >= 4.0 && opts.max_font_px >= opts.min_font_px) {
         bail!("font sizes {}..{} px: the minimum must be at least 4 and at most the maximum", opts.min_font_px, opts.max_font_px);
@@ -446,13 +461,14 @@ pub fn synth_ocr(out_dir: &Path, opts: &SynthOptions) -> anyhow::Result<SynthRep
     let font = FontRef::try_from_slice(crate::font::DEJAVU_SANS).context("the embedded font does not parse")?;
     let digits = (opts.count - 1).to_string().len().max(5);
     let mut data = String::new();
-    let (mut words, mut numbers, mut lines) = (0, 0, 0);
+    let (mut words, mut numbers, mut lines, mut letters) = (0, 0, 0, 0);
     for i in 0..opts.count {
         let (kind, text, _, img) = render_sample(&font, i, opts)?;
         match kind {
             TextKind::Word => words += 1,
             TextKind::Number => numbers += 1,
             TextKind::Line => lines += 1,
+            TextKind::Letters => letters += 1,
         }
         let rel = format!("images/{i:0digits$}.png");
         let path = out_dir.join(&rel);
@@ -462,7 +478,7 @@ pub fn synth_ocr(out_dir: &Path, opts: &SynthOptions) -> anyhow::Result<SynthRep
     }
     let data_file = out_dir.join("data.jsonl");
     crate::weights::write_atomic(&data_file, data.as_bytes()).with_context(|| format!("writing {}", data_file.display()))?;
-    Ok(SynthReport { count: opts.count, data_file, images_dir, words, numbers, lines })
+    Ok(SynthReport { count: opts.count, data_file, images_dir, words, numbers, lines, letters })
 }
 
 #[cfg(test)]
@@ -586,10 +602,11 @@ mod tests {
         let date = regex::Regex::new(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$").unwrap();
         let num = regex::Regex::new(r"^-?\d+(\.\d{1,2})?$").unwrap();
         for _ in 0..500 {
-            match random_text(&mut rng, &TextKind::ALL) {
+            match random_text(&mut rng, &TextKind::DEFAULT) {
                 (TextKind::Word, t) => assert!(!t.contains(' ') && WORDS.iter().any(|w| w.eq_ignore_ascii_case(&t)), "{t:?}"),
                 (TextKind::Number, t) => assert!(date.is_match(&t) || num.is_match(&t), "{t:?}"),
                 (TextKind::Line, t) => assert!((2..=4).contains(&t.split(' ').count()), "{t:?}"),
+                (TextKind::Letters, t) => panic!("letters are not drawn by default: {t:?}"),
             }
         }
         assert!(contrast([0; 3], [255; 3]) > 20.9);
@@ -598,7 +615,7 @@ mod tests {
     #[test]
     fn kinds_limit_what_is_drawn() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let mut seen = [0usize; 3];
+        let mut seen = [0usize; 4];
         for _ in 0..300 {
             let (kind, text) = random_text(&mut rng, &[TextKind::Word, TextKind::Line]);
             assert_ne!(kind, TextKind::Number, "{text:?}");
@@ -611,9 +628,13 @@ mod tests {
         assert!(only.iter().all(|k| *k == TextKind::Number));
         assert_eq!(TextKind::parse("numbers"), Some(TextKind::Number));
         assert_eq!(TextKind::parse("digits"), None);
+        for _ in 0..50 {
+            let (_, t) = random_text(&mut rng, &[TextKind::Letters]);
+            assert!((2..=8).contains(&t.len()) && t.chars().all(|c| c.is_ascii_alphabetic()), "{t:?}");
+        }
 
         let tmp = tempfile::tempdir().unwrap();
         let e = synth_ocr(tmp.path(), &SynthOptions { kinds: vec![], ..small(2, 0) }).unwrap_err().to_string();
-        assert!(e.contains("words, numbers, lines"), "{e}");
+        assert!(e.contains("words, numbers, lines, letters"), "{e}");
     }
 }

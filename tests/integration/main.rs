@@ -5,6 +5,7 @@
 
 mod cli;
 mod common;
+mod demo;
 mod deepseek_ocr;
 mod fuyu;
 mod generate;
