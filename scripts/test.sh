@@ -28,5 +28,6 @@ if (( n < 24 )); then
     exit 1
 fi
 echo "test: variant: the $n numeric parity tests again with ATEN_CPU_CAPABILITY=default (libtorch's unvectorised kernels)"
+start=$SECONDS
 ATEN_CPU_CAPABILITY=default cargo test --test integration -- "${parity[@]}"
-echo "test: variant ATEN_CPU_CAPABILITY=default passed"
+echo "test: variant ATEN_CPU_CAPABILITY=default passed in $(( SECONDS - start )) s"
