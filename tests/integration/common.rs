@@ -132,3 +132,94 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
 pub fn ids(t: &tch::Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t.reshape([-1])).unwrap()
 }
+
+// ------------------------------------------------------------------------------------------------
+// Numeric tolerances (issue #14: tolerances that hold on any CPU).
+//
+// A parity test compares float32 results of two implementations (vlmhost through libtorch against
+// transformers through PyTorch, the fixture possibly computed on another machine) or of two paths
+// through one (cached decoding against the full forward, a padded batch against one sample). They
+// differ by rounding only, and by how much depends on the CPU: libtorch's vectorised kernels
+// (ATEN_CPU_CAPABILITY default / avx2 / avx512), the GEMM kernels MKL picks for the CPU (and for a
+// buffer's alignment), the thread count (OMP_NUM_THREADS splits reductions differently). Each
+// changes the order of float32 summations: float32 eps is 1.2e-7, and a sum of K terms can differ
+// by ~K*eps of its magnitude in the worst case, typically sqrt(K)*eps, compounded over the layers.
+// So a bound is relative to the scale of the values, not per element (a logit near zero carries
+// the rounding of the large terms it was summed from):
+//
+//     max|got - want| <= rtol * max|want| + atol_floor
+//
+// The floor only matters for tensors that are all ~0. A real bug (a wrong scale, a missing bias, a
+// mis-ordered head) moves results by 1e-3 relative or more, so the bounds stay well below that.
+// scripts/fixtures/tolerance.py holds the same constants for the fixture scripts' own checks,
+// which must never be tighter than the tests that read their fixtures.
+//
+// Measured (issue #14), the largest relative difference of each kind over every family (qwen2_vl,
+// llava, fuyu, deepseek_ocr) and every variant: OMP_NUM_THREADS 1 / 2, ATEN_CPU_CAPABILITY avx2 /
+// default, MKL_CBWR=COMPATIBLE (MKL's portable GEMM), with the fixtures made under avx2 and under
+// default (a reference made on another kernel path), on an AMD EPYC (AVX2):
+//   logits and activations 1.65e-6 (qwen2_vl logits; llava 1.10e-6, deepseek_ocr 1.29e-6, fuyu 8.8e-7),
+//   cached decoding 1.02e-6, losses 2.3e-7, LoRA gradients 3.4e-6.
+// The bounds leave 12x, 20x, 43x and 29x to spare, and stay 50x (activations) below a 1e-3 bug.
+
+/// Logits and activations (hidden states, vision features) of a forward, against transformers or
+/// another path through vlmhost, relative to the largest reference value.
+pub const RTOL_ACT: f64 = 2e-5;
+/// A loss (a mean of per-token cross-entropies), relative to its value.
+pub const RTOL_LOSS: f64 = 1e-5;
+/// A LoRA gradient tensor (one backward through the whole model), relative to its largest value.
+pub const RTOL_GRAD: f64 = 1e-4;
+/// The absolute floor: what a tensor of values ~0 may differ by.
+pub const ATOL_FLOOR: f64 = 1e-6;
+
+/// How far `got` is from `want`: the largest absolute difference, the reference's scale
+/// (its largest absolute value) and their ratio. NaN anywhere gives NaN (and fails any bound).
+#[derive(Clone, Copy, Debug)]
+pub struct Closeness {
+    pub max_abs: f64,
+    pub scale: f64,
+    pub rel: f64,
+}
+
+/// [`Closeness`] of two tensors of the same shape, computed in float64.
+pub fn closeness(got: &tch::Tensor, want: &tch::Tensor) -> Closeness {
+    assert_eq!(got.size(), want.size(), "shapes differ");
+    if want.numel() == 0 {
+        return Closeness { max_abs: 0.0, scale: 0.0, rel: 0.0 };
+    }
+    let (g, w) = (got.to_kind(tch::Kind::Double), want.to_kind(tch::Kind::Double));
+    let max_abs = (&g - &w).abs().max().double_value(&[]);
+    let scale = w.abs().max().double_value(&[]);
+    let rel = if scale > 0.0 { max_abs / scale } else if max_abs == 0.0 { 0.0 } else { f64::INFINITY };
+    Closeness { max_abs, scale, rel }
+}
+
+/// Assert `max|got - want| <= rtol * max|want| + atol_floor`; `name` says what is compared.
+/// Prints the numbers (`tolerance NAME: ...`, for `--nocapture` runs that measure the margins).
+pub fn assert_close(name: &str, got: &tch::Tensor, want: &tch::Tensor, rtol: f64, atol_floor: f64) -> Closeness {
+    let c = closeness(got, want);
+    eprintln!(
+        "tolerance {name}: max |diff| {:.2e} at scale {:.2e}: relative {:.2e} (bound {rtol:.0e})",
+        c.max_abs, c.scale, c.rel
+    );
+    assert!(
+        c.max_abs <= rtol * c.scale + atol_floor,
+        "{name}: max |diff| {:.3e} at scale {:.3e} is {:.3e} relative, above {rtol:.0e} (+ {atol_floor:.0e})",
+        c.max_abs,
+        c.scale,
+        c.rel
+    );
+    c
+}
+
+/// Assert `|got - want| <= rtol * |want| + atol_floor` for two numbers; returns the relative difference.
+pub fn assert_close_f64(name: &str, got: f64, want: f64, rtol: f64, atol_floor: f64) -> f64 {
+    let (d, scale) = ((got - want).abs(), want.abs());
+    let rel = if scale > 0.0 { d / scale } else { d };
+    eprintln!("tolerance {name}: {got:.8e} vs {want:.8e}: relative {rel:.2e} (bound {rtol:.0e})");
+    assert!(
+        d <= rtol * scale + atol_floor,
+        "{name}: {got} vs {want}: relative difference {rel:.3e} above {rtol:.0e} (+ {atol_floor:.0e})"
+    );
+    rel
+}

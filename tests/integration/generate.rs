@@ -92,8 +92,8 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
     // Logits of every step agree, not just the argmax.
     let (logits, cache) = m.forward_cached(&collate(&[&prompt], 0, m.device).unwrap(), &[]).unwrap();
     let full = m.forward(&collate(&[&prompt], 0, m.device).unwrap(), false).unwrap();
-    let d = (logits - &full).abs().max().double_value(&[]);
-    assert!(d < 1e-5, "first step: cached logits differ by {d}");
+    // The cached and the full forward run other attention/GEMM shapes: rounding only (common.rs).
+    assert_close("deepseek_ocr cached decoding, first step vs the full forward: logits", &logits, &full, RTOL_ACT, ATOL_FLOOR);
     assert_eq!(cache.len(), 2 * 3, "keys and values of 3 layers");
     let (tokens, _) = greedy(&m, &prompt, 8, &[], |_| Ok(())).unwrap();
     assert_eq!(tokens, greedy_uncached(&m, &prompt, 8), "cached vs full-forward greedy tokens");
@@ -117,9 +117,8 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
         batch.labels = Tensor::from_slice(&[-100i64]).view([1, 1]);
         batch.tensors.clear();
     }
-    let d = (last - full).abs().max().double_value(&[]);
+    let d = assert_close("deepseek_ocr cached decoding, step 8 vs the full forward: logits", &last, &full, RTOL_ACT, ATOL_FLOOR).max_abs;
     eprintln!("deepseek_ocr cached decoding: 8 greedy tokens equal; step-8 logits max |diff| {d:.2e}");
-    assert!(d < 1e-4, "step 8: cached logits differ by {d}");
 }
 
 #[test]
@@ -166,6 +165,7 @@ fn eval_generate_reports_ocr_metrics() {
     let (errors, chars): (u64, u64) = generated.iter().fold((0, 0), |(e, c), s| {
         (e + s["char_errors"].as_u64().unwrap(), c + s["chars"].as_u64().unwrap())
     });
+    // Integer counts divided once in f64 on both sides: equal but for the last bit.
     assert!((v["cer"].as_f64().unwrap() - errors as f64 / chars as f64).abs() < 1e-12);
     assert_eq!(v["exact_match"].as_f64().unwrap(), 0.0);
     assert!(generated.iter().all(|s| s["new_tokens"].as_u64().unwrap() <= 4));
