@@ -4,7 +4,7 @@
 #
 # The base, models/ocr-base, is a tiny Fuyu-style model (encoder-free: 16-pixel
 # patches projected straight into a 4-layer LLM; 1.0M parameters) that the
-# project pre-trained itself to read letters, words and short lines
+# project pre-trained itself to read fixed-pitch letters and words
 # (scripts/pretrain_ocr_base.sh says exactly how). It has never seen a digit.
 # This script:
 #   1. renders a new domain with `vlmhost data synth-ocr --kinds numbers`:
@@ -36,8 +36,8 @@ data="${DATA:-$out/data/train/data.jsonl}"
 val="${VAL:-$out/data/val/data.jsonl}"
 if [[ -z "${DATA:-}" ]]; then
     echo "== the new domain: numbers, decimals and dates (the base model has only read words)"
-    text=(--kinds numbers --min-font-px 20 --max-font-px 36)
-    "$bin" data synth-ocr "${text[@]}" --count "${TRAIN_COUNT:-3000}" --seed 1 --output "$out/data/train" --force
+    text=(--kinds numbers --pitch 16 --min-font-px 18 --max-font-px 18)
+    "$bin" data synth-ocr "${text[@]}" --count "${TRAIN_COUNT:-2000}" --seed 1 --output "$out/data/train" --force
     "$bin" data synth-ocr "${text[@]}" --count "${VAL_COUNT:-48}" --seed 2 --output "$out/data/val" --force
 fi
 

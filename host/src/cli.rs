@@ -253,6 +253,11 @@ pub enum DataCommand {
         /// Standard deviation of the pixel noise, in 0..255 units (0: none).
         #[arg(long, default_value_t = 4.0)]
         noise: f32,
+        /// Fixed pitch: each character centred in a cell this many pixels wide,
+        /// left-aligned on the cell grid, centred vertically (0: the font's own
+        /// spacing, anywhere in the image).
+        #[arg(long, default_value_t = 0)]
+        pitch: u32,
         /// Write into a folder that is not empty.
         #[arg(long)]
         force: bool,
@@ -608,8 +613,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, force }) => {
-            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, force, ..Default::default() };
+        Command::Data(DataCommand::SynthOcr { count, output, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, pitch, force }) => {
+            let opts = crate::synth::SynthOptions { count, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, pitch, force, ..Default::default() };
             let r = crate::synth::synth_ocr(&output, &opts)?;
             println!(
                 "{} samples ({} words, {} numbers, {} lines, {} letter strings) written to {}",

@@ -43,6 +43,11 @@ pub struct SynthOptions {
     pub margin: u32,
     /// Standard deviation of the pixel noise, in 0..255 units (0: none).
     pub noise: f32,
+    /// Fixed pitch: each character centred in a cell this many pixels wide,
+    /// the first cell on the cell grid after the margin, the line centred
+    /// vertically (a receipt printer's or a form field's layout); 0: the
+    /// font's own spacing, anywhere in the image.
+    pub pitch: u32,
     /// The kinds of text drawn (at least one), in the proportions of
     /// [`random_text`] among those given.
     pub kinds: Vec<TextKind>,
@@ -63,6 +68,7 @@ impl Default for SynthOptions {
             max_font_px: 40.0,
             margin: 2,
             noise: 4.0,
+            pitch: 0,
             kinds: TextKind::DEFAULT.to_vec(),
             force: false,
         }
@@ -328,6 +334,32 @@ pub fn rasterise(font: &FontRef, text: &str, px: f32) -> Option<Mask> {
     Some(Mask { width, height, coverage })
 }
 
+/// Rasterise `text` at `px` pixels with every character centred in a cell
+/// `pitch` pixels wide, on a common baseline; the mask spans all cells and
+/// the font's full line height. `None` when nothing is inked.
+pub fn rasterise_pitched(font: &FontRef, text: &str, px: f32, pitch: u32) -> Option<Mask> {
+    let scale = PxScale::from(px);
+    let scaled = font.as_scaled(scale);
+    let (width, height) = (pitch * text.chars().count() as u32, (scaled.ascent() - scaled.descent()).ceil() as u32);
+    let mut coverage = vec![0.0f32; width as usize * height as usize];
+    let mut inked = false;
+    for (i, ch) in text.chars().enumerate() {
+        let id = font.glyph_id(ch);
+        let x0 = (i as u32 * pitch) as f32 + (pitch as f32 - scaled.h_advance(id)) / 2.0;
+        let Some(o) = font.outline_glyph(id.with_scale_and_position(scale, ab_glyph::point(x0, scaled.ascent()))) else { continue };
+        let b = o.px_bounds();
+        o.draw(|x, y, c| {
+            let (px, py) = (b.min.x as i64 + x as i64, b.min.y as i64 + y as i64);
+            if (0..width as i64).contains(&px) && (0..height as i64).contains(&py) {
+                let cell = &mut coverage[(py as u32 * width + px as u32) as usize];
+                *cell = (*cell + c).min(1.0);
+                inked |= c > 0.0;
+            }
+        });
+    }
+    inked.then_some(Mask { width, height, coverage })
+}
+
 /// Where and how one text is drawn.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -382,16 +414,27 @@ pub fn render_sample(font: &FontRef, index: usize, opts: &SynthOptions) -> anyho
     for _ in 0..100 {
         let (kind, text) = random_text(&mut rng, &opts.kinds);
         let mut px = rng.gen_range(opts.min_font_px..=max_px);
-        let fitted = loop {
-            match rasterise(font, &text, px) {
-                Some(m) if m.width <= avail_w && m.height <= avail_h => break Some((px, m)),
-                _ if px <= opts.min_font_px => break None,
-                _ => px = (px * 0.9).max(opts.min_font_px),
+        let (font_px, mask, x, y) = if opts.pitch > 0 {
+            let Some(mask) = rasterise_pitched(font, &text, px, opts.pitch) else { continue };
+            let x = opts.margin.div_ceil(opts.pitch) * opts.pitch;
+            if x + mask.width + opts.margin > opts.width || mask.height > avail_h {
+                continue;
             }
+            let y = (opts.height - mask.height) / 2;
+            (px, mask, x, y)
+        } else {
+            let fitted = loop {
+                match rasterise(font, &text, px) {
+                    Some(m) if m.width <= avail_w && m.height <= avail_h => break Some((px, m)),
+                    _ if px <= opts.min_font_px => break None,
+                    _ => px = (px * 0.9).max(opts.min_font_px),
+                }
+            };
+            let Some((font_px, mask)) = fitted else { continue };
+            let x = opts.margin + rng.gen_range(0..=avail_w - mask.width);
+            let y = opts.margin + rng.gen_range(0..=avail_h - mask.height);
+            (font_px, mask, x, y)
         };
-        let Some((font_px, mask)) = fitted else { continue };
-        let x = opts.margin + rng.gen_range(0..=avail_w - mask.width);
-        let y = opts.margin + rng.gen_range(0..=avail_h - mask.height);
         let (background, foreground) = colours(&mut rng);
         let mut img = compose(&mask, x, y, foreground, background, opts.width, opts.height);
         add_noise(&mut img, opts.noise, &mut rng);
