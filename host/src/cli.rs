@@ -572,11 +572,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Merge { model, adapter, output, force, max_shard_size_gb } => {
             let (cfg, opts) = model.resolve()?;
-            if output.exists() && std::fs::read_dir(&output)?.next().is_some() && !force {
-                anyhow::bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
-            }
+            crate::merge::check_output(&output, &opts.model_dir, &adapter, force)?;
             let m = open_with_adapter(&opts, &cfg, Some(&adapter))?;
-            let n = crate::merge::merge(&m, &output, force, (max_shard_size_gb * 1e9) as usize)?;
+            let n = crate::merge::merge(&m, &adapter, &output, force, (max_shard_size_gb * 1e9) as usize)?;
             println!("merged checkpoint written to {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }

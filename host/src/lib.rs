@@ -19,6 +19,7 @@ pub mod dataset;
 pub mod generate;
 pub mod init;
 pub mod inspect;
+pub mod paths;
 pub mod patterns;
 pub mod peft;
 pub mod rules;
