@@ -328,8 +328,8 @@ fn fault(name: &str, step: usize) -> bool {
 }
 
 /// `VLMHOST_FAULT=abort-in-checkpoint:STEP` aborts the process half-way
-/// through writing checkpoint STEP.
-fn fault_point(site: &str, step: usize) {
+/// through writing checkpoint STEP (`abort-in-adapter:0`: the final adapter).
+pub(crate) fn fault_point(site: &str, step: usize) {
     if fault(&format!("abort-in-{site}"), step) {
         eprintln!("VLMHOST_FAULT: aborting in {site} {step}");
         std::process::abort();
