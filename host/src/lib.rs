@@ -9,6 +9,7 @@ pub mod autocast;
 pub mod cli;
 pub mod compare;
 pub mod doctor;
+pub mod elf;
 pub mod loader;
 pub mod lora;
 pub mod merge;
