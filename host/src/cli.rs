@@ -371,6 +371,7 @@ impl ModelArgs {
             None if default_cfg.is_file() => TrainConfig::from_file(&default_cfg)?,
             None => TrainConfig::default(),
         };
+        cfg.apply_image_limit();
         let env_mode = std::env::var("TRAINING_MODE").ok();
         let mode = cfg.resolve_mode(self.mode.as_deref(), env_mode.as_deref())?;
         let plugin = self.plugin.clone().or_else(|| cfg.plugin.clone()).ok_or_else(|| {
@@ -471,6 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (mut cfg, opts) = model.resolve()?;
             if max_steps.is_some() {
                 cfg.train.max_steps = max_steps;
+                cfg.validate().map_err(|e| anyhow::anyhow!("--max-steps: {e}"))?;
             }
             if val_dataset.is_some() {
                 cfg.train.val_dataset = val_dataset;
