@@ -352,8 +352,8 @@ impl TrainConfig {
         let bad = |key: &str, value: &dyn fmt::Debug, want: &str| Err(format!("{key} is {value:?}; it must be {want}"));
         let positive = |x: f64| x.is_finite() && x > 0.0;
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
-        if !positive(o.lr) {
-            return bad("optimizer.lr", &o.lr, "a positive number such as 2.0e-4");
+        if !non_negative(o.lr) {
+            return bad("optimizer.lr", &o.lr, "zero or a positive number such as 2.0e-4");
         }
         for (i, b) in o.betas.iter().enumerate() {
             if !(non_negative(*b) && *b < 1.0) {
@@ -473,7 +473,7 @@ lora:
         for (yaml, key) in [
             ("optimizer:\n  lr: .nan\n", "optimizer.lr is NaN"),
             ("optimizer:\n  lr: -1.0e-3\n", "optimizer.lr is -0.001"),
-            ("optimizer:\n  lr: 0\n", "optimizer.lr is 0.0"),
+            ("optimizer:\n  lr: .inf\n", "optimizer.lr is inf"),
             ("optimizer:\n  betas: [2.0, 3.0]\n", "optimizer.betas[0] is 2.0"),
             ("optimizer:\n  betas: [0.9, 1.0]\n", "optimizer.betas[1] is 1.0"),
             ("optimizer:\n  eps: 0\n", "optimizer.eps is 0.0"),

@@ -160,7 +160,7 @@ pub enum DatasetError {
     Json { path: PathBuf, message: String },
     #[error("{summary}\nRefusing to train on a data set with bad samples (policy fail); fix them, or use policy skip")]
     Bad { summary: String },
-    #[error("{summary}\nNo usable sample: fix the problems above (`vlmhost data check` lists them all)")]
+    #[error("{summary}\nno usable sample: fix the problems above (`vlmhost data check` lists them all)")]
     Empty { summary: String },
 }
 

@@ -305,7 +305,7 @@ fn bad_data_is_named_by_line_with_its_reason() {
     let cfg = dir.path().join("c.yaml");
     fs::write(&cfg, "train:\n  max_image_pixels: 1000\n").unwrap();
     let r = data_check(dir.path(), &[GOOD], &["--config", &s(&cfg)]);
-    failed(&r, &["img.png is 40 x 30 = 1200 pixels, more than the limit of 1000", "No usable sample: fix the problems above"]);
+    failed(&r, &["img.png is 40 x 30 = 1200 pixels, more than the limit of 1000", "no usable sample: fix the problems above"]);
 }
 
 #[test]
@@ -313,7 +313,7 @@ fn a_file_with_no_usable_sample_says_why() {
     let dir = tempdir();
     let bomb: &[u8] = br#"{"images": ["bomb.png"], "messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A."}]}"#;
     let r = data_check(dir.path(), &[bomb, b"{not json"], &[]);
-    failed(&r, &["data.jsonl:1 (sample 0): ", "bomb.png is 14000 x 14000", "data.jsonl:2 (sample 1): not valid JSON", "No usable sample"]);
+    failed(&r, &["data.jsonl:1 (sample 0): ", "bomb.png is 14000 x 14000", "data.jsonl:2 (sample 1): not valid JSON", "no usable sample"]);
 }
 
 // 8. Resume, inspect and OS errors: say what, where and what to do.
