@@ -385,6 +385,7 @@ impl ModelArgs {
             None if default_cfg.is_file() => TrainConfig::from_file(&default_cfg)?,
             None => TrainConfig::default(),
         };
+        cfg.apply_image_limit();
         let env_mode = std::env::var("TRAINING_MODE").ok();
         let mode = cfg.resolve_mode(self.mode.as_deref(), env_mode.as_deref())?;
         let plugin = self.plugin.clone().or_else(|| cfg.plugin.clone()).ok_or_else(|| {
@@ -485,6 +486,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (mut cfg, opts) = model.resolve()?;
             if max_steps.is_some() {
                 cfg.train.max_steps = max_steps;
+                cfg.validate().map_err(|e| anyhow::anyhow!("--max-steps: {e}"))?;
             }
             if val_dataset.is_some() {
                 cfg.train.val_dataset = val_dataset;
@@ -586,11 +588,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Merge { model, adapter, output, force, max_shard_size_gb } => {
             let (cfg, opts) = model.resolve()?;
-            if output.exists() && std::fs::read_dir(&output)?.next().is_some() && !force {
-                anyhow::bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
-            }
+            crate::merge::check_output(&output, &opts.model_dir, &adapter, force)?;
             let m = open_with_adapter(&opts, &cfg, Some(&adapter))?;
-            let n = crate::merge::merge(&m, &output, force, (max_shard_size_gb * 1e9) as usize)?;
+            let n = crate::merge::merge(&m, &adapter, &output, force, (max_shard_size_gb * 1e9) as usize)?;
             println!("merged checkpoint written to {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }

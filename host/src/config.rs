@@ -5,6 +5,7 @@
 //! Unknown keys are refused (a typo must not silently do nothing).
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use vlmhost_plugin_api::Role;
 
@@ -253,6 +254,10 @@ pub struct TrainSettings {
     pub too_long: crate::dataset::TooLongPolicy,
     pub on_bad_sample: crate::dataset::BadSamplePolicy,
     pub system_prompt: Option<String>,
+    /// Images with more pixels are refused from their header, before they
+    /// are decoded (a guard against decompression bombs); absent: Pillow's
+    /// limit, [`vlmhost_imaging::DEFAULT_MAX_IMAGE_PIXELS`].
+    pub max_image_pixels: Option<u64>,
 }
 
 impl Default for TrainSettings {
@@ -279,6 +284,7 @@ impl Default for TrainSettings {
             too_long: crate::dataset::TooLongPolicy::Truncate,
             on_bad_sample: crate::dataset::BadSamplePolicy::Skip,
             system_prompt: None,
+            max_image_pixels: None,
         }
     }
 }
@@ -310,8 +316,8 @@ pub struct TrainConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{source_name}: {value:?} is not a mode; use projector, llm, vision or both")]
@@ -322,7 +328,7 @@ impl TrainConfig {
     /// Read a YAML file; errors name the file, line and key.
     pub fn from_file(path: &Path) -> Result<TrainConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+            .map_err(|error| ConfigError::Io { path: path.to_path_buf(), error })?;
         Self::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })
     }
 
@@ -334,16 +340,76 @@ impl TrainConfig {
             Some(l) => format!("line {}, column {}: {e}", l.line(), l.column()),
             None => e.to_string(),
         })?;
-        if cfg.lora.r <= 0 {
-            return Err(format!("lora.r must be positive, not {}", cfg.lora.r));
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuse settings that would ruin a run (a NaN or negative learning
+    /// rate, betas outside [0, 1), zero steps, ...), naming the key and its
+    /// valid range. Called on every file read and again after flags override it.
+    pub fn validate(&self) -> Result<(), String> {
+        let (o, t, l) = (&self.optimizer, &self.train, &self.lora);
+        let bad = |key: &str, value: &dyn fmt::Debug, want: &str| Err(format!("{key} is {value:?}; it must be {want}"));
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(o.lr) {
+            return bad("optimizer.lr", &o.lr, "zero or a positive number such as 2.0e-4");
         }
-        if cfg.train.batch_size == 0 || cfg.train.grad_accum == 0 {
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(non_negative(*b) && *b < 1.0) {
+                return bad(&format!("optimizer.betas[{i}]"), b, "in [0, 1), such as [0.9, 0.999]");
+            }
+        }
+        if !positive(o.eps) {
+            return bad("optimizer.eps", &o.eps, "a small positive number such as 1.0e-8");
+        }
+        if !non_negative(o.weight_decay) {
+            return bad("optimizer.weight_decay", &o.weight_decay, "zero or positive");
+        }
+        for (role, r) in [("vision", &self.roles.vision), ("projector", &self.roles.projector), ("llm", &self.roles.llm)] {
+            if !non_negative(r.lr_scale) {
+                return bad(&format!("roles.{role}.lr_scale"), &r.lr_scale, "zero or positive");
+            }
+        }
+        if l.r <= 0 {
+            return bad("lora.r", &l.r, "positive");
+        }
+        if !l.lora_alpha.is_finite() {
+            return bad("lora.lora_alpha", &l.lora_alpha, "a finite number");
+        }
+        if !(0.0..1.0).contains(&l.lora_dropout) {
+            return bad("lora.lora_dropout", &l.lora_dropout, "in [0, 1)");
+        }
+        if t.max_steps == Some(0) {
+            return bad("train.max_steps", &0, "at least 1 (leave it out to train train.epochs passes)");
+        }
+        if !positive(t.epochs) {
+            return bad("train.epochs", &t.epochs, "a positive number of passes over the data, such as 1 or 0.5");
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&cfg.lora.lora_dropout) {
-            return Err(format!("lora.lora_dropout must be in [0, 1), not {}", cfg.lora.lora_dropout));
+        if !(non_negative(t.val_size) && (t.val_size < 1.0 || t.val_size.fract() == 0.0)) {
+            return bad("train.val_size", &t.val_size, "a fraction in [0, 1) or a whole number of samples");
         }
-        Ok(cfg)
+        if !non_negative(t.max_grad_norm) {
+            return bad("train.max_grad_norm", &t.max_grad_norm, "zero (no clipping) or positive");
+        }
+        if t.max_length == 0 {
+            return bad("train.max_length", &0, "at least 1 token");
+        }
+        if t.max_image_pixels == Some(0) {
+            return bad("train.max_image_pixels", &0, "a positive number of pixels");
+        }
+        Ok(())
+    }
+
+    /// Make `train.max_image_pixels` the limit of every plugin's image
+    /// decoder in this process (and the processes it starts).
+    pub fn apply_image_limit(&self) {
+        if let Some(n) = self.train.max_image_pixels {
+            std::env::set_var(vlmhost_imaging::MAX_IMAGE_PIXELS_VAR, n.to_string());
+        }
     }
 
     /// The mode: `--mode` > `TRAINING_MODE` > the file > `llm`.
@@ -400,6 +466,32 @@ lora:
     fn unknown_keys_are_refused_with_a_line() {
         let err = TrainConfig::from_yaml("lora:\n  r: 8\n  alpha: 16\n").unwrap_err();
         assert!(err.contains("line 3") && err.contains("unknown field `alpha`"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_ruin_a_run_are_refused_by_key() {
+        for (yaml, key) in [
+            ("optimizer:\n  lr: .nan\n", "optimizer.lr is NaN"),
+            ("optimizer:\n  lr: -1.0e-3\n", "optimizer.lr is -0.001"),
+            ("optimizer:\n  lr: .inf\n", "optimizer.lr is inf"),
+            ("optimizer:\n  betas: [2.0, 3.0]\n", "optimizer.betas[0] is 2.0"),
+            ("optimizer:\n  betas: [0.9, 1.0]\n", "optimizer.betas[1] is 1.0"),
+            ("optimizer:\n  eps: 0\n", "optimizer.eps is 0.0"),
+            ("optimizer:\n  weight_decay: .inf\n", "optimizer.weight_decay is inf"),
+            ("roles:\n  llm:\n    lr_scale: -1\n", "roles.llm.lr_scale is -1.0"),
+            ("train:\n  max_steps: 0\n", "train.max_steps is 0"),
+            ("train:\n  epochs: 0\n", "train.epochs is 0.0"),
+            ("train:\n  val_size: 1.5\n", "train.val_size is 1.5"),
+            ("train:\n  val_size: -0.1\n", "train.val_size is -0.1"),
+            ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm is NaN"),
+            ("train:\n  max_length: 0\n", "train.max_length is 0"),
+        ] {
+            let err = TrainConfig::from_yaml(yaml).unwrap_err();
+            assert!(err.starts_with(key) && err.contains("must be"), "{yaml:?}: {err}");
+        }
+        for fine in ["train:\n  val_size: 0.1\n", "train:\n  val_size: 3\n", "train:\n  epochs: 0.5\n", "optimizer:\n  betas: [0.0, 0.5]\n"] {
+            TrainConfig::from_yaml(fine).unwrap_or_else(|e| panic!("{fine:?}: {e}"));
+        }
     }
 
     #[test]

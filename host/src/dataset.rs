@@ -72,6 +72,7 @@ pub enum ProblemKind {
     ImageCount,
     MissingImage,
     CorruptImage,
+    ImageTooLarge,
     EmptyAnswer,
     TooLong,
     Other,
@@ -84,6 +85,7 @@ impl ProblemKind {
             ProblemKind::ImageCount => "<image> placeholders and images differ in number",
             ProblemKind::MissingImage => "missing image",
             ProblemKind::CorruptImage => "image that cannot be decoded",
+            ProblemKind::ImageTooLarge => "image with more pixels than train.max_image_pixels",
             ProblemKind::EmptyAnswer => "empty answer",
             ProblemKind::TooLong => "too long",
             ProblemKind::Other => "other problem",
@@ -152,48 +154,69 @@ impl Dataset {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a JSON array of samples: {message}")]
     Json { path: PathBuf, message: String },
     #[error("{summary}\nRefusing to train on a data set with bad samples (policy fail); fix them, or use policy skip")]
     Bad { summary: String },
-    #[error("{path}: no usable sample")]
-    Empty { path: PathBuf },
+    #[error("{summary}\nno usable sample: fix the problems above (`vlmhost data check` lists them all)")]
+    Empty { summary: String },
 }
 
-/// The raw samples of a file with their origins.
-fn read_lines(path: &Path) -> Result<Vec<(Origin, String)>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+/// One raw sample, or why its line cannot be read as text.
+type RawLine = Result<String, String>;
+
+/// Why a line is not UTF-8, with the position of the first bad byte.
+fn not_utf8(e: std::str::Utf8Error) -> String {
+    format!("not UTF-8: byte {} of the line is not valid UTF-8 text; save the file as UTF-8", e.valid_up_to() + 1)
+}
+
+/// The raw samples of a file with their origins. A JSONL line that is not
+/// UTF-8 is a bad sample of its own; a JSON array must be UTF-8 as a whole.
+fn read_lines(path: &Path) -> Result<Vec<(Origin, RawLine)>, DatasetError> {
+    let bytes = std::fs::read(path).map_err(|error| DatasetError::Io { path: path.to_path_buf(), error })?;
     let origin = |line, index| Origin { file: path.to_path_buf(), line, index };
-    if text.trim_start().starts_with('[') {
-        let arr: Vec<Box<serde_json::value::RawValue>> =
-            serde_json::from_str(&text).map_err(|e| DatasetError::Json { path: path.to_path_buf(), message: e.to_string() })?;
-        // Line of each element: count newlines up to its text's offset.
-        let mut out = Vec::with_capacity(arr.len());
-        let mut from = 0;
-        for (i, raw) in arr.iter().enumerate() {
-            let needle = raw.get();
-            let at = text[from..].find(needle).map_or(from, |o| from + o);
-            let line = text[..at].matches('\n').count() + 1;
-            from = at + needle.len();
-            out.push((origin(line, i), needle.to_owned()));
-        }
-        return Ok(out);
+    let is_array = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if !is_array {
+        return Ok(bytes
+            .split(|&b| b == b'\n')
+            .enumerate()
+            .filter(|(_, l)| !l.trim_ascii().is_empty())
+            .enumerate()
+            .map(|(index, (line, l))| {
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                (origin(line + 1, index), std::str::from_utf8(l).map(str::to_owned).map_err(not_utf8))
+            })
+            .collect());
     }
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .enumerate()
-        .map(|(index, (line, l))| (origin(line + 1, index), l.to_owned()))
-        .collect())
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        DatasetError::Json { path: path.to_path_buf(), message: format!("line {line}: {}", not_utf8(e.utf8_error())) }
+    })?;
+    let arr: Vec<Box<serde_json::value::RawValue>> =
+        serde_json::from_str(&text).map_err(|e| DatasetError::Json { path: path.to_path_buf(), message: e.to_string() })?;
+    // Line of each element: count newlines up to its text's offset.
+    let mut out = Vec::with_capacity(arr.len());
+    let (mut from, mut line) = (0, 1);
+    for (i, raw) in arr.iter().enumerate() {
+        let needle = raw.get();
+        let at = text[from..].find(needle).map_or(from, |o| from + o);
+        line += text[from..at].matches('\n').count();
+        out.push((origin(line, i), Ok(needle.to_owned())));
+        line += needle.matches('\n').count();
+        from = at + needle.len();
+    }
+    Ok(out)
 }
 
 fn classify(message: &str) -> ProblemKind {
     let m = message.to_ascii_lowercase();
     if m.contains("placeholder") || m.contains("<image>") && m.contains("image") && m.contains("number") {
         ProblemKind::ImageCount
+    } else if m.contains("pixels, more than the limit") {
+        ProblemKind::ImageTooLarge
     } else if m.contains("not found") || m.contains("no such file") {
         ProblemKind::MissingImage
     } else if m.contains("decode") || m.contains("image") && (m.contains("corrupt") || m.contains("format")) {
@@ -235,10 +258,18 @@ pub fn load(path: &Path, model: &HostModel, opts: &DatasetOptions) -> Result<Dat
     let mut ds = Dataset { records: Vec::new(), problems: Vec::new(), total: lines.len(), truncated: 0 };
     for (origin, line) in lines {
         let problem = |kind, message: String| Problem { origin: origin.clone(), kind, message };
+        let line = match line {
+            Ok(l) => l,
+            Err(message) => {
+                ds.problems.push(problem(ProblemKind::InvalidLine, message));
+                continue;
+            }
+        };
         let mut sample = match parse_line(&line, &base) {
             Ok(s) => s,
             Err(e) => {
-                let kind = if matches!(e, LineError::ImageCount { .. }) { ProblemKind::ImageCount } else { ProblemKind::InvalidLine };
+                let image_count = matches!(e, LineError::ImageCount { .. } | LineError::UnusedImages { .. });
+                let kind = if image_count { ProblemKind::ImageCount } else { ProblemKind::InvalidLine };
                 ds.problems.push(problem(kind, e.to_string()));
                 continue;
             }
@@ -294,7 +325,7 @@ pub fn load(path: &Path, model: &HostModel, opts: &DatasetOptions) -> Result<Dat
         return Err(DatasetError::Bad { summary: ds.summary(path) });
     }
     if ds.records.is_empty() {
-        return Err(DatasetError::Empty { path: path.to_path_buf() });
+        return Err(DatasetError::Empty { summary: ds.summary(path) });
     }
     Ok(ds)
 }
@@ -314,5 +345,22 @@ mod tests {
         std::fs::write(&q, "{\"a\": 1}\n\n{\"a\": 2}\n").unwrap();
         let lines = read_lines(&q).unwrap();
         assert_eq!(lines.iter().map(|(o, _)| (o.line, o.index)).collect::<Vec<_>>(), vec![(1, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_a_bad_sample_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("d.jsonl");
+        std::fs::write(&q, b"{\"a\": 1}\r\n{\"a\": \"\xff\"}\n{\"a\": 2}\n").unwrap();
+        let lines = read_lines(&q).unwrap();
+        assert_eq!(lines[0].1.as_deref(), Ok("{\"a\": 1}"));
+        assert_eq!((lines[1].0.line, lines[1].0.index), (2, 1));
+        let err = lines[1].1.as_ref().unwrap_err();
+        assert!(err.contains("byte 8 of the line is not valid UTF-8"), "{err}");
+        assert_eq!(lines[2].1.as_deref(), Ok("{\"a\": 2}"));
+        let p = dir.path().join("d.json");
+        std::fs::write(&p, b"[\n  {\"a\": 1},\n  {\"a\": \"\xff\"}\n]\n").unwrap();
+        let err = read_lines(&p).unwrap_err().to_string();
+        assert!(err.contains("line 3: not UTF-8"), "{err}");
     }
 }

@@ -57,26 +57,14 @@ pub fn init(plugin: &str, family: Option<&str>, preset: &str, output: &Path, see
     if !families.contains(&family) {
         bail!("{} does not serve family {family:?} (it serves {})", lib.path.display(), families.join(", "));
     }
-    if output.exists() && std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(true) && !force {
-        bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
-    }
-    let partial = PathBuf::from(format!("{}.partial", output.display()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
-    }
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    crate::paths::check_output(output, &[], force)?;
+    let partial = crate::paths::fresh_partial(output)?;
     let made = write_checkpoint(&lib, &family, preset, &partial, seed);
     if made.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
     let (parameters, tensors) = made?;
-    if output.exists() {
-        std::fs::remove_dir_all(output).with_context(|| format!("replacing {}", output.display()))?;
-    }
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::rename(&partial, output).with_context(|| format!("moving {} to {}", partial.display(), output.display()))?;
+    crate::paths::publish_dir(&partial, output)?;
     Ok(InitReport { family, preset: preset.to_owned(), output: output.to_path_buf(), parameters, tensors })
 }
 

@@ -5,8 +5,11 @@
 //! `vlmhost` binary, and `./plugins`. `--plugin path/to/libX.so` loads that
 //! file. Every shared library (`.so`, `.dylib`, `.dll`) directly inside a
 //! searched folder is a candidate; one that does not export a vlmhost root
-//! module is skipped, one that does but cannot be used is a problem that
-//! `vlmhost doctor` reports. Two libraries serving the same family are refused,
+//! module is skipped, one that does but cannot be used (or a damaged file) is
+//! a problem that `vlmhost doctor` reports and the other commands show as a
+//! warning when they find their family elsewhere. A library's ELF headers are
+//! checked before it is mapped ([`crate::elf`]), so a file cut short is an
+//! error, not a crash. Two libraries serving the same family are refused,
 //! whichever folders they are in: pick one by path or remove the other.
 //!
 //! Libraries are loaded once per process (keyed by canonical path) and never
@@ -178,6 +181,8 @@ pub fn load(path: &Path) -> LoadResult {
 fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
     crate::torch_env::ensure_cuda_backend();
     let p = || path.to_path_buf();
+    // A file cut short would be mapped and then fault (SIGBUS): check first.
+    crate::elf::check(path).map_err(|reason| LoadError::NotALibrary { path: p(), reason })?;
     let header = lib_header_from_path(path).map_err(|e| match e {
         LibraryError::OpenError { err, .. } => {
             LoadError::NotALibrary { path: p(), reason: strip_path(&err.to_string(), path) }
@@ -417,7 +422,12 @@ pub fn resolve(spec: &str) -> Result<Arc<LoadedPlugin>, ResolveError> {
     if is_path_spec(spec) {
         return Ok(load(Path::new(spec))?);
     }
-    Discovery::default_path().find(spec)
+    let discovery = Discovery::default_path();
+    let found = discovery.find(spec)?;
+    for problem in &discovery.problems {
+        tracing::warn!("skipped: {problem}");
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

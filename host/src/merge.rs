@@ -2,11 +2,13 @@
 //! merged into their weights and every fully trained module included (other
 //! tools have lost fully trained vision towers here). Keys keep the base
 //! checkpoint's own names and dtypes; files other than weights (config,
-//! tokenizer, processor, chat template) are copied.
+//! tokenizer, processor, chat template) are copied. The output never overlaps
+//! the model or the adapter, and is written whole ([`crate::paths`]).
 
 use crate::model::HostModel;
+use crate::paths;
 use crate::weights::{self, checkpoint_files, kind_of};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
@@ -15,15 +17,24 @@ use tch::Tensor;
 use vlmhost_plugin_api::model::map_key;
 
 
-/// Write the merged checkpoint of `model` (weights and adapters loaded) to `output`.
-pub fn merge(model: &HostModel, output: &Path, force: bool, max_shard_bytes: usize) -> Result<usize> {
-    if output.exists() && std::fs::read_dir(output)?.next().is_some() {
-        if !force {
-            bail!("{} exists and is not empty; choose another --output or pass --force to replace it", output.display());
-        }
-        std::fs::remove_dir_all(output).with_context(|| format!("cannot empty {}", output.display()))?;
-    }
-    std::fs::create_dir_all(output)?;
+/// The checks `merge` makes before anything is read or written: `output` is
+/// a folder outside the model and the adapter, and empty unless `force`.
+pub fn check_output(output: &Path, model_dir: &Path, adapter: &Path, force: bool) -> Result<()> {
+    paths::check_output(output, &[("--model", model_dir), ("--adapter", adapter)], force)
+}
+
+/// Write the merged checkpoint of `model` (weights and the adapter read from
+/// `adapter` loaded) to `output`: in `<output>.partial`, then renamed into place.
+pub fn merge(model: &HostModel, adapter: &Path, output: &Path, force: bool, max_shard_bytes: usize) -> Result<usize> {
+    check_output(output, &model.model_dir, adapter, force)?;
+    let partial = paths::fresh_partial(output)?;
+    let written = write_merged(model, &partial, max_shard_bytes)?;
+    paths::publish_dir(&partial, output)?;
+    Ok(written)
+}
+
+/// The merged checkpoint's files in `output`; returns the number of tensors.
+fn write_merged(model: &HostModel, output: &Path, max_shard_bytes: usize) -> Result<usize> {
     let index: HashMap<&str, usize> = model.spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
     // Weight index -> module with an adapter.
     let adapted: HashMap<usize, usize> = model

@@ -2,6 +2,13 @@
 //! with and without weight decay). It follows `torch.optim.AdamW`
 //! (decoupled weight decay, bias-corrected moments); frozen parameters never
 //! enter it, so they carry no state.
+//!
+//! Every parameter it holds is updated at every step: an undefined gradient
+//! (an expert no token was routed to) counts as zero, so the moments keep
+//! decaying and moving the parameter. Whether a gradient is undefined or
+//! zero depends on the process's history (a fresh run's zeroed gradients stay
+//! defined; a resumed run starts with none), so skipping undefined ones would
+//! make a resumed run diverge from an uninterrupted one.
 
 use tch::Tensor;
 
@@ -126,9 +133,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for s in &mut self.slots {
             let grad = s.param.grad();
-            if !grad.defined() {
-                continue;
-            }
+            let grad = if grad.defined() { grad } else { s.param.zeros_like() };
             let group = &self.groups[s.group];
             let lr = lr * group.lr_scale;
             if group.weight_decay != 0.0 {
@@ -179,5 +184,36 @@ mod tests {
             assert!((got[i] - x[i]).abs() < 1e-12, "{got:?} vs {x:?}");
         }
         let _ = Device::Cpu;
+    }
+
+    /// A parameter that gets no gradient in a step (an expert no token
+    /// reached) moves the same whether its gradient is a zeroed tensor (an
+    /// uninterrupted run) or undefined (the first step after a resume).
+    #[test]
+    fn a_missing_gradient_counts_as_zero_so_resume_is_exact() {
+        let make = |x: &[f64]| {
+            let p = Tensor::from_slice(x).set_requires_grad(true);
+            let mut opt = AdamW::new((0.9, 0.999), 1e-8);
+            let g = opt.add_group(Group { name: "g".into(), lr_scale: 1.0, weight_decay: 0.0 });
+            opt.add("p", &p, g);
+            (p, opt)
+        };
+        // Uninterrupted: step 1 with a gradient, step 2 without (zeroed, defined).
+        let (p, mut opt) = make(&[1.0, -2.0]);
+        p.square().sum(Kind::Double).backward();
+        opt.step(0.1).unwrap();
+        let after_one = p.detach().copy();
+        let moments: std::collections::HashMap<String, Tensor> = opt.state_tensors().into_iter().map(|(k, t)| (k, t.copy())).collect();
+        opt.zero_grad();
+        opt.step(0.1).unwrap();
+        // Resumed after step 1: same values and moments, gradient undefined.
+        let (mut q, mut resumed) = make(&[0.0, 0.0]);
+        tch::no_grad(|| q.copy_(&after_one));
+        resumed.load_state(&moments, 1).unwrap();
+        assert!(!q.grad().defined());
+        resumed.zero_grad();
+        resumed.step(0.1).unwrap();
+        assert!(p.detach().equal(&q.detach()), "{p} vs {q}");
+        assert!(!p.detach().equal(&after_one), "the moments move a parameter without a gradient");
     }
 }

@@ -158,14 +158,16 @@ impl PeftAdapter {
 /// Write the trainable state of `model` as a PEFT adapter in `dir`:
 /// `adapter_config.json` and `adapter_model.safetensors`, with PEFT's names
 /// (transformers' in-memory names under `base_model.model.`), LoRA as
-/// `lora_A`/`lora_B`, and fully trained modules as `modules_to_save`.
+/// `lora_A`/`lora_B`, and fully trained modules as `modules_to_save`. The
+/// folder is written as `<dir>.partial` and renamed into place: a crash
+/// leaves the previous adapter or none, never part of one.
 pub fn save(model: &crate::model::HostModel, dir: &Path) -> Result<()> {
     let spec = &model.spec;
     if spec.transformers_names.is_empty() {
         bail!("the {} plugin does not declare transformers' names: cannot write a PEFT adapter", model.family);
     }
     let hf = |name: &str| map_key(&spec.transformers_names, name);
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let partial = crate::paths::fresh_partial(dir)?;
     let mut tensors = Vec::new();
     let mut targets = BTreeSet::new();
     for (m, a) in model.adapters.iter().enumerate() {
@@ -206,7 +208,8 @@ pub fn save(model: &crate::model::HostModel, dir: &Path) -> Result<()> {
         "layers_pattern": null,
         "revision": null,
     });
-    crate::weights::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
-    crate::weights::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    Ok(())
+    crate::weights::save_safetensors(&partial.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
+    crate::train::fault_point("adapter", 0);
+    crate::weights::write_atomic(&partial.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    crate::paths::publish_dir(&partial, dir)
 }

@@ -328,8 +328,8 @@ fn fault(name: &str, step: usize) -> bool {
 }
 
 /// `VLMHOST_FAULT=abort-in-checkpoint:STEP` aborts the process half-way
-/// through writing checkpoint STEP.
-fn fault_point(site: &str, step: usize) {
+/// through writing checkpoint STEP (`abort-in-adapter:0`: the final adapter).
+pub(crate) fn fault_point(site: &str, step: usize) {
     if fault(&format!("abort-in-{site}"), step) {
         eprintln!("VLMHOST_FAULT: aborting in {site} {step}");
         std::process::abort();
@@ -341,23 +341,45 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?.into_iter().collect())
 }
 
-/// Run training. The model's rules (mode, LoRA) are already applied.
-pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<TrainSummary> {
-    let t = &cfg.train;
-    std::fs::create_dir_all(&job.output).with_context(|| format!("cannot create {}", job.output.display()))?;
+/// The checkpoint to resume from, checked before anything is written: a
+/// complete checkpoint folder (with `state.json`), never a `.partial` one.
+fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
     let existing = list_checkpoints(&job.output);
-    let resume_dir = match &job.resume {
+    let complete = || match existing.as_slice() {
+        [] => format!("{} has no complete checkpoint", job.output.display()),
+        all => format!("complete checkpoints of {}: {}", job.output.display(), all.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    match &job.resume {
         None if !existing.is_empty() => bail!(
             "{} already holds checkpoints (latest {}); pass --resume to continue it, or choose another --output",
             job.output.display(),
             existing.last().map(|(_, p)| p.display().to_string()).unwrap_or_default()
         ),
-        None => None,
-        Some(Resume::Latest) => Some(existing.last().map(|(_, p)| p.clone()).ok_or_else(|| {
-            anyhow::anyhow!("--resume: {} has no complete checkpoint", job.output.display())
-        })?),
-        Some(Resume::Path(p)) => Some(p.clone()),
-    };
+        None => Ok(None),
+        Some(Resume::Latest) => match existing.last() {
+            Some((_, p)) => Ok(Some(p.clone())),
+            None => bail!("--resume: {}; start without --resume, or name a checkpoint folder", complete()),
+        },
+        Some(Resume::Path(p)) if p.extension().is_some_and(|e| e == "partial") => bail!(
+            "--resume {}: a checkpoint a crash left half-written, which cannot be resumed; {}",
+            p.display(),
+            complete()
+        ),
+        Some(Resume::Path(p)) if !p.join("state.json").is_file() => bail!(
+            "--resume {}: not a checkpoint folder (no {}); {}",
+            p.display(),
+            if p.is_dir() { "state.json in it" } else { "such folder" },
+            complete()
+        ),
+        Some(Resume::Path(p)) => Ok(Some(p.clone())),
+    }
+}
+
+/// Run training. The model's rules (mode, LoRA) are already applied.
+pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<TrainSummary> {
+    let t = &cfg.train;
+    let resume_dir = resume_dir(job)?;
+    std::fs::create_dir_all(&job.output).with_context(|| format!("cannot create {}", job.output.display()))?;
 
     // The resolved configuration, before step 1.
     weights::write_atomic(&job.output.join("config.yaml"), serde_yaml::to_string(cfg)?.as_bytes())?;

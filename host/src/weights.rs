@@ -101,8 +101,8 @@ pub enum WeightsError {
          point --model at a Hugging Face checkpoint folder"
     )]
     NoCheckpoint { dir: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -129,7 +129,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
         return Err(WeightsError::NoCheckpoint { dir: dir.to_path_buf() });
     }
     let text = std::fs::read_to_string(&index)
-        .map_err(|source| WeightsError::Io { path: index.clone(), source })?;
+        .map_err(|error| WeightsError::Io { path: index.clone(), error })?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| WeightsError::Index { path: index.clone(), message: format!("invalid JSON: {e}") })?;
     let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| WeightsError::Index {
@@ -244,11 +244,11 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
     let mut router = KeyRouter::new(spec, &files);
     let mut slots: Vec<Option<Tensor>> = (0..spec.params.len()).map(|_| None).collect();
     for file in &files {
-        let handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+        let handle = File::open(file).map_err(|error| WeightsError::Io { path: file.clone(), error })?;
         // SAFETY: the file is only read; a concurrent writer would be a user error
         // that safetensors' header checks catch in most cases.
         let mmap = unsafe { Mmap::map(&handle) }
-            .map_err(|source| WeightsError::Io { path: file.clone(), source })?;
+            .map_err(|error| WeightsError::Io { path: file.clone(), error })?;
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Sequential);
         let st = SafeTensors::deserialize(&mmap)
@@ -315,23 +315,52 @@ fn release_pages(map: &Mmap, data: &[u8]) {
     let _ = (map, data);
 }
 
-/// Check a checkpoint's keys and shapes against `spec` without loading any
-/// tensor data (the dry run of `vlmhost inspect`).
+/// Check a checkpoint's keys, shapes and dtypes against `spec`, and that the
+/// file holds every tensor's bytes, without reading any tensor data (the dry
+/// run of `vlmhost inspect`).
 pub fn check(dir: &Path, spec: &ModelSpec, allow_missing: bool) -> Result<LoadReport, WeightsError> {
     let files = checkpoint_files(dir)?;
     let mut router = KeyRouter::new(spec, &files);
     for file in &files {
-        let mut handle = File::open(file).map_err(|source| WeightsError::Io { path: file.clone(), source })?;
-        let (_, meta) = read_header(&mut handle)
+        let mut handle = File::open(file).map_err(|error| WeightsError::Io { path: file.clone(), error })?;
+        let file_len = handle.metadata().map_err(|error| WeightsError::Io { path: file.clone(), error })?.len();
+        let (header_len, meta) = read_header(&mut handle)
             .map_err(|message| WeightsError::Format { path: file.clone(), message })?;
         let mut keys: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, info) in keys {
+            let data_start = 8 + header_len as u64;
+            check_extent(&key, info, data_start, file_len).map_err(|message| WeightsError::Format { path: file.clone(), message })?;
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-            router.route(file, &key, &shape);
+            if router.route(file, &key, &shape).is_some() && kind_of(info.dtype).is_none_or(|k| k == Kind::Int64) {
+                return Err(WeightsError::Dtype { path: file.clone(), key, dtype: format!("{:?}", info.dtype) });
+            }
         }
     }
     router.finish(allow_missing)
+}
+
+/// Whether a tensor's bytes are as many as its dtype and shape need, and
+/// within the file (of `file_len` bytes, its data starting at `data_start`).
+fn check_extent(key: &str, info: &safetensors::tensor::TensorInfo, data_start: u64, file_len: u64) -> Result<(), String> {
+    let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+    let needed = info.shape.iter().try_fold(info.dtype.bitsize() as u64, |n, &d| n.checked_mul(d as u64)).map(|bits| bits.div_ceil(8));
+    if end < start || needed != Some(end - start) {
+        return Err(format!(
+            "{key}: holds {} bytes, but {:?} of shape {:?} needs {}",
+            end.saturating_sub(start),
+            info.dtype,
+            info.shape,
+            needed.map_or("more than 2^64".to_owned(), |n| n.to_string())
+        ));
+    }
+    if data_start + end > file_len {
+        return Err(format!(
+            "{key}: its data ends at byte {}, but the file has {file_len} bytes: the file is cut short (an interrupted copy or download?)",
+            data_start + end
+        ));
+    }
+    Ok(())
 }
 
 /// Read a safetensors header (8-byte length, JSON) without mapping the data.
@@ -376,7 +405,7 @@ pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let io = |error| WeightsError::Io { path: path.to_path_buf(), error };
     let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, t) in tensors {
         let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;

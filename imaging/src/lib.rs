@@ -23,7 +23,7 @@ mod resample;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use load::load_image;
+pub use load::{load_image, max_image_pixels, DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_VAR};
 pub use ops::{center_crop, contain_size, crop, expand_to_square, pad};
 pub use resample::{resize, ResampleFilter};
 
@@ -40,6 +40,28 @@ pub enum ImageError {
     },
     #[error("cannot decode image {path}: {message} (PNG and JPEG are supported)")]
     Decode { path: PathBuf, message: String },
+    #[error(
+        "image {path} is {width} x {height} = {} pixels, more than the limit of {limit} \
+         (a guard against decompression bombs, as Pillow's); downscale it, or raise the limit \
+         (vlmhost: train.max_image_pixels)", area(.width, .height)
+    )]
+    TooLarge { path: PathBuf, width: u32, height: u32, limit: u64 },
+}
+
+fn area(width: &u32, height: &u32) -> u64 {
+    u64::from(*width) * u64::from(*height)
+}
+
+impl ImageError {
+    /// The image file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            ImageError::Missing { path }
+            | ImageError::Io { path, .. }
+            | ImageError::Decode { path, .. }
+            | ImageError::TooLarge { path, .. } => path,
+        }
+    }
 }
 
 /// An 8-bit RGB image, row-major, channels last (`[H, W, 3]`).

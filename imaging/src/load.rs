@@ -1,10 +1,43 @@
-//! Loading an image file as transformers' `image_utils.load_image` (Pillow) does.
+//! Loading an image file as transformers' `image_utils.load_image` (Pillow) does, with
+//! Pillow's guard against decompression bombs: the format is sniffed from the first bytes and
+//! the size read from the header before the file is read whole or decoded, so a huge file that
+//! is no image, or a small file that decodes to gigabytes, is refused at once.
 
 use std::fmt;
 use std::fs;
+use std::io::Read;
 use std::path::Path;
 
 use crate::{ImageError, RgbImage};
+
+/// Pillow's limit (`Image.MAX_IMAGE_PIXELS` x 2, where it raises `DecompressionBombError`):
+/// about 179 million pixels, a 13 000 x 13 000 image, 537 MB as 8-bit RGB.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// The environment variable that overrides [`DEFAULT_MAX_IMAGE_PIXELS`] (the vlmhost host sets
+/// it from `train.max_image_pixels`, so every plugin in the process applies the same limit).
+pub const MAX_IMAGE_PIXELS_VAR: &str = "VLMHOST_MAX_IMAGE_PIXELS";
+
+/// The largest image, in pixels, [`load_image`] decodes.
+pub fn max_image_pixels() -> u64 {
+    std::env::var(MAX_IMAGE_PIXELS_VAR).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+}
+
+/// Refuse a file that is no image by its first bytes, or whose header declares more than
+/// `limit` pixels, before it is read whole.
+fn check_header(path: &Path, limit: u64) -> Result<(), ImageError> {
+    let io = |source| ImageError::Io { path: path.to_path_buf(), source };
+    let decode_err = |message: String| ImageError::Decode { path: path.to_path_buf(), message };
+    let mut head = Vec::with_capacity(32);
+    fs::File::open(path).map_err(io)?.take(32).read_to_end(&mut head).map_err(io)?;
+    image::guess_format(&head).map_err(|_| decode_err("its first bytes are not those of an image file".into()))?;
+    let reader = image::ImageReader::open(path).map_err(io)?.with_guessed_format().map_err(io)?;
+    let (width, height) = reader.into_dimensions().map_err(|e| decode_err(e.to_string()))?;
+    if width as u64 * height as u64 > limit {
+        return Err(ImageError::TooLarge { path: path.to_path_buf(), width, height, limit });
+    }
+    Ok(())
+}
 
 /// Loads an image file the way transformers' `load_image(path)` does: decode (format sniffed
 /// from the content, as PIL does), apply the EXIF orientation (`ImageOps.exif_transpose`; JPEG
@@ -26,6 +59,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
             path: path.to_path_buf(),
         });
     }
+    check_header(path, max_image_pixels())?;
     let bytes = fs::read(path).map_err(|source| ImageError::Io {
         path: path.to_path_buf(),
         source,
@@ -120,6 +154,39 @@ fn png_exif_orientation(bytes: &[u8]) -> image::metadata::Orientation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PNG whose header declares `width` x `height`, with no image data: the size check
+    /// must refuse it from the header alone.
+    fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            [&(data.len() as u32).to_be_bytes()[..], &body, &crc32fast::hash(&body).to_be_bytes()].concat()
+        };
+        let ihdr = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat(); // 8-bit RGB
+        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &[]), &chunk(b"IEND", &[])].concat()
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_from_its_header() {
+        let dir = std::env::temp_dir().join(format!("vlmhost-imaging-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let bomb = dir.join("bomb.png");
+        fs::write(&bomb, png_header_only(14_000, 14_000)).unwrap();
+        let err = load_image(&bomb).unwrap_err();
+        assert!(matches!(err, ImageError::TooLarge { width: 14_000, height: 14_000, limit: DEFAULT_MAX_IMAGE_PIXELS, .. }), "{err}");
+        assert!(err.to_string().contains("196000000 pixels"), "{err}");
+        // Under a lower limit a small declared size is refused too; within it, the (missing)
+        // image data is what fails.
+        assert!(matches!(check_header(&bomb, 1_000), Err(ImageError::TooLarge { .. })));
+        fs::write(&bomb, png_header_only(10, 10)).unwrap();
+        assert!(check_header(&bomb, 1_000).is_ok());
+        // A file that is no image is refused by its first bytes, not read whole.
+        let fake = dir.join("fake.png");
+        fs::write(&fake, vec![b'x'; 4096]).unwrap();
+        let err = load_image(&fake).unwrap_err();
+        assert!(err.to_string().contains("not those of an image file"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn png_exif_after_the_image_data_is_found() {

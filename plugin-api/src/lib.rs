@@ -48,6 +48,7 @@ pub mod builder;
 pub mod error;
 pub mod host;
 pub mod init;
+pub mod limits;
 pub mod manifest;
 pub mod model;
 pub mod ops;

@@ -92,6 +92,11 @@ pub enum LineError {
     Content { index: usize, message: String },
     #[error("{placeholders} <image> placeholder(s) but {images} image(s)")]
     ImageCount { placeholders: usize, images: usize },
+    #[error(
+        "{unused} of the {listed} image(s) in \"images\" are used by no <image> placeholder or image part \
+         (image parts with a path do not take from the list): remove them from \"images\", or leave the paths out of the image parts"
+    )]
+    UnusedImages { unused: usize, listed: usize },
 }
 
 fn speaker(role: &str) -> Option<Speaker> {
@@ -142,6 +147,7 @@ pub fn parse_line(line: &str, base: &Path) -> Result<Sample, LineError> {
     if typed_images == 0 && placeholders != images.len() {
         return Err(LineError::ImageCount { placeholders, images: images.len() });
     }
+    let listed = images.len();
     let mut next_image = images.into_iter();
     let mut messages = Vec::with_capacity(turns.len());
     for (index, t) in turns.iter().enumerate() {
@@ -153,7 +159,10 @@ pub fn parse_line(line: &str, base: &Path) -> Result<Sample, LineError> {
             Some(Value::Array(parts)) => parts
                 .iter()
                 .map(|p| match p.get("type").and_then(Value::as_str) {
-                    Some("text") => Ok(Part::Text { text: p.get("text").and_then(Value::as_str).unwrap_or("").to_owned() }),
+                    Some("text") => match p.get("text").and_then(Value::as_str) {
+                        Some(text) => Ok(Part::Text { text: text.to_owned() }),
+                        None => Err(LineError::Content { index, message: format!("a text part without a \"text\" string: {p}") }),
+                    },
                     Some("image") => {
                         let path = p.get("path").or_else(|| p.get("image")).or_else(|| p.get("url")).and_then(Value::as_str);
                         match path {
@@ -170,6 +179,10 @@ pub fn parse_line(line: &str, base: &Path) -> Result<Sample, LineError> {
             _ => return Err(LineError::Content { index, message: format!("no \"{text_key}\" text") }),
         };
         messages.push(Message { role, content });
+    }
+    let unused = next_image.count();
+    if unused > 0 {
+        return Err(LineError::UnusedImages { unused, listed });
     }
     Ok(Sample { messages })
 }
@@ -201,6 +214,28 @@ mod line_tests {
         let e = parse_line(r#"{"messages": [{"role": "user", "content": "<image><image>hi"}], "images": ["a.png"]}"#, Path::new("/"))
             .unwrap_err();
         assert_eq!(e, LineError::ImageCount { placeholders: 2, images: 1 });
+    }
+
+    #[test]
+    fn typed_parts_are_checked() {
+        let e = parse_line(
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}, {"role": "assistant", "content": "B"}]}"#,
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert!(matches!(&e, LineError::Content { index: 0, message } if message.contains("without a \"text\" string")), "{e}");
+        let e = parse_line(
+            r#"{"images": ["b.png"], "messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "A"}]}, {"role": "assistant", "content": "B"}]}"#,
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert_eq!(e, LineError::UnusedImages { unused: 1, listed: 1 });
+        let s = parse_line(
+            r#"{"images": ["b.png"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A"}]}, {"role": "assistant", "content": "B"}]}"#,
+            Path::new("/d"),
+        )
+        .unwrap();
+        assert_eq!(s.messages[0].content[0], Part::Image { path: "/d/b.png".into() });
     }
 
     #[test]

@@ -13,5 +13,6 @@ mod init;
 mod llava;
 mod plugin_kit;
 mod plugins;
+mod robustness;
 mod qwen2_vl;
 mod train;

@@ -143,6 +143,11 @@ pub struct DeepseekOcrConfig {
     pub projector_input: i64,
 }
 
+/// The sizes checked against [`vlmhost_plugin_api::limits`], the key named.
+fn sizes(sizes: &[(&str, i64)]) -> Result<(), String> {
+    vlmhost_plugin_api::limits::check_sizes(sizes).map_err(|(key, m)| format!("{key}: {m}"))
+}
+
 fn int(v: &Value, key: &str, default: i64) -> Result<i64, String> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
@@ -181,7 +186,7 @@ impl DeepseekOcrConfig {
             }
         }
         let text: TextConfig = serde_json::from_value(merged).map_err(|e| format!("language model keys: {e}"))?;
-        for (key, n) in [
+        sizes(&[
             ("vocab_size", text.vocab_size),
             ("hidden_size", text.hidden_size),
             ("intermediate_size", text.intermediate_size),
@@ -189,11 +194,7 @@ impl DeepseekOcrConfig {
             ("num_attention_heads", text.num_attention_heads),
             ("num_key_value_heads", text.kv_heads()),
             ("moe_layer_freq", text.moe_layer_freq),
-        ] {
-            if n <= 0 {
-                return Err(format!("{key} must be positive, got {n}"));
-            }
-        }
+        ])?;
         if text.hidden_size % text.num_attention_heads != 0 || text.num_attention_heads % text.kv_heads() != 0 {
             return Err(format!(
                 "hidden_size {} must be a multiple of num_attention_heads {}, which must be a multiple of num_key_value_heads {}",
@@ -272,6 +273,19 @@ impl DeepseekOcrConfig {
             patch_size: clip_patch,
             eps: 1e-5,
         };
+        sizes(&[
+            ("vision_config.width.sam_vit_b.width", sam.width),
+            ("vision_config.width.sam_vit_b.layers", sam.layers),
+            ("vision_config.width.sam_vit_b.heads", sam.heads),
+            ("vision_config.width.sam_vit_b.window_size", sam.window_size),
+            ("vision_config.width.sam_vit_b.neck_channels", sam.neck_channels),
+            ("vision_config.width.sam_vit_b.downsample_channels", d2.min(d3)),
+            ("vision_config.image_size", sam.grid * patch),
+            ("vision_config.width.clip-l-14-224.width", clip.width),
+            ("vision_config.width.clip-l-14-224.layers", clip.layers),
+            ("vision_config.width.clip-l-14-224.heads", clip.heads),
+            ("vision_config.width.clip-l-14-224.image_size", clip.grid * clip_patch),
+        ])?;
         if d3 != clip.width {
             return Err(format!(
                 "vision_config: SAM's last channels ({d3}) must equal the CLIP width ({}): CLIP takes SAM's features as its patch tokens",

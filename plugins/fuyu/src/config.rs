@@ -205,17 +205,16 @@ impl FuyuConfig {
         if !vlmhost_plugin_api::ops::known_activation(&t.hidden_act) {
             return Err(invalid(&format!("{p}hidden_act"), format!("activation {:?} is not supported", t.hidden_act)));
         }
-        for (k, n) in [
+        vlmhost_plugin_api::limits::check_sizes(&[
             ("vocab_size", t.vocab_size),
             ("hidden_size", t.hidden_size),
             ("intermediate_size", t.intermediate_size),
             ("num_hidden_layers", t.num_hidden_layers),
             ("num_attention_heads", t.num_attention_heads),
-        ] {
-            if n <= 0 {
-                return Err(invalid(&format!("{p}{k}"), format!("must be positive, got {n}")));
-            }
-        }
+        ])
+        .map_err(|(k, m)| invalid(&format!("{p}{k}"), m))?;
+        vlmhost_plugin_api::limits::check_sizes(&[("patch_size", self.patch_size), ("num_channels", self.num_channels)])
+            .map_err(|(k, m)| invalid(k, m))?;
         if t.hidden_size % t.num_attention_heads != 0 {
             return Err(invalid(&format!("{p}hidden_size"), format!("{} is not divisible by num_attention_heads {}", t.hidden_size, t.num_attention_heads)));
         }
@@ -225,9 +224,6 @@ impl FuyuConfig {
                 &format!("{p}partial_rotary_factor"),
                 format!("{} gives {rd} rotary dimensions of {}; need an even number within the head", t.partial_rotary_factor, t.head_dim()),
             ));
-        }
-        if self.patch_size <= 0 || self.num_channels <= 0 {
-            return Err(invalid("patch_size", format!("patch_size {} and num_channels {} must be positive", self.patch_size, self.num_channels)));
         }
         if self.image_token_id < 0 || self.image_token_id >= t.vocab_size {
             return Err(invalid("image_token_id", format!("{} is outside the vocabulary ({})", self.image_token_id, t.vocab_size)));

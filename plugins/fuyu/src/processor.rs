@@ -70,12 +70,7 @@ pub enum ProcessorError {
 
 impl From<vlmhost_imaging::ImageError> for ProcessorError {
     fn from(e: vlmhost_imaging::ImageError) -> Self {
-        let path = match &e {
-            vlmhost_imaging::ImageError::Missing { path }
-            | vlmhost_imaging::ImageError::Io { path, .. }
-            | vlmhost_imaging::ImageError::Decode { path, .. } => path.clone(),
-        };
-        ProcessorError::Image { path, message: e.to_string() }
+        ProcessorError::Image { path: e.path().to_path_buf(), message: e.to_string() }
     }
 }
 

@@ -191,6 +191,23 @@ impl LlavaConfig {
                 return Err(invalid(key, format!("activation {act:?} is not supported")));
             }
         }
+        let (v, t) = (&self.vision, &self.text);
+        vlmhost_plugin_api::limits::check_sizes(&[
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_channels", v.num_channels),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.kv_heads()),
+        ])
+        .map_err(|(key, m)| invalid(key, m))?;
         let n = self.vision.num_hidden_layers;
         for &l in &self.vision_feature_layers {
             if l < -(n + 1) || l > n {

@@ -83,6 +83,8 @@ pub enum ProcessorError {
     ImageMissing { path: PathBuf },
     #[error("cannot decode image {path}: {message}")]
     ImageDecode { path: PathBuf, message: String },
+    #[error("{0}")]
+    ImageTooLarge(String),
     #[error(
         "{placeholders} `<image>` placeholder(s) but {images} image(s): each placeholder takes \
          exactly one image, in order{context}"
@@ -114,6 +116,7 @@ impl From<vlmhost_imaging::ImageError> for ProcessorError {
             ImageError::Missing { path } => Self::ImageMissing { path },
             ImageError::Io { path, source } => Self::Io { path, source },
             ImageError::Decode { path, message } => Self::ImageDecode { path, message },
+            e @ ImageError::TooLarge { .. } => Self::ImageTooLarge(e.to_string()),
         }
     }
 }

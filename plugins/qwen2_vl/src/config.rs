@@ -255,11 +255,7 @@ impl Qwen2VlConfig {
             ("text_config.intermediate_size", t.intermediate_size),
             ("vision_config.hidden_size", v.hidden_size),
         ];
-        for (key, n) in positive {
-            if n <= 0 {
-                return Err(invalid(key, format!("must be positive, got {n}")));
-            }
-        }
+        vlmhost_plugin_api::limits::check_sizes(&positive).map_err(|(key, m)| invalid(key, m))?;
         if v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
             return Err(invalid(
                 "vision_config.embed_dim",

@@ -82,6 +82,8 @@ pub enum ProcessorError {
     ImageMissing { path: PathBuf },
     #[error("cannot decode image {path}: {message}")]
     ImageDecode { path: PathBuf, message: String },
+    #[error("{0}")]
+    ImageTooLarge(String),
     #[error("image {path} ({width}x{height}): {reason}")]
     ImageSize { path: PathBuf, width: usize, height: usize, reason: String },
     #[error("message {index} ({role}) contains {token:?}, which stands for image content: write images as image parts or `<image>` placeholders")]
@@ -101,6 +103,7 @@ impl From<vlmhost_imaging::ImageError> for ProcessorError {
             ImageError::Missing { path } => Self::ImageMissing { path },
             ImageError::Io { path, source } => Self::Io { path, source },
             ImageError::Decode { path, message } => Self::ImageDecode { path, message },
+            e @ ImageError::TooLarge { .. } => Self::ImageTooLarge(e.to_string()),
         }
     }
 }

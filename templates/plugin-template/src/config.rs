@@ -146,16 +146,32 @@ impl ToyConfig {
     /// The constraints the model code relies on: (key, what is wrong).
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let (v, t) = (&self.vision_config, &self.text_config);
-        if v.patch_size <= 0 || v.image_size % v.patch_size != 0 {
+        // Positive, and within the sanity limits (a million layers is a typo, not a model).
+        vlmhost_plugin_api::limits::check_sizes(&[
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.num_channels", v.num_channels),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+        ])?;
+        if v.image_size % v.patch_size != 0 {
             return Err(("vision_config.patch_size", format!("{} does not divide image_size {}", v.patch_size, v.image_size)));
         }
-        if v.num_attention_heads <= 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.hidden_size % v.num_attention_heads != 0 {
             return Err(("vision_config.num_attention_heads", format!("{} does not divide hidden_size {}", v.num_attention_heads, v.hidden_size)));
         }
-        if t.num_attention_heads <= 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if t.hidden_size % t.num_attention_heads != 0 {
             return Err(("text_config.num_attention_heads", format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size)));
         }
-        if t.num_key_value_heads <= 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
             return Err((
                 "text_config.num_key_value_heads",
                 format!("{} does not divide num_attention_heads {}", t.num_key_value_heads, t.num_attention_heads),
