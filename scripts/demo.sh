@@ -21,8 +21,12 @@
 # folder, e.g. adept/fuyu-8b; then also set DATA/VAL to your own data, and
 # PROCESSOR to "--processor KEY=VALUE" options if needed),
 # VLMHOST (the binary, default target/release/vlmhost), TRAIN_COUNT and
-# VAL_COUNT (synthetic samples), STAGE1_STEPS and STAGE2_STEPS.
+# VAL_COUNT (synthetic samples), STAGE1_STEPS and STAGE2_STEPS, and
+# OMP_NUM_THREADS (default 1).
 set -euo pipefail
+# A model this small spends more time handing work between threads than
+# computing: one thread is 3-4x faster here, and the numbers are the same.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin="${VLMHOST:-target/release/vlmhost}"
 [[ -x "$bin" ]] || { echo "demo: $bin is missing: run scripts/setup.sh (it builds target/release)" >&2; exit 1; }

@@ -51,8 +51,9 @@ pub struct MetricsRecord {
 /// Why `metrics.jsonl` could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("{path}: cannot read: {source} (is this a run folder? training writes {METRICS_FILE} there)", path = .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message says it, so error chains do not repeat it.
+    #[error("{path}: cannot read: {error} (is this a run folder? training writes {METRICS_FILE} there)", path = .path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: not a metrics record: {message} (fix or delete the line)", path = .path.display())]
     Line { path: PathBuf, line: usize, message: String },
     #[error("{path}: no metrics records (the run has not finished a step yet)", path = .path.display())]
@@ -62,7 +63,7 @@ pub enum MetricsError {
 /// Read `path` (a `metrics.jsonl`): records sorted by step (stable, so a
 /// resumed run's re-written steps keep file order).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| MetricsError::Io { path: path.to_owned(), error })?;
     let lines: Vec<&str> = text.lines().collect();
     let mut records = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
@@ -477,8 +478,10 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
-        let e = write_run_plots(dir.path()).unwrap_err().to_string();
+        let e = format!("{:#}", write_run_plots(dir.path()).unwrap_err());
         assert!(e.contains("metrics.jsonl") && e.contains("cannot read"), "{e}");
+        // The OS's words once, not again as the error's source.
+        assert_eq!(e.matches("No such file").count(), 1, "{e}");
 
         std::fs::write(dir.path().join(METRICS_FILE), "\n\n").unwrap();
         let e = write_run_plots(dir.path()).unwrap_err().to_string();
