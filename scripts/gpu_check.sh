@@ -43,7 +43,7 @@ printf '%s\n' '{"images": ["image.png"], "messages": [{"role": "user", "content"
 for device in cuda cpu; do
     "$bin" eval --plugin deepseek_ocr --model "$ds" "${dsopts[@]}" --dataset tests/fixtures/deepseek_ocr/data.jsonl \
         --device "$device" --json > "$out/ds-eval-$device.json" 2> "$out/ds-eval-$device.log" || echo "ds eval on $device failed" | tee -a "$out/errors.txt"
-    /usr/bin/time -v "$bin" train --config config/examples/ocr_stage1.yaml --model "$out/ds-tiny" --mode llm \
+    /usr/bin/time -v "$bin" train --config config/examples/ocr_stage1.yaml --plugin deepseek_ocr --model "$out/ds-tiny" --mode llm \
         --dataset "$out/ocr-data/data.jsonl" --device "$device" --max-steps 40 --output "$out/ds-train-$device" \
         > "$out/ds-train-$device.json" 2> "$out/ds-train-$device.log" || echo "ds train on $device failed" | tee -a "$out/errors.txt"
 done

@@ -401,6 +401,9 @@ impl TrainConfig {
         if t.max_image_pixels == Some(0) {
             return bad("train.max_image_pixels", &0, "a positive number of pixels");
         }
+        if t.eval_generate && t.eval_max_new_tokens == 0 {
+            return bad("train.eval_max_new_tokens", &0, "at least 1 token when train.eval_generate is on");
+        }
         Ok(())
     }
 
@@ -452,6 +455,20 @@ lora:
     }
 
     #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "{n} example configs in {}", dir.display());
+    }
+
+    #[test]
     fn mode_precedence() {
         let cfg = TrainConfig { mode: Some(Mode::Vision), ..Default::default() };
         assert_eq!(cfg.resolve_mode(Some("both"), Some("llm")).unwrap(), Mode::Both);
@@ -485,6 +502,7 @@ lora:
             ("train:\n  val_size: -0.1\n", "train.val_size is -0.1"),
             ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm is NaN"),
             ("train:\n  max_length: 0\n", "train.max_length is 0"),
+            ("train:\n  eval_generate: true\n  eval_max_new_tokens: 0\n", "train.eval_max_new_tokens is 0"),
         ] {
             let err = TrainConfig::from_yaml(yaml).unwrap_err();
             assert!(err.starts_with(key) && err.contains("must be"), "{yaml:?}: {err}");

@@ -39,10 +39,11 @@ fn the_demo_recipe_teaches_the_base_to_read_numbers() {
     // Stage 2 continues from stage 1's result (its "before" is stage 1's "after").
     let stage2_before = eval_file(&out.join("stage2/eval-before.json"));
     assert_eq!(stage2_before["cer"], middle["cer"], "stage 2 did not start from stage 1");
-    // 140 steps instead of the demo's 400 on 600 instead of 3,000 images: the
-    // CER falls by at least half (the full demo reaches <= 0.10; the same
-    // recipe at this size measured ~XX on two CPUs, thread counts 1 and 2).
-    assert!(cer(&after) <= 0.5 * cer(&before), "CER {} before, {} after", cer(&before), cer(&after));
+    // 140 steps on 600 images instead of 240 on 2,000: measured CER 0.000 on
+    // these 16 images with 1 and 2 threads (AVX2). 0.2 leaves room for another
+    // CPU's rounding to flip a few of their ~110 characters, and still fails a
+    // recipe that teaches nothing (the base's CER is 1.0).
+    assert!(cer(&after) <= 0.2, "CER {} before, {} after", cer(&before), cer(&after));
 
     // What the user looks at: both stages in loss.png, CER before and after in the report.
     for f in ["stage2/loss.png", "stage2/lr.png", "report.md", "report.png", "stage2/adapter/adapter_model.safetensors"] {
