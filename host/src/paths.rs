@@ -61,11 +61,16 @@ pub fn check_output(output: &Path, inputs: &[(&str, &Path)], force: bool) -> Res
     Ok(())
 }
 
+/// `<path><suffix>` beside `path` (`model` -> `model.partial`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or(path.as_os_str()).to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// The folder a complete `output` is written in first: `<output>.partial`.
 pub fn partial_dir(output: &Path) -> PathBuf {
-    let mut name = output.file_name().unwrap_or(output.as_os_str()).to_owned();
-    name.push(".partial");
-    output.with_file_name(name)
+    sibling(output, ".partial")
 }
 
 /// A fresh, empty `<output>.partial` (one a crash left is removed).
@@ -83,11 +88,7 @@ pub fn fresh_partial(output: &Path) -> Result<PathBuf> {
 /// either the old folder, absent, or the new one.
 pub fn publish_dir(partial: &Path, output: &Path) -> Result<()> {
     fsync(partial);
-    let old = {
-        let mut name = output.file_name().unwrap_or(output.as_os_str()).to_owned();
-        name.push(".old");
-        output.with_file_name(name)
-    };
+    let old = sibling(output, ".old");
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
     }
@@ -105,7 +106,8 @@ pub fn publish_dir(partial: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn fsync(dir: &Path) {
+/// Flush a folder's entries to disk (best effort: not every file system can).
+pub fn fsync(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

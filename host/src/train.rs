@@ -291,27 +291,16 @@ pub fn list_checkpoints(output: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-fn fsync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 /// Write a checkpoint atomically and keep only the last `keep` ones.
 fn save_checkpoint(model: &HostModel, opt: &crate::optim::AdamW, state: &TrainState, cfg: &TrainConfig, output: &Path) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output, state.step);
-    let partial = final_dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    let partial = crate::paths::fresh_partial(&final_dir)?;
     weights::save_safetensors(&partial.join("trainable.safetensors"), &model.trainable_tensors(), None)?;
     fault_point("checkpoint", state.step);
     weights::save_safetensors(&partial.join("optimizer.safetensors"), &opt.state_tensors(), None)?;
     weights::write_atomic(&partial.join("config.yaml"), serde_yaml::to_string(cfg)?.as_bytes())?;
     weights::write_atomic(&partial.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    fsync_dir(&partial);
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&partial, &final_dir).with_context(|| format!("cannot rename {} to {}", partial.display(), final_dir.display()))?;
-    fsync_dir(final_dir.parent().unwrap_or(output));
+    crate::paths::publish_dir(&partial, &final_dir)?;
     let all = list_checkpoints(output);
     if all.len() > cfg.train.keep_last.max(1) {
         for (_, old) in &all[..all.len() - cfg.train.keep_last.max(1)] {

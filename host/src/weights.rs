@@ -328,8 +328,8 @@ pub fn check(dir: &Path, spec: &ModelSpec, allow_missing: bool) -> Result<LoadRe
             .map_err(|message| WeightsError::Format { path: file.clone(), message })?;
         let mut keys: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
+        let data_start = 8 + header_len as u64;
         for (key, info) in keys {
-            let data_start = 8 + header_len as u64;
             check_extent(&key, info, data_start, file_len).map_err(|message| WeightsError::Format { path: file.clone(), message })?;
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
             if router.route(file, &key, &shape).is_some() && kind_of(info.dtype).is_none_or(|k| k == Kind::Int64) {
@@ -448,9 +448,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    crate::paths::fsync(dir);
     Ok(())
 }
 

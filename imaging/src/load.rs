@@ -5,7 +5,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 
 use crate::{ImageError, RgbImage};
@@ -28,10 +27,12 @@ pub fn max_image_pixels() -> u64 {
 fn check_header(path: &Path, limit: u64) -> Result<(), ImageError> {
     let io = |source| ImageError::Io { path: path.to_path_buf(), source };
     let decode_err = |message: String| ImageError::Decode { path: path.to_path_buf(), message };
-    let mut head = Vec::with_capacity(32);
-    fs::File::open(path).map_err(io)?.take(32).read_to_end(&mut head).map_err(io)?;
-    image::guess_format(&head).map_err(|_| decode_err("its first bytes are not those of an image file".into()))?;
-    let reader = image::ImageReader::open(path).map_err(io)?.with_guessed_format().map_err(io)?;
+    let file = std::io::BufReader::new(fs::File::open(path).map_err(io)?);
+    // The format from the content alone (not the file name): none for a file that is no image.
+    let reader = image::ImageReader::new(file).with_guessed_format().map_err(io)?;
+    if reader.format().is_none() {
+        return Err(decode_err("its first bytes are not those of an image file".into()));
+    }
     let (width, height) = reader.into_dimensions().map_err(|e| decode_err(e.to_string()))?;
     if width as u64 * height as u64 > limit {
         return Err(ImageError::TooLarge { path: path.to_path_buf(), width, height, limit });
