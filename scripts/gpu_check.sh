@@ -36,12 +36,15 @@ done
 # MoE benchmark at the real layer's size on CUDA.
 ds=target/fixtures/deepseek_ocr/model
 dsopts=(--processor base_size=256 --processor image_size=128)
+# The fixture's sample as a data set, written under $out (never into the source tree).
+mkdir -p "$out/ds-fixture"
+cp tests/fixtures/deepseek_ocr/image.png "$out/ds-fixture/"
 printf '%s\n' '{"images": ["image.png"], "messages": [{"role": "user", "content": "<image>\nFree OCR. "}, {"role": "assistant", "content": "HELLO 42"}]}' \
-    > tests/fixtures/deepseek_ocr/data.jsonl
+    > "$out/ds-fixture/data.jsonl"
 "$bin" init --plugin deepseek_ocr --preset tiny --output "$out/ds-tiny" --force > "$out/ds-init.txt" 2>&1 || echo "init failed" | tee -a "$out/errors.txt"
 "$bin" data synth-ocr --count 256 --seed 1 --output "$out/ocr-data" --force > /dev/null
 for device in cuda cpu; do
-    "$bin" eval --plugin deepseek_ocr --model "$ds" "${dsopts[@]}" --dataset tests/fixtures/deepseek_ocr/data.jsonl \
+    "$bin" eval --plugin deepseek_ocr --model "$ds" "${dsopts[@]}" --dataset "$out/ds-fixture/data.jsonl" \
         --device "$device" --json > "$out/ds-eval-$device.json" 2> "$out/ds-eval-$device.log" || echo "ds eval on $device failed" | tee -a "$out/errors.txt"
     /usr/bin/time -v "$bin" train --config config/examples/ocr_stage1.yaml --plugin deepseek_ocr --model "$out/ds-tiny" --mode llm \
         --dataset "$out/ocr-data/data.jsonl" --device "$device" --max-steps 40 --output "$out/ds-train-$device" \

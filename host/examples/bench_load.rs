@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 use vlmhost::config::{Mode, TrainConfig};
-use vlmhost::model::{HostModel, OpenOptions};
+use vlmhost::model::OpenOptions;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -28,9 +28,9 @@ fn main() -> anyhow::Result<()> {
         processor: Default::default(),
     };
     let start = Instant::now();
-    let model = HostModel::open(&opts, &TrainConfig::default())?;
+    let model = vlmhost::model::open(&opts, &TrainConfig::default())?;
     let seconds = start.elapsed().as_secs_f64();
-    let bytes: usize = model.params.iter().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum();
-    println!("{{\"seconds\": {seconds}, \"tensors\": {}, \"bytes\": {bytes}}}", model.params.len());
+    let bytes: usize = model.params().iter().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    println!("{{\"seconds\": {seconds}, \"tensors\": {}, \"bytes\": {bytes}}}", model.params().len());
     Ok(())
 }

@@ -16,7 +16,7 @@
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, TrainConfig};
-use vlmhost::model::{HostModel, OpenOptions};
+use vlmhost::model::OpenOptions;
 use vlmhost::plugin_api::{Host, ModelOptions};
 use vlmhost_plugin_deepseek_ocr::model::{DeepseekOcr, Moe};
 use vlmhost_plugin_deepseek_ocr::DeepseekOcrModel;
@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|p| (p.name.to_string(), Tensor::randn(p.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02))
         .collect();
-    vlmhost::weights::save_safetensors(&dir.path().join("model.safetensors"), &weights, None)?;
+    vlmhost::model::weights::save_safetensors(&dir.path().join("model.safetensors"), &weights, None)?;
     drop(weights);
 
     let plugin = std::env::current_exe()?.parent().unwrap().parent().unwrap().join("libvlmhost_plugin_deepseek_ocr.so");
@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut cfg = TrainConfig::default();
     cfg.roles.llm.strategy = Some(vlmhost::config::Strategy::Full);
-    let m = HostModel::open(&open, &cfg)?;
+    let m = vlmhost::model::open(&open, &cfg)?;
     let moe = family.model.moe_of_layer(1).expect("layer 1 is an MoE layer");
     let x = Tensor::randn([1, tokens, 1280], (Kind::Float, device));
     let _g = tch::no_grad_guard();
@@ -148,6 +148,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn image_defaults(dir: &std::path::Path) -> anyhow::Result<vlmhost_plugin_deepseek_ocr::processor::ImageOptions> {
-    let options = ModelOptions(vlmhost::init::processor_defaults(dir)?);
+    let options = ModelOptions(vlmhost::model::checkpoint::processor_defaults(dir)?);
     vlmhost_plugin_deepseek_ocr::image_options(&options).map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -1,8 +1,12 @@
-//! The training configuration: `config/train_config.yaml`, the schema of the
-//! user's guide (section 9.3: `lora.*_target_modules`, modes) extended with
-//! per-role strategies, learning-rate scales, last-k-layers, `modules_to_save`
-//! and regex overrides. Every key has a default, so an empty file is valid.
-//! Unknown keys are refused (a typo must not silently do nothing).
+//! The training configuration file (`config/train_config.yaml`, documented
+//! in `config/README.md`): the mode, LoRA settings and per-role target lists
+//! (`lora.*_target_modules`), per-role strategies, learning-rate scales and
+//! last-k-layers, `modules_to_save`, regex overrides, the optimizer, the
+//! training loop and the processor options. Every key has a default, so an
+//! empty file is valid. Unknown keys are refused (a typo must not silently do
+//! nothing).
+//!
+//! This module is a leaf: the schema and its checks, nothing that runs.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -213,6 +217,31 @@ pub enum Schedule {
     Constant,
 }
 
+/// What to do with a bad sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BadSamplePolicy {
+    /// Drop it (counted and listed).
+    #[default]
+    Skip,
+    /// Stop at the data summary.
+    Fail,
+}
+
+/// What to do with a sample longer than the maximum length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TooLongPolicy {
+    /// Cut the end off, unless that would cut into image tokens (then skip).
+    #[default]
+    Truncate,
+    /// Drop the sample (counted).
+    Skip,
+}
+
+/// Longest sample, in tokens, unless `train.max_length` says otherwise.
+pub const DEFAULT_MAX_LENGTH: usize = 2048;
+
 /// The training loop's settings (`train:` in the file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,8 +280,8 @@ pub struct TrainSettings {
     /// Stop after this many non-finite losses in a row (each such step is skipped).
     pub max_bad_steps: usize,
     pub max_length: usize,
-    pub too_long: crate::dataset::TooLongPolicy,
-    pub on_bad_sample: crate::dataset::BadSamplePolicy,
+    pub too_long: TooLongPolicy,
+    pub on_bad_sample: BadSamplePolicy,
     pub system_prompt: Option<String>,
     /// Images with more pixels are refused from their header, before they
     /// are decoded (a guard against decompression bombs); absent: Pillow's
@@ -280,9 +309,9 @@ impl Default for TrainSettings {
             keep_last: 3,
             early_stopping_patience: None,
             max_bad_steps: 5,
-            max_length: 2048,
-            too_long: crate::dataset::TooLongPolicy::Truncate,
-            on_bad_sample: crate::dataset::BadSamplePolicy::Skip,
+            max_length: DEFAULT_MAX_LENGTH,
+            too_long: TooLongPolicy::default(),
+            on_bad_sample: BadSamplePolicy::default(),
             system_prompt: None,
             max_image_pixels: None,
         }

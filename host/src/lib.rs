@@ -1,35 +1,27 @@
 //! # vlmhost: a trainer for vision-language models whose families are plugins
 //!
 //! The host knows no model. Plugins (`cdylib`s speaking
-//! [`vlmhost_plugin_api`]) serve model families; the host finds and loads
-//! them ([`loader`]), checks the machine ([`doctor`], [`torch_env`]), and owns
-//! everything that is the same for every family.
+//! [`vlmhost_plugin_api`]) serve model families; the host owns everything
+//! that is the same for every family. Its layers, each using only those
+//! above it in this list (`docs/ARCHITECTURE.md` draws the picture):
+//!
+//! * [`config`], [`files`], [`font`]: leaves (the configuration file's schema;
+//!   writing files atomically; the embedded font).
+//! * [`plugin`]: finding and loading plugin libraries, the libtorch underneath.
+//! * [`model`]: a checkpoint opened through its plugin, rules and LoRA
+//!   applied; forward passes, the loss, greedy decoding, PEFT adapters.
+//! * [`report`]: a run folder's files, metrics, OCR scores, plots, reports.
+//! * [`train`]: data, optimizer, schedule, the loop, checkpoints, evaluation.
+//! * [`commands`]: one module per CLI command; [`cli`] parses and dispatches.
 
-pub mod autocast;
 pub mod cli;
-pub mod compare;
-pub mod doctor;
-pub mod elf;
-pub mod loader;
-pub mod lora;
-pub mod merge;
-pub mod model;
-pub mod optim;
+pub mod commands;
 pub mod config;
-pub mod dataset;
-pub mod generate;
-pub mod init;
-pub mod inspect;
-pub mod paths;
-pub mod patterns;
-pub mod peft;
-pub mod rules;
-pub mod weights;
-pub mod torch_env;
-pub mod train;
+pub mod files;
 pub mod font;
-pub mod plot;
+pub mod model;
+pub mod plugin;
 pub mod report;
-pub mod synth;
+pub mod train;
 
 pub use vlmhost_plugin_api as plugin_api;

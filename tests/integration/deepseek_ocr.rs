@@ -50,7 +50,7 @@ fn open(mode: Mode, kind: Kind) -> HostModel {
 }
 
 fn open_with(mode: Mode, kind: Kind, cfg: &TrainConfig) -> HostModel {
-    HostModel::open(&open_options(mode, kind), cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    vlmhost::model::open(&open_options(mode, kind), cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The plugin crate itself, for its intermediate functions.
@@ -206,9 +206,9 @@ fn deepseek_ocr_vision_gradients_are_real() {
         "model.projector.layers.weight",
         "model.image_newline",
     ];
-    let index = |name: &str| m.spec.params.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no {name}"));
+    let index = |name: &str| m.spec().params.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no {name}"));
     for name in names {
-        assert!(m.params[index(name)].requires_grad(), "{name} trains in mode both");
+        assert!(m.params()[index(name)].requires_grad(), "{name} trains in mode both");
     }
     let loss = loss_of(&m);
     loss.backward();
@@ -216,7 +216,7 @@ fn deepseek_ocr_vision_gradients_are_real() {
     // router compute in float32, as the original does) stay below the
     // difference, small enough not to flip an expert choice: the better of two.
     for name in names {
-        let p = &m.params[index(name)];
+        let p = &m.params()[index(name)];
         let grad = p.grad();
         assert!(grad.defined(), "{name}: no gradient");
         // The entry with the largest gradient: a finite difference resolves it best.
@@ -254,7 +254,7 @@ fn deepseek_ocr_frozen_vision_builds_no_graph() {
     let m = open(Mode::Llm, Kind::Float);
     let f = family_model();
     let b = batch(Kind::Float);
-    assert!(!m.plan.role_trains(Role::Vision, &m.spec));
+    assert!(!m.plan().role_trains(Role::Vision, m.spec()));
     m.with_ops(true, |ops| {
         let host = Host::new(ops);
         let pixels = b.tensors[0].1.shallow_clone();
@@ -263,14 +263,14 @@ fn deepseek_ocr_frozen_vision_builds_no_graph() {
     });
     let loss = causal_lm_loss(&m.forward(&b, true).unwrap(), &b.labels).unwrap().0;
     loss.backward();
-    for (i, p) in m.spec.params.iter().enumerate() {
+    for (i, p) in m.spec().params.iter().enumerate() {
         let vision = p.name.starts_with("model.sam_model.") || p.name.starts_with("model.vision_model.");
         let projector = p.name.starts_with("model.projector.") || p.name == "model.image_newline";
         if vision {
-            assert!(!m.params[i].grad().defined(), "{}: frozen but has a gradient", p.name);
+            assert!(!m.params()[i].grad().defined(), "{}: frozen but has a gradient", p.name);
         }
         if projector {
-            assert!(m.params[i].grad().defined(), "{}: trains but has no gradient", p.name);
+            assert!(m.params()[i].grad().defined(), "{}: trains but has no gradient", p.name);
         }
     }
 }
@@ -290,8 +290,8 @@ fn deepseek_ocr_lora_covers_experts_not_the_router() {
         }
         assert!(names.contains(&format!("model.layers.{layer}.mlp.shared_experts.down_proj")));
         assert!(!names.iter().any(|n| n.ends_with(".mlp.gate")), "the router is never a LoRA target");
-        let gate = m.spec.params.iter().position(|p| p.name == format!("model.layers.{layer}.mlp.gate.weight")).unwrap();
-        assert!(!m.params[gate].requires_grad(), "the router is frozen under LoRA");
+        let gate = m.spec().params.iter().position(|p| p.name == format!("model.layers.{layer}.mlp.gate.weight")).unwrap();
+        assert!(!m.params()[gate].requires_grad(), "the router is frozen under LoRA");
     }
     // LoRA gradients reach the experts the tokens were routed to.
     let b = batch(Kind::Float);

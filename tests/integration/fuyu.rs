@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
 use vlmhost::model::{causal_lm_loss, collate, BatchTensors, HostModel, OpenOptions, PreparedSample};
 use vlmhost::plugin_api::Role;
-use vlmhost::weights;
+use vlmhost::model::weights;
 
 const NO_ENCODER: &str = "fuyu has no vision encoder; its image path is the projector, which trains in every mode";
 
@@ -39,7 +39,7 @@ fn open_options(mode: Mode, model: &str) -> OpenOptions {
 }
 
 fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
-    HostModel::open(&open_options(mode, "model"), cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    vlmhost::model::open(&open_options(mode, "model"), cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 
@@ -110,28 +110,28 @@ fn fuyu_padded_batch_matches_transformers() {
 #[test]
 fn both_key_layouts_load_the_same_weights() {
     let hub = open(Mode::Llm, &TrainConfig::default());
-    let memory = HostModel::open(&open_options(Mode::Llm, "model_memory_layout"), &TrainConfig::default()).unwrap();
-    assert_eq!(hub.load_report.loaded, hub.spec.params.len());
-    assert_eq!(memory.load_report.loaded, hub.spec.params.len());
-    for (i, p) in hub.spec.params.iter().enumerate() {
-        assert!(hub.params[i].equal(&memory.params[i]), "{} differs between the layouts", p.name);
+    let memory = vlmhost::model::open(&open_options(Mode::Llm, "model_memory_layout"), &TrainConfig::default()).unwrap();
+    assert_eq!(hub.load_report().loaded, hub.spec().params.len());
+    assert_eq!(memory.load_report().loaded, hub.spec().params.len());
+    for (i, p) in hub.spec().params.iter().enumerate() {
+        assert!(hub.params()[i].equal(&memory.params()[i]), "{} differs between the layouts", p.name);
     }
     // Saved under transformers' names (what PEFT uses) and read back through the key rules.
     let named: Vec<(String, Tensor)> = hub
-        .spec
+        .spec()
         .params
         .iter()
-        .zip(&hub.params)
-        .map(|(p, t)| (weights::map_key(&hub.spec.transformers_names, &p.name), t.shallow_clone()))
+        .zip(hub.params())
+        .map(|(p, t)| (weights::map_key(&hub.spec().transformers_names, &p.name), t.shallow_clone()))
         .collect();
     assert!(named.iter().any(|(n, _)| n == "model.vision_embed_tokens.weight"));
     assert!(named.iter().any(|(n, _)| n == "lm_head.weight"));
     let dir = tempdir();
     weights::save_safetensors(&dir.path().join("model.safetensors"), &named, None).unwrap();
     let opts = weights::LoadOptions { kind: Kind::Float, device: Device::Cpu, allow_missing: false };
-    let (again, report) = weights::load(dir.path(), &hub.spec, opts).unwrap();
-    assert_eq!(report.loaded, hub.params.len());
-    assert!(again.iter().zip(&hub.params).all(|(a, b)| a.equal(b)));
+    let (again, report) = weights::load(dir.path(), hub.spec(), opts).unwrap();
+    assert_eq!(report.loaded, hub.params().len());
+    assert!(again.iter().zip(hub.params()).all(|(a, b)| a.equal(b)));
 }
 
 /// The slice `[start, start + len)` of a collated batch's tokens, with the
@@ -190,15 +190,15 @@ fn cached_decoding_equals_the_full_forward() {
 fn greedy_generation_equals_transformers_generate() {
     let m = open(Mode::Llm, &TrainConfig::default());
     let data = fixture().join("samples");
-    let stop = vlmhost::generate::stop_tokens(&m.model_dir);
+    let stop = vlmhost::model::generate::stop_tokens(m.model_dir());
     for (i, image, prompt) in [(0, "img0_rgb_90x60.png", "What is in this picture?"), (4, "img4_rgba_70x50.png", "What does the sign say?")] {
         let r = reference(&format!("generate_{i}.safetensors"));
         // A user message alone: exactly FuyuProcessor's output, nothing labelled.
-        let sample = vlmhost::generate::prompt_sample(Some(&data.join(image)), prompt);
+        let sample = vlmhost::model::generate::prompt_sample(Some(&data.join(image)), prompt);
         let p = m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap();
         assert_eq!(p.input_ids, ids(&r["input_ids"]), "generate {i}: prompt ids");
         assert!(p.labels.iter().all(|&l| l == -100));
-        let (tokens, _) = vlmhost::generate::greedy(&m, &p, 8, &stop, |_| Ok(())).unwrap();
+        let (tokens, _) = vlmhost::model::generate::greedy(&m, &p, 8, &stop, |_| Ok(())).unwrap();
         assert_eq!(tokens, ids(&r["generated"]), "generate {i}: tokens");
     }
     // The same through the binary.
@@ -230,7 +230,7 @@ fn peft_all_linear() -> TrainConfig {
 /// as the plugin names it, through the plugin's key rules.
 fn peft_to_module(m: &HostModel, peft: &str) -> String {
     let inner = peft.strip_prefix("base_model.model.").unwrap();
-    let name = weights::map_key(&m.spec.key_rules, &format!("{inner}.weight"));
+    let name = weights::map_key(&m.spec().key_rules, &format!("{inner}.weight"));
     name.strip_suffix(".weight").unwrap().to_owned()
 }
 
@@ -261,8 +261,8 @@ fn fuyu_lora_forward_and_gradients_match_peft() {
         for (name, t) in &reference("lora_weights.safetensors") {
             let (module, which) = split_lora(name);
             let module = peft_to_module(&m, module);
-            let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-            let a = m.adapters[idx].as_ref().unwrap_or_else(|| panic!("no adapter on {module}"));
+            let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+            let a = m.adapter(idx).unwrap_or_else(|| panic!("no adapter on {module}"));
             let mut dst = if which == 'A' { a.a.shallow_clone() } else { a.b.shallow_clone() };
             dst.copy_(t);
         }
@@ -281,8 +281,8 @@ fn fuyu_lora_forward_and_gradients_match_peft() {
     for (name, g) in &grads {
         let (module, which) = split_lora(name);
         let module = peft_to_module(&m, module);
-        let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-        let a = m.adapters[idx].as_ref().unwrap();
+        let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+        let a = m.adapter(idx).unwrap();
         let ours = if which == 'A' { a.a.grad() } else { a.b.grad() };
         assert!(ours.defined(), "{module} {which}: no gradient");
         let rel = assert_close(&format!("fuyu LoRA gradient {module} lora_{which}"), &ours, g, RTOL_GRAD, ATOL_FLOOR).rel;
@@ -295,23 +295,23 @@ fn fuyu_lora_forward_and_gradients_match_peft() {
 #[test]
 fn encoder_free_modes_through_the_host() {
     for mode in [Mode::Vision, Mode::Both] {
-        let err = HostModel::open(&open_options(mode, "model"), &TrainConfig::default()).err().unwrap();
+        let err = vlmhost::model::open(&open_options(mode, "model"), &TrainConfig::default()).err().unwrap();
         assert!(format!("{err:#}").contains(NO_ENCODER), "{err:#}");
     }
     // llm: projector (full) + LLM (LoRA); projector: the projector alone. Nothing is vision.
     for (mode, llm_trains) in [(Mode::Llm, true), (Mode::Projector, false)] {
         let m = open(mode, &TrainConfig::default());
-        assert!(!m.spec.has_vision_encoder);
-        assert!(!m.plan.roles.contains(&Role::Vision));
+        assert!(!m.spec().has_vision_encoder);
+        assert!(!m.plan().roles.contains(&Role::Vision));
         assert_eq!(m.counts(Role::Vision), (0, 0));
-        let trains = |r: Role| m.plan.role_trains(r, &m.spec);
+        let trains = |r: Role| m.plan().role_trains(r, m.spec());
         assert_eq!((trains(Role::Vision), trains(Role::Projector), trains(Role::Llm)), (false, true, llm_trains));
-        let proj: Vec<&str> = m.spec.params.iter().zip(&m.plan.roles).filter(|(_, r)| **r == Role::Projector).map(|(p, _)| p.name.as_str()).collect();
+        let proj: Vec<&str> = m.spec().params.iter().zip(&m.plan().roles).filter(|(_, r)| **r == Role::Projector).map(|(p, _)| p.name.as_str()).collect();
         assert_eq!(proj, ["vision_embed_tokens.weight", "vision_embed_tokens.bias"]);
 
         // A few steps: trainable moves, frozen stays bit-identical.
-        let before: Vec<Tensor> = m.params.iter().map(|p| p.detach().copy()).collect();
-        let mut opt = m.optimizer();
+        let before: Vec<Tensor> = m.params().iter().map(|p| p.detach().copy()).collect();
+        let mut opt = vlmhost::train::optim::AdamW::for_model(&m, &m.config().optimizer);
         let s = samples(&m);
         let batch = collate(&[&s[0], &s[3]], 0, Device::Cpu).unwrap();
         for _ in 0..2 {
@@ -320,15 +320,13 @@ fn encoder_free_modes_through_the_host() {
             loss.backward();
             opt.step(1e-3).unwrap();
         }
-        for (i, p) in m.spec.params.iter().enumerate() {
-            assert_eq!(!m.params[i].equal(&before[i]), m.plan.trainable[i], "mode {mode:?}: {}", p.name);
+        for (i, p) in m.spec().params.iter().enumerate() {
+            assert_eq!(!m.params()[i].equal(&before[i]), m.plan().trainable[i], "mode {mode:?}: {}", p.name);
         }
-        for (idx, a) in m.adapters.iter().enumerate() {
-            if let Some(a) = a {
-                assert!(a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "LoRA B of {} did not move", m.spec.modules[idx].name);
-            }
+        for (idx, a) in m.adapters() {
+            assert!(a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "LoRA B of {} did not move", m.spec().modules[idx].name);
         }
-        assert_eq!(m.adapters.iter().any(Option::is_some), llm_trains);
+        assert_eq!(m.adapters().next().is_some(), llm_trains);
     }
 }
 

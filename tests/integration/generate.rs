@@ -9,7 +9,7 @@ use crate::deepseek_ocr;
 use crate::llava;
 use tch::{Kind, Tensor};
 use vlmhost::config::{Mode, TrainConfig};
-use vlmhost::generate::{greedy, prompt_sample, stop_tokens, StopReason};
+use vlmhost::model::generate::{greedy, prompt_sample, stop_tokens, StopReason};
 use vlmhost::model::{collate, HostModel, PreparedSample};
 use vlmhost::plugin_api::sample::Sample;
 
@@ -34,7 +34,7 @@ fn llava_greedy_generation_matches_transformers() {
     let reference: Reference = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let m = llava::open(Mode::Llm, &TrainConfig::default());
     let samples_dir = llava::fixture().join("samples");
-    let stop = stop_tokens(&m.model_dir);
+    let stop = stop_tokens(m.model_dir());
     assert_eq!(stop, vec![2], "eos from generation_config.json");
     for case in &reference.cases {
         // Image paths in the reference are relative to the samples folder.
@@ -77,7 +77,7 @@ fn greedy_uncached(m: &HostModel, prompt: &PreparedSample, n: usize) -> Vec<i64>
     let _g = tch::no_grad_guard();
     let mut out = Vec::new();
     for _ in 0..n {
-        let batch = collate(&[&extended(prompt, &out)], 0, m.device).unwrap();
+        let batch = collate(&[&extended(prompt, &out)], 0, m.device()).unwrap();
         let logits = m.forward(&batch, false).unwrap();
         out.push(logits.get(0).get(-1).argmax(0, false).int64_value(&[]));
     }
@@ -86,12 +86,12 @@ fn greedy_uncached(m: &HostModel, prompt: &PreparedSample, n: usize) -> Vec<i64>
 
 #[test]
 fn deepseek_ocr_cached_decoding_equals_full_forward() {
-    let m = HostModel::open(&deepseek_ocr::open_options(Mode::Llm, Kind::Float), &TrainConfig::default()).unwrap();
+    let m = vlmhost::model::open(&deepseek_ocr::open_options(Mode::Llm, Kind::Float), &TrainConfig::default()).unwrap();
     let sample = prompt_sample(Some(&deepseek_ocr::reference_dir().join("image.png")), "Free OCR.");
     let prompt = m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap();
     // Logits of every step agree, not just the argmax.
-    let (logits, cache) = m.forward_cached(&collate(&[&prompt], 0, m.device).unwrap(), &[]).unwrap();
-    let full = m.forward(&collate(&[&prompt], 0, m.device).unwrap(), false).unwrap();
+    let (logits, cache) = m.forward_cached(&collate(&[&prompt], 0, m.device()).unwrap(), &[]).unwrap();
+    let full = m.forward(&collate(&[&prompt], 0, m.device()).unwrap(), false).unwrap();
     // The cached and the full forward run other attention/GEMM shapes: rounding only (common.rs).
     assert_close("deepseek_ocr cached decoding, first step vs the full forward: logits", &logits, &full, RTOL_ACT, ATOL_FLOOR);
     assert_eq!(cache.len(), 2 * 3, "keys and values of 3 layers");
@@ -99,10 +99,10 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
     assert_eq!(tokens, greedy_uncached(&m, &prompt, 8), "cached vs full-forward greedy tokens");
     // The last step's logits, cached against full.
     let longer = extended(&prompt, &tokens[..7]);
-    let full = m.forward(&collate(&[&longer], 0, m.device).unwrap(), false).unwrap().get(0).get(-1);
+    let full = m.forward(&collate(&[&longer], 0, m.device()).unwrap(), false).unwrap().get(0).get(-1);
     let mut past = Vec::new();
-    let mut batch = collate(&[&prompt], 0, m.device).unwrap();
-    let mut last = Tensor::zeros([1], (Kind::Float, m.device));
+    let mut batch = collate(&[&prompt], 0, m.device()).unwrap();
+    let mut last = Tensor::zeros([1], (Kind::Float, m.device()));
     let mut total = prompt.input_ids.len() as i64;
     for step in 0..8 {
         let (logits, next) = m.forward_cached(&batch, &past).unwrap();
@@ -113,7 +113,7 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
         }
         total += 1;
         batch.input_ids = Tensor::from_slice(&[tokens[step]]).view([1, 1]);
-        batch.attention_mask = Tensor::ones([1, total], (Kind::Int64, m.device));
+        batch.attention_mask = Tensor::ones([1, total], (Kind::Int64, m.device()));
         batch.labels = Tensor::from_slice(&[-100i64]).view([1, 1]);
         batch.tensors.clear();
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
 use vlmhost::model::{causal_lm_loss, collate, HostModel, OpenOptions, PreparedSample};
-use vlmhost::weights;
+use vlmhost::model::weights;
 use vlmhost::plugin_api::Role;
 
 pub fn fixture() -> PathBuf {
@@ -33,7 +33,7 @@ pub fn open_options(mode: Mode) -> OpenOptions {
 }
 
 pub fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
-    HostModel::open(&open_options(mode), cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    vlmhost::model::open(&open_options(mode), cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 
@@ -116,7 +116,7 @@ fn peft_all_linear() -> TrainConfig {
 /// as the plugin names it, through the plugin's own key rules.
 fn peft_to_module(m: &HostModel, peft: &str) -> String {
     let inner = peft.strip_prefix("base_model.model.").unwrap();
-    let name = weights::map_key(&m.spec.key_rules, &format!("{inner}.weight"));
+    let name = weights::map_key(&m.spec().key_rules, &format!("{inner}.weight"));
     name.strip_suffix(".weight").unwrap().to_owned()
 }
 
@@ -150,8 +150,8 @@ fn load_peft_weights(m: &HostModel) {
             (name.strip_suffix(".lora_B.default.weight").unwrap(), 'B')
         };
         let module = peft_to_module(m, module);
-        let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-        let a = m.adapters[idx].as_ref().unwrap_or_else(|| panic!("no adapter on {module}"));
+        let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+        let a = m.adapter(idx).unwrap_or_else(|| panic!("no adapter on {module}"));
         let mut dst = if which == 'A' { a.a.shallow_clone() } else { a.b.shallow_clone() };
         dst.copy_(t);
     }
@@ -184,8 +184,8 @@ fn llava_lora_forward_and_gradients_match_peft() {
             None => (name.strip_suffix(".lora_B.default.weight").unwrap(), 'B'),
         };
         let module = peft_to_module(&m, module);
-        let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-        let a = m.adapters[idx].as_ref().unwrap();
+        let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+        let a = m.adapter(idx).unwrap();
         let ours = if which == 'A' { a.a.grad() } else { a.b.grad() };
         assert!(ours.defined(), "{module} {which}: no gradient");
         let rel = assert_close(&format!("llava LoRA gradient {module} lora_{which}"), &ours, g, RTOL_GRAD, ATOL_FLOOR).rel;
@@ -200,8 +200,8 @@ fn llava_lora_forward_and_gradients_match_peft() {
 fn frozen_stays_bit_identical_and_trainable_moves_in_every_mode() {
     for mode in [Mode::Projector, Mode::Llm, Mode::Vision, Mode::Both] {
         let m = open(mode, &TrainConfig::default());
-        let before: Vec<Tensor> = m.params.iter().map(|p| p.detach().copy()).collect();
-        let mut opt = m.optimizer();
+        let before: Vec<Tensor> = m.params().iter().map(|p| p.detach().copy()).collect();
+        let mut opt = vlmhost::train::optim::AdamW::for_model(&m, &m.config().optimizer);
         let s = samples(&m);
         let batch = collate(&[&s[0], &s[2]], 0, Device::Cpu).unwrap();
         for _ in 0..3 {
@@ -211,9 +211,9 @@ fn frozen_stays_bit_identical_and_trainable_moves_in_every_mode() {
             loss.backward();
             opt.step(1e-3).unwrap();
         }
-        for (i, p) in m.spec.params.iter().enumerate() {
-            let same = m.params[i].equal(&before[i]);
-            if m.plan.trainable[i] {
+        for (i, p) in m.spec().params.iter().enumerate() {
+            let same = m.params()[i].equal(&before[i]);
+            if m.plan().trainable[i] {
                 // Parameters whose output is never used get no gradient: CLIP's
                 // last layer and post_layernorm under vision_feature_layer -2.
                 let unused = p.name.contains("encoder.layers.1.") || p.name.contains("post_layernorm");
@@ -222,14 +222,12 @@ fn frozen_stays_bit_identical_and_trainable_moves_in_every_mode() {
                 assert!(same, "mode {mode:?}: frozen {} changed", p.name);
             }
         }
-        for (idx, a) in m.adapters.iter().enumerate() {
-            if let Some(a) = a {
-                let name = &m.spec.modules[idx].name;
-                let unused = name.contains("encoder.layers.1.");
-                assert!(unused || a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "mode {mode:?}: LoRA B of {name} did not move");
-            }
+        for (idx, a) in m.adapters() {
+            let name = &m.spec().modules[idx].name;
+            let unused = name.contains("encoder.layers.1.");
+            assert!(unused || a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "mode {mode:?}: LoRA B of {name} did not move");
         }
-        let trains = |r: Role| m.plan.role_trains(r, &m.spec);
+        let trains = |r: Role| m.plan().role_trains(r, m.spec());
         assert_eq!((trains(Role::Vision), trains(Role::Projector), trains(Role::Llm)), match mode {
             Mode::Projector => (false, true, false),
             Mode::Llm => (false, true, true),
@@ -244,12 +242,12 @@ fn llava_checkpoint_save_and_reload_keeps_bytes() {
     let m = open(Mode::Llm, &TrainConfig::default());
     let dir = tempdir();
     let named: Vec<(String, Tensor)> =
-        m.spec.params.iter().zip(&m.params).map(|(p, t)| (p.name.to_string(), t.shallow_clone())).collect();
+        m.spec().params.iter().zip(m.params()).map(|(p, t)| (p.name.to_string(), t.shallow_clone())).collect();
     weights::save_safetensors(&dir.path().join("model.safetensors"), &named, None).unwrap();
     let opts = weights::LoadOptions { kind: Kind::Float, device: Device::Cpu, allow_missing: false };
-    let (again, report) = weights::load(dir.path(), &m.spec, opts).unwrap();
-    assert_eq!(report.loaded, m.params.len());
+    let (again, report) = weights::load(dir.path(), m.spec(), opts).unwrap();
+    assert_eq!(report.loaded, m.params().len());
     for (i, t) in again.iter().enumerate() {
-        assert!(t.equal(&m.params[i]), "{} changed", m.spec.params[i].name);
+        assert!(t.equal(&m.params()[i]), "{} changed", m.spec().params[i].name);
     }
 }

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use vlmhost::config::{Mode, Strategy, TrainConfig};
 use vlmhost::model::{causal_lm_loss, collate, BatchTensors, HostModel, OpenOptions, PreparedSample};
 use vlmhost::plugin_api::Role;
-use vlmhost::weights;
+use vlmhost::model::weights;
 
 pub fn fixture() -> PathBuf {
     let dir = workspace_root().join("target/fixtures/qwen2_vl");
@@ -33,7 +33,7 @@ fn open_dir(model: &str, mode: Mode, cfg: &TrainConfig) -> HostModel {
         load_weights: true,
         processor: Default::default(),
     };
-    HostModel::open(&opts, cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    vlmhost::model::open(&opts, cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn open(mode: Mode, cfg: &TrainConfig) -> HostModel {
@@ -106,12 +106,12 @@ fn qwen2_vl_logits_and_loss_match_transformers() {
 fn qwen2_vl_untied_head_and_in_memory_layout() {
     // model_untied: its own lm_head.weight; model_inmemory: model.visual.* / model.language_model.* keys.
     let untied = open_dir("model_untied", Mode::Llm, &TrainConfig::default());
-    let head = untied.spec.params.iter().find(|p| p.name == "lm_head.weight").unwrap();
+    let head = untied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap();
     assert!(head.tied_to.is_empty());
     let inmem = open_dir("model_inmemory", Mode::Llm, &TrainConfig::default());
     let tied = open(Mode::Llm, &TrainConfig::default());
-    assert_eq!(tied.spec.params.iter().find(|p| p.name == "lm_head.weight").unwrap().tied_to, "model.embed_tokens.weight");
-    assert!(tied.load_report.missing.is_empty() && inmem.load_report.missing.is_empty());
+    assert_eq!(tied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap().tied_to, "model.embed_tokens.weight");
+    assert!(tied.load_report().missing.is_empty() && inmem.load_report().missing.is_empty());
     for i in [0, 4, 6] {
         let r = reference(&format!("sample_{i}.safetensors"));
         let p = &samples(&untied)[i];
@@ -221,7 +221,7 @@ fn peft_all_linear() -> TrainConfig {
 /// A PEFT module name (`base_model.model.model.language_model.layers.0.mlp.up_proj`) as the plugin names it.
 fn peft_to_module(m: &HostModel, peft: &str) -> String {
     let inner = peft.strip_prefix("base_model.model.").unwrap();
-    let name = weights::map_key(&m.spec.key_rules, &format!("{inner}.weight"));
+    let name = weights::map_key(&m.spec().key_rules, &format!("{inner}.weight"));
     name.strip_suffix(".weight").unwrap().to_owned()
 }
 
@@ -257,8 +257,8 @@ fn qwen2_vl_lora_forward_and_gradients_match_peft() {
         for (name, t) in &reference("lora_weights.safetensors") {
             let (module, which) = split_lora(name);
             let module = peft_to_module(&m, module);
-            let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-            let a = m.adapters[idx].as_ref().unwrap_or_else(|| panic!("no adapter on {module}"));
+            let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+            let a = m.adapter(idx).unwrap_or_else(|| panic!("no adapter on {module}"));
             let mut dst = if which == 'A' { a.a.shallow_clone() } else { a.b.shallow_clone() };
             dst.copy_(t);
         }
@@ -281,8 +281,8 @@ fn qwen2_vl_lora_forward_and_gradients_match_peft() {
         }
         let (module, which) = split_lora(name);
         let module = peft_to_module(&m, module);
-        let idx = m.spec.modules.iter().position(|s| s.name == module.as_str()).unwrap();
-        let a = m.adapters[idx].as_ref().unwrap();
+        let idx = m.spec().modules.iter().position(|s| s.name == module.as_str()).unwrap();
+        let a = m.adapter(idx).unwrap();
         let ours = if which == 'A' { a.a.grad() } else { a.b.grad() };
         assert!(ours.defined(), "{module} lora_{which}: no gradient");
         let rel = assert_close(&format!("qwen2_vl LoRA gradient {module} lora_{which}"), &ours, g, RTOL_GRAD, ATOL_FLOOR).rel;
@@ -297,14 +297,14 @@ fn qwen2_vl_lora_forward_and_gradients_match_peft() {
 #[test]
 fn mode_vision_trains_the_vision_blocks_and_merger_not_the_llm() {
     let m = open(Mode::Vision, &TrainConfig::default());
-    let trains = |r: Role| m.plan.role_trains(r, &m.spec);
+    let trains = |r: Role| m.plan().role_trains(r, m.spec());
     assert_eq!((trains(Role::Vision), trains(Role::Projector), trains(Role::Llm)), (true, true, false));
-    for (i, p) in m.spec.params.iter().enumerate() {
-        let role = m.plan.roles[i];
+    for (i, p) in m.spec().params.iter().enumerate() {
+        let role = m.plan().roles[i];
         let expected = if p.name.starts_with("visual.merger.") { Role::Projector } else if p.name.starts_with("visual.") { Role::Vision } else { Role::Llm };
         assert_eq!(role, expected, "{}", p.name);
         if role == Role::Llm {
-            assert!(!m.plan.trainable[i], "{} trains in mode vision", p.name);
+            assert!(!m.plan().trainable[i], "{} trains in mode vision", p.name);
         }
     }
     let vision_lora = m.lora_module_names(Role::Vision);
@@ -312,8 +312,8 @@ fn mode_vision_trains_the_vision_blocks_and_merger_not_the_llm() {
     assert!(vision_lora.iter().all(|n| n.starts_with("visual.blocks.")));
     assert!(m.lora_module_names(Role::Llm).is_empty());
     // One step: the LLM stays bit-identical; the merger and the vision adapters move.
-    let before: Vec<Tensor> = m.params.iter().map(|p| p.detach().copy()).collect();
-    let mut opt = m.optimizer();
+    let before: Vec<Tensor> = m.params().iter().map(|p| p.detach().copy()).collect();
+    let mut opt = vlmhost::train::optim::AdamW::for_model(&m, &m.config().optimizer);
     let s = samples(&m);
     let batch = collate(&[&s[0], &s[4]], pad_id(), Device::Cpu).unwrap();
     for _ in 0..2 {
@@ -322,14 +322,12 @@ fn mode_vision_trains_the_vision_blocks_and_merger_not_the_llm() {
         loss.backward();
         opt.step(1e-3).unwrap();
     }
-    for (i, p) in m.spec.params.iter().enumerate() {
-        let same = m.params[i].equal(&before[i]);
-        assert_eq!(same, !m.plan.trainable[i], "{} (trainable {})", p.name, m.plan.trainable[i]);
+    for (i, p) in m.spec().params.iter().enumerate() {
+        let same = m.params()[i].equal(&before[i]);
+        assert_eq!(same, !m.plan().trainable[i], "{} (trainable {})", p.name, m.plan().trainable[i]);
     }
-    for (idx, a) in m.adapters.iter().enumerate() {
-        if let Some(a) = a {
-            assert!(a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "LoRA B of {} did not move", m.spec.modules[idx].name);
-        }
+    for (idx, a) in m.adapters() {
+        assert!(a.b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "LoRA B of {} did not move", m.spec().modules[idx].name);
     }
 }
 
@@ -337,17 +335,17 @@ fn mode_vision_trains_the_vision_blocks_and_merger_not_the_llm() {
 fn frozen_stays_bit_identical_and_trainable_moves_in_every_mode() {
     for mode in [Mode::Projector, Mode::Llm, Mode::Both] {
         let m = open(mode, &TrainConfig::default());
-        let before: Vec<Tensor> = m.params.iter().map(|p| p.detach().copy()).collect();
-        let mut opt = m.optimizer();
+        let before: Vec<Tensor> = m.params().iter().map(|p| p.detach().copy()).collect();
+        let mut opt = vlmhost::train::optim::AdamW::for_model(&m, &m.config().optimizer);
         let s = samples(&m);
         let batch = collate(&[&s[2], &s[6]], pad_id(), Device::Cpu).unwrap();
         opt.zero_grad();
         let (loss, _) = causal_lm_loss(&m.forward(&batch, true).unwrap(), &batch.labels).unwrap();
         loss.backward();
         opt.step(1e-3).unwrap();
-        for (i, p) in m.spec.params.iter().enumerate() {
-            let same = m.params[i].equal(&before[i]);
-            assert_eq!(same, !m.plan.trainable[i], "mode {mode:?}: {}", p.name);
+        for (i, p) in m.spec().params.iter().enumerate() {
+            let same = m.params()[i].equal(&before[i]);
+            assert_eq!(same, !m.plan().trainable[i], "mode {mode:?}: {}", p.name);
         }
     }
 }
@@ -410,19 +408,19 @@ fn qwen2_vl_checkpoint_save_and_reload_keeps_bytes() {
     let m = open(Mode::Llm, &TrainConfig::default());
     let dir = tempdir();
     let named: Vec<(String, Tensor)> = m
-        .spec
+        .spec()
         .params
         .iter()
-        .zip(&m.params)
+        .zip(m.params())
         .filter(|(p, _)| p.tied_to.is_empty())
         .map(|(p, t)| (p.name.to_string(), t.shallow_clone()))
         .collect();
     weights::save_safetensors(&dir.path().join("model.safetensors"), &named, None).unwrap();
     let opts = weights::LoadOptions { kind: Kind::Float, device: Device::Cpu, allow_missing: false };
-    let (again, report) = weights::load(dir.path(), &m.spec, opts).unwrap();
+    let (again, report) = weights::load(dir.path(), m.spec(), opts).unwrap();
     assert_eq!(report.loaded, named.len());
     for (i, t) in again.iter().enumerate() {
-        assert!(t.equal(&m.params[i]), "{} changed", m.spec.params[i].name);
+        assert!(t.equal(&m.params()[i]), "{} changed", m.spec().params[i].name);
     }
 }
 
@@ -439,11 +437,11 @@ fn processor_options_reach_the_plugin() {
         processor: Default::default(),
     };
     opts.processor.insert("max_pixels".into(), 3136.into());
-    let m = HostModel::open(&opts, &TrainConfig::default()).unwrap();
+    let m = vlmhost::model::open(&opts, &TrainConfig::default()).unwrap();
     let s = samples(&m);
     assert_eq!(ids(tensor(&s[2], "image_grid_thw")), [1, 2, 4]);
     opts.processor.insert("resolution".into(), "high".into());
-    let e = format!("{:#}", HostModel::open(&opts, &TrainConfig::default()).err().unwrap());
+    let e = format!("{:#}", vlmhost::model::open(&opts, &TrainConfig::default()).err().unwrap());
     assert!(e.contains("unknown option(s) resolution") && e.contains("this family accepts: min_pixels, max_pixels"), "{e}");
 }
 
@@ -461,12 +459,12 @@ fn qwen2_vl_peft_adapter_loads_and_saves_under_peft_names() {
         processor: Default::default(),
     };
     let adapter = fixture().join("peft_adapter");
-    let m = vlmhost::cli::open_with_adapter(&opts, &TrainConfig::default(), Some(&adapter)).unwrap_or_else(|e| panic!("{e:#}"));
+    let m = vlmhost::commands::open_model(&opts, &TrainConfig::default(), Some(&adapter)).unwrap_or_else(|e| panic!("{e:#}"));
     let r = reference("lora_sample_4.safetensors");
     check_sample("adapter from PEFT, sample 4", &m, &samples(&m)[4], &r["logits"], r["loss"].double_value(&[0]));
     // ... and is written back under exactly PEFT's names (transformers' in-memory names).
     let dir = tempdir();
-    vlmhost::peft::save(&m, dir.path()).unwrap();
+    vlmhost::model::peft::save(&m, dir.path()).unwrap();
     let keys = |path: PathBuf| -> Vec<String> {
         let mut k: Vec<String> = Tensor::read_safetensors(path).unwrap().into_iter().map(|(n, _)| n).collect();
         k.sort();

@@ -260,7 +260,7 @@ fn an_adapter_peft_saved_evaluates_as_in_peft() {
         .into_iter()
         .map(|(k, t)| (k.replace("layers.1.", "layers.7."), t))
         .collect();
-    vlmhost::weights::save_safetensors(&other.join("adapter_model.safetensors"), &renamed, None).unwrap();
+    vlmhost::model::weights::save_safetensors(&other.join("adapter_model.safetensors"), &renamed, None).unwrap();
     let o = other.display().to_string();
     let r = vlmhost_env(&["eval", "--plugin", "llava", "--model", &m, "--adapter", &o, "--dataset", &d], dir.path(), &[]);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -342,7 +342,7 @@ fn transformers_logits(dir: &Path, model_dir: &Path, adapter: Option<&Path>) -> 
 /// vlmhost's logits of fixture sample 0 with a checkpoint of a run loaded.
 fn vlmhost_logits(checkpoint: &Path) -> Tensor {
     let opts = crate::llava::open_options(vlmhost::config::Mode::Llm);
-    let m = vlmhost::cli::open_with_adapter(&opts, &vlmhost::config::TrainConfig::default(), Some(checkpoint)).unwrap();
+    let m = vlmhost::commands::open_model(&opts, &vlmhost::config::TrainConfig::default(), Some(checkpoint)).unwrap();
     let s = crate::llava::samples(&m);
     let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();
     tch::no_grad(|| m.forward(&batch, false)).unwrap()

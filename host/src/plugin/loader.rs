@@ -8,7 +8,7 @@
 //! module is skipped, one that does but cannot be used (or a damaged file) is
 //! a problem that `vlmhost doctor` reports and the other commands show as a
 //! warning when they find their family elsewhere. A library's ELF headers are
-//! checked before it is mapped ([`crate::elf`]), so a file cut short is an
+//! checked before it is mapped ([`super::elf`]), so a file cut short is an
 //! error, not a crash. Two libraries serving the same family are refused,
 //! whichever folders they are in: pick one by path or remove the other.
 //!
@@ -179,10 +179,10 @@ pub fn load(path: &Path) -> LoadResult {
 }
 
 fn load_uncached(path: &Path) -> Result<LoadedPlugin, LoadError> {
-    crate::torch_env::ensure_cuda_backend();
+    super::torch_env::ensure_cuda_backend();
     let p = || path.to_path_buf();
     // A file cut short would be mapped and then fault (SIGBUS): check first.
-    crate::elf::check(path).map_err(|reason| LoadError::NotALibrary { path: p(), reason })?;
+    super::elf::check(path).map_err(|reason| LoadError::NotALibrary { path: p(), reason })?;
     let header = lib_header_from_path(path).map_err(|e| match e {
         LibraryError::OpenError { err, .. } => {
             LoadError::NotALibrary { path: p(), reason: strip_path(&err.to_string(), path) }

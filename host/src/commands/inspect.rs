@@ -14,6 +14,30 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use vlmhost_plugin_api::Role;
+use super::args::ModelArgs;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (cfg, mut opts) = args.model.resolve()?;
+    opts.load_weights = false;
+    let m = crate::model::open(&opts, &cfg)?;
+    let report = InspectReport::new(&m);
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 #[derive(Debug, Serialize)]
 pub struct RoleReport {
@@ -71,11 +95,11 @@ impl InspectReport {
         let (mut total, mut trainable) = (0, 0);
         for role in Role::ALL {
             // Shown, empty, when the family has no vision encoder.
-            let note = (role == Role::Vision && !m.spec.has_vision_encoder).then(|| NO_VISION_ENCODER.to_owned());
+            let note = (role == Role::Vision && !m.spec().has_vision_encoder).then(|| NO_VISION_ENCODER.to_owned());
             let (p, t) = m.counts(role);
             total += p;
             trainable += t;
-            let plan = &m.plan.role_plans[&role];
+            let plan = &m.plan().role_plans[&role];
             roles.insert(
                 role.name().to_owned(),
                 RoleReport {
@@ -88,13 +112,13 @@ impl InspectReport {
                 },
             );
         }
-        let l = &m.config.lora;
+        let l = &m.config().lora;
         InspectReport {
-            family: m.family.clone(),
-            plugin: m.plugin.path.clone(),
-            model: m.model_dir.clone(),
-            mode: m.plan.mode.name().to_owned(),
-            has_vision_encoder: m.spec.has_vision_encoder,
+            family: m.family().to_owned(),
+            plugin: m.plugin().path.clone(),
+            model: m.model_dir().to_path_buf(),
+            mode: m.plan().mode.name().to_owned(),
+            has_vision_encoder: m.spec().has_vision_encoder,
             roles,
             total_parameters: total,
             trainable_parameters: trainable,
@@ -106,12 +130,12 @@ impl InspectReport {
                 scaling: l.scaling(),
             },
             checkpoint: CheckpointReport {
-                files: m.load_report.files.clone(),
-                tensors_matched: m.load_report.loaded,
-                ignored_keys: m.load_report.ignored.clone(),
-                missing_allowed: m.load_report.missing.clone(),
+                files: m.load_report().files.clone(),
+                tensors_matched: m.load_report().loaded,
+                ignored_keys: m.load_report().ignored.clone(),
+                missing_allowed: m.load_report().missing.clone(),
             },
-            warnings: m.plan.warnings.clone(),
+            warnings: m.plan().warnings.clone(),
         }
     }
 

@@ -22,7 +22,7 @@
 //! projector, which trains in every mode", rather than silently meaning `llm`.
 
 use crate::config::{Mode, Strategy, TrainConfig};
-use crate::patterns::{layer_index, Pattern};
+use super::patterns::{layer_index, Pattern};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use vlmhost_plugin_api::model::{ModelSpec, ModuleKind, ParamKind, RoleRule};
@@ -150,25 +150,52 @@ fn target_selects(target: &Pattern, module: &str) -> bool {
 /// Apply the rules in `cfg` with mode `mode` to `spec`.
 pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, RulesError> {
     let roles = assign_roles(spec)?;
-    let family = spec.family.as_str();
+    let role_plans = role_plans(spec, cfg, mode)?;
+    let in_scope = last_layers_scope(spec, cfg, &roles)?;
+    // Full training.
+    let mut trainable: Vec<bool> = (0..spec.params.len())
+        .map(|i| role_plans[&roles[i]].strategy == Strategy::Full && in_scope[i])
+        .collect();
+    let mut warnings = Vec::new();
+    let mut lora_modules = Vec::new();
+    for role in Role::ALL {
+        if role_plans[&role].strategy == Strategy::Lora {
+            let selected = lora_targets(spec, cfg, role, &roles, &mut warnings)?;
+            lora_modules.extend(selected.into_iter().filter(|&m| in_scope[spec.modules[m].weight as usize]));
+        }
+    }
+    apply_modules_to_save(spec, cfg, &mut trainable, &mut lora_modules)?;
+    apply_overrides(spec, cfg, &mut trainable, &mut lora_modules)?;
+    lora_modules.sort_unstable();
+    lora_modules.dedup();
+    // A fully trained base weight takes no adapter.
+    lora_modules.retain(|&m| !trainable[spec.modules[m].weight as usize]);
+    Ok(Plan { mode, roles, trainable, lora_modules, role_plans, warnings })
+}
+
+fn config_err(message: String) -> RulesError {
+    RulesError::Config(message)
+}
+
+/// Each role's strategy in `mode` (frozen where the mode does not train it)
+/// and learning-rate scale; a configuration that contradicts the mode is refused.
+fn role_plans(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<BTreeMap<Role, RolePlan>, RulesError> {
     if !spec.has_vision_encoder && matches!(mode, Mode::Vision | Mode::Both) {
-        return Err(RulesError::Config(format!(
-            "{family} has no vision encoder; its image path is the projector, which trains in every mode \
+        return Err(config_err(format!(
+            "{} has no vision encoder; its image path is the projector, which trains in every mode \
              (mode {} has nothing more to train: use mode llm, or projector for the projector alone)",
+            spec.family,
             mode.name()
         )));
     }
-    let mut warnings = Vec::new();
     let mut role_plans = BTreeMap::new();
     for role in Role::ALL {
         let configured = cfg.roles.get(role).strategy;
         if role == Role::Projector && configured == Some(Strategy::Frozen) {
-            return Err(RulesError::Config(
-                "roles.projector.strategy: the projector trains in every mode; use full or lora".into(),
-            ));
+            return Err(config_err("roles.projector.strategy: the projector trains in every mode; use full or lora".into()));
         }
         if mode.trains(role) && configured == Some(Strategy::Frozen) {
-            return Err(RulesError::Config(format!(
+            return Err(config_err(format!(
                 "roles.{role}.strategy is frozen, but mode {} trains the {role}; \
                  pick a mode that leaves it frozen, or set full or lora",
                 mode.name()
@@ -177,15 +204,20 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
         let strategy = if mode.trains(role) { cfg.roles.strategy(role) } else { Strategy::Frozen };
         role_plans.insert(role, RolePlan { strategy, lr_scale: cfg.roles.get(role).lr_scale });
     }
+    Ok(role_plans)
+}
 
-    // Last-k-layers: which parameters of a role are allowed to train.
+/// Last-k-layers: per parameter, whether it may train (false for the layers
+/// of a role's stack before its last `train_last_layers`).
+fn last_layers_scope(spec: &ModelSpec, cfg: &TrainConfig, roles: &[Role]) -> Result<Vec<bool>, RulesError> {
     let mut in_scope = vec![true; spec.params.len()];
     for role in Role::ALL {
         let Some(k) = cfg.roles.get(role).train_last_layers else { continue };
         let layers = spec.roles.iter().find(|r| r.role == role).map(|r| r.layers.as_str()).unwrap_or("");
         if layers.is_empty() {
-            return Err(RulesError::Config(format!(
-                "roles.{role}.train_last_layers: the {family} plugin declares no layer stack for the {role} role"
+            return Err(config_err(format!(
+                "roles.{role}.train_last_layers: the {} plugin declares no layer stack for the {role} role",
+                spec.family
             )));
         }
         let n = spec.params.iter().filter_map(|p| layer_index(layers, &p.name)).max().map_or(0, |m| m + 1);
@@ -196,102 +228,88 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
             }
         }
     }
+    Ok(in_scope)
+}
 
-    // Full training.
-    let mut trainable: Vec<bool> = (0..spec.params.len())
-        .map(|i| role_plans[&roles[i]].strategy == Strategy::Full && in_scope[i])
+/// The modules of `role` that get an adapter: `lora.{role}_target_modules`
+/// looked up among the role's own LoRA-able linears (all of them but the
+/// output head for `all-linear` or no list).
+fn lora_targets(spec: &ModelSpec, cfg: &TrainConfig, role: Role, roles: &[Role], warnings: &mut Vec<String>) -> Result<Vec<usize>, RulesError> {
+    let role_modules: Vec<usize> = (0..spec.modules.len()).filter(|&m| roles[spec.modules[m].weight as usize] == role).collect();
+    let linears: Vec<usize> = role_modules
+        .iter()
+        .copied()
+        .filter(|&m| spec.modules[m].kind == ModuleKind::Linear && spec.modules[m].lora)
         .collect();
-
-    // LoRA targets, per role, among the role's own linears.
-    let mut lora_modules = Vec::new();
-    for role in Role::ALL {
-        if role_plans[&role].strategy != Strategy::Lora {
-            continue;
+    let key = format!("lora.{role}_target_modules");
+    let all_linear = || -> Vec<usize> {
+        linears.iter().copied().filter(|&m| spec.modules[m].name.rsplit('.').next().is_none_or(|s| s != "lm_head")).collect()
+    };
+    match cfg.lora.targets(role) {
+        // No list: every linear layer of the role, as all-linear (the output head is left out).
+        None => Ok(all_linear()),
+        Some(list) if list.iter().any(|t| t == "all-linear") => {
+            if list.len() > 1 {
+                return Err(config_err(format!("{key}: \"all-linear\" stands alone in its list")));
+            }
+            Ok(all_linear())
         }
-        let role_modules: Vec<usize> = (0..spec.modules.len())
-            .filter(|&m| roles[spec.modules[m].weight as usize] == role)
-            .collect();
-        let linears: Vec<usize> = role_modules
-            .iter()
-            .copied()
-            .filter(|&m| spec.modules[m].kind == ModuleKind::Linear && spec.modules[m].lora)
-            .collect();
-        let key = format!("lora.{role}_target_modules");
-        let all_linear = || -> Vec<usize> {
-            linears
-                .iter()
-                .copied()
-                .filter(|&m| spec.modules[m].name.rsplit('.').next().is_none_or(|s| s != "lm_head"))
-                .collect()
-        };
-        let selected: Vec<usize> = match cfg.lora.targets(role) {
-            // No list: every linear layer of the role, as all-linear (the output head is left out).
-            None => all_linear(),
-            Some(list) if list.iter().any(|t| t == "all-linear") => {
-                if list.len() > 1 {
-                    return Err(RulesError::Config(format!("{key}: \"all-linear\" stands alone in its list")));
-                }
-                all_linear()
-            }
-            Some(list) => {
-                let mut chosen = Vec::new();
-                let mut any = false;
-                for t in list {
-                    let pat = Pattern::new(t).map_err(|e| RulesError::Config(format!("{key}: {e}")))?;
-                    let hits: Vec<usize> = role_modules
-                        .iter()
-                        .copied()
-                        .filter(|&m| target_selects(&pat, &spec.modules[m].name))
-                        .collect();
-                    let (hits, not_lora): (Vec<usize>, Vec<usize>) =
-                        hits.into_iter().partition(|m| linears.contains(m));
-                    if !not_lora.is_empty() {
-                        let listed: Vec<String> = not_lora
-                            .iter()
-                            .map(|&m| format!("{} ({})", spec.modules[m].name, spec.modules[m].description))
-                            .collect();
-                        if hits.is_empty() {
-                            return Err(RulesError::Config(format!(
-                                "{key}: {t:?} selects only {}, which cannot take LoRA; \
-                                 target linear layers instead",
-                                listed.join(", ")
-                            )));
-                        }
-                        warnings.push(format!(
-                            "{key}: {t:?} also names {}, which cannot take LoRA: left out",
-                            listed.join(", ")
-                        ));
-                    }
-                    if hits.is_empty() {
-                        warnings.push(format!("{key}: {t:?} matches no linear layer of the {role}"));
-                    }
-                    any |= !hits.is_empty();
-                    chosen.extend(hits);
-                }
-                if !any {
-                    let mut names: Vec<&str> = linears
-                        .iter()
-                        .map(|&m| spec.modules[m].name.rsplit('.').next().unwrap_or(""))
-                        .collect();
-                    names.sort();
-                    names.dedup();
-                    return Err(RulesError::Config(format!(
-                        "{key}: none of {list:?} matches a linear layer of the {family} {role}; \
-                         its linear layers are named: {}",
-                        if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
-                    )));
-                }
-                chosen.sort_unstable();
-                chosen.dedup();
-                chosen
-            }
-        };
-        lora_modules.extend(selected.into_iter().filter(|&m| in_scope[spec.modules[m].weight as usize]));
+        Some(list) => listed_targets(spec, role, &key, list, &role_modules, &linears, warnings),
     }
+}
 
-    // modules_to_save: fully trained, no adapter.
+/// The linears of `role_modules` that an explicit target list selects; an
+/// entry that selects only layers LoRA cannot take, or a list that selects
+/// nothing, is refused with the names that would work.
+fn listed_targets(
+    spec: &ModelSpec,
+    role: Role,
+    key: &str,
+    list: &[String],
+    role_modules: &[usize],
+    linears: &[usize],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<usize>, RulesError> {
+    let mut chosen = Vec::new();
+    for t in list {
+        let pat = Pattern::new(t).map_err(|e| config_err(format!("{key}: {e}")))?;
+        let hits = role_modules.iter().copied().filter(|&m| target_selects(&pat, &spec.modules[m].name));
+        let (hits, not_lora): (Vec<usize>, Vec<usize>) = hits.partition(|m| linears.contains(m));
+        if !not_lora.is_empty() {
+            let listed: Vec<String> =
+                not_lora.iter().map(|&m| format!("{} ({})", spec.modules[m].name, spec.modules[m].description)).collect();
+            if hits.is_empty() {
+                return Err(config_err(format!(
+                    "{key}: {t:?} selects only {}, which cannot take LoRA; target linear layers instead",
+                    listed.join(", ")
+                )));
+            }
+            warnings.push(format!("{key}: {t:?} also names {}, which cannot take LoRA: left out", listed.join(", ")));
+        }
+        if hits.is_empty() {
+            warnings.push(format!("{key}: {t:?} matches no linear layer of the {role}"));
+        }
+        chosen.extend(hits);
+    }
+    if chosen.is_empty() {
+        let mut names: Vec<&str> = linears.iter().map(|&m| spec.modules[m].name.rsplit('.').next().unwrap_or("")).collect();
+        names.sort();
+        names.dedup();
+        return Err(config_err(format!(
+            "{key}: none of {list:?} matches a linear layer of the {} {role}; its linear layers are named: {}",
+            spec.family,
+            if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+        )));
+    }
+    chosen.sort_unstable();
+    chosen.dedup();
+    Ok(chosen)
+}
+
+/// `modules_to_save`: fully trained, no adapter.
+fn apply_modules_to_save(spec: &ModelSpec, cfg: &TrainConfig, trainable: &mut [bool], lora_modules: &mut Vec<usize>) -> Result<(), RulesError> {
     for t in &cfg.modules_to_save {
-        let pat = Pattern::new(t).map_err(|e| RulesError::Config(format!("modules_to_save: {e}")))?;
+        let pat = Pattern::new(t).map_err(|e| config_err(format!("modules_to_save: {e}")))?;
         let mut hit = false;
         for (i, p) in spec.params.iter().enumerate() {
             if target_selects(&pat, module_of(&p.name)) {
@@ -300,15 +318,18 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
             }
         }
         if !hit {
-            return Err(RulesError::Config(format!("modules_to_save: {t:?} matches no module of {family}")));
+            return Err(config_err(format!("modules_to_save: {t:?} matches no module of {}", spec.family)));
         }
         lora_modules.retain(|&m| !target_selects(&pat, &spec.modules[m].name));
     }
+    Ok(())
+}
 
-    // Regex overrides, anchored, last word.
+/// Regex overrides, anchored, last word.
+fn apply_overrides(spec: &ModelSpec, cfg: &TrainConfig, trainable: &mut [bool], lora_modules: &mut Vec<usize>) -> Result<(), RulesError> {
     for o in &cfg.overrides {
         let re = regex::Regex::new(&format!("^(?:{})$", o.pattern))
-            .map_err(|e| RulesError::Config(format!("overrides: {:?}: {e}", o.pattern)))?;
+            .map_err(|e| config_err(format!("overrides: {:?}: {e}", o.pattern)))?;
         let mut hit = false;
         for (i, p) in spec.params.iter().enumerate() {
             if re.is_match(&p.name) {
@@ -320,18 +341,13 @@ pub fn plan(spec: &ModelSpec, cfg: &TrainConfig, mode: Mode) -> Result<Plan, Rul
             lora_modules.retain(|&m| !re.is_match(&spec.params[spec.modules[m].weight as usize].name));
         }
         if !hit {
-            return Err(RulesError::Config(format!(
-                "overrides: {:?} matches no parameter of {family} (patterns are anchored: add .* where needed)",
-                o.pattern
+            return Err(config_err(format!(
+                "overrides: {:?} matches no parameter of {} (patterns are anchored: add .* where needed)",
+                o.pattern, spec.family
             )));
         }
     }
-    lora_modules.sort_unstable();
-    lora_modules.dedup();
-    // A fully trained base weight takes no adapter.
-    lora_modules.retain(|&m| !trainable[spec.modules[m].weight as usize]);
-
-    Ok(Plan { mode, roles, trainable, lora_modules, role_plans, warnings })
+    Ok(())
 }
 
 /// Whether weight decay applies to a parameter (not to biases, norms, embeddings).

@@ -8,29 +8,12 @@
 //! sample index. Policy `skip` drops bad samples (counting them and listing
 //! the first offenders); `fail` stops at the summary.
 
+use crate::config::{BadSamplePolicy, TooLongPolicy, TrainSettings};
 use crate::model::HostModel;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use vlmhost_plugin_api::sample::{parse_line, LineError, Part, Sample, Speaker};
-
-/// What to do with a bad sample.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BadSamplePolicy {
-    Skip,
-    Fail,
-}
-
-/// What to do with a sample longer than the maximum length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TooLongPolicy {
-    /// Cut the end off, unless that would cut into image tokens (then skip).
-    Truncate,
-    /// Drop the sample (counted).
-    Skip,
-}
 
 /// How to read a data set.
 #[derive(Debug, Clone)]
@@ -44,7 +27,19 @@ pub struct DatasetOptions {
 
 impl Default for DatasetOptions {
     fn default() -> Self {
-        DatasetOptions { max_length: 2048, too_long: TooLongPolicy::Truncate, on_bad_sample: BadSamplePolicy::Skip, system_prompt: None }
+        DatasetOptions::from(&TrainSettings::default())
+    }
+}
+
+impl From<&TrainSettings> for DatasetOptions {
+    /// The data-set options of a run's `train:` settings.
+    fn from(t: &TrainSettings) -> Self {
+        DatasetOptions {
+            max_length: t.max_length,
+            too_long: t.too_long,
+            on_bad_sample: t.on_bad_sample,
+            system_prompt: t.system_prompt.clone(),
+        }
     }
 }
 

@@ -10,7 +10,11 @@
 //! defined; a resumed run starts with none), so skipping undefined ones would
 //! make a resumed run diverge from an uninterrupted one.
 
+use crate::config::OptimizerConfig;
+use crate::model::HostModel;
+use std::collections::HashMap;
 use tch::Tensor;
+use vlmhost_plugin_api::Role;
 
 /// A parameter group: its tensors share a learning-rate scale and decay.
 #[derive(Debug, Clone)]
@@ -39,6 +43,24 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimizer over everything that trains in `model`: one group per
+    /// role and decay class, with the role's learning-rate scale.
+    pub fn for_model(model: &HostModel, o: &OptimizerConfig) -> AdamW {
+        let mut opt = AdamW::new((o.betas[0], o.betas[1]), o.eps);
+        let mut groups: HashMap<(Role, bool), usize> = HashMap::new();
+        for t in model.trainables() {
+            let g = *groups.entry((t.role, t.decays)).or_insert_with(|| {
+                opt.add_group(Group {
+                    name: format!("{}{}", t.role, if t.decays { "" } else { "/no_decay" }),
+                    lr_scale: model.plan().role_plans[&t.role].lr_scale,
+                    weight_decay: if t.decays { o.weight_decay } else { 0.0 },
+                })
+            });
+            opt.add(&t.name, &t.tensor, g);
+        }
+        opt
+    }
+
     pub fn new(betas: (f64, f64), eps: f64) -> Self {
         AdamW { groups: Vec::new(), slots: Vec::new(), betas, eps, step: 0 }
     }

@@ -146,7 +146,7 @@ impl PeftAdapter {
     }
 
     /// Copy the adapter into `model` (opened with [`PeftAdapter::train_config`]).
-    pub fn load_into(&self, model: &crate::model::HostModel) -> Result<()> {
+    pub fn load_into(&self, model: &super::HostModel) -> Result<()> {
         let copied = model.load_tensors(&self.tensors, false)?;
         if copied != self.tensors.len() {
             bail!("{}: only {copied} of {} tensors found a place in the model", self.dir.display(), self.tensors.len());
@@ -161,36 +161,34 @@ impl PeftAdapter {
 /// `lora_A`/`lora_B`, and fully trained modules as `modules_to_save`. The
 /// folder is written as `<dir>.partial` and renamed into place: a crash
 /// leaves the previous adapter or none, never part of one.
-pub fn save(model: &crate::model::HostModel, dir: &Path) -> Result<()> {
-    let spec = &model.spec;
+pub fn save(model: &super::HostModel, dir: &Path) -> Result<()> {
+    let spec = model.spec();
     if spec.transformers_names.is_empty() {
-        bail!("the {} plugin does not declare transformers' names: cannot write a PEFT adapter", model.family);
+        bail!("the {} plugin does not declare transformers' names: cannot write a PEFT adapter", model.family());
     }
     let hf = |name: &str| map_key(&spec.transformers_names, name);
-    let partial = crate::paths::fresh_partial(dir)?;
+    let partial = crate::files::fresh_partial(dir)?;
     let mut tensors = Vec::new();
     let mut targets = BTreeSet::new();
-    for (m, a) in model.adapters.iter().enumerate() {
-        if let Some(a) = a {
-            let module = hf(&spec.modules[m].name);
-            tensors.push((format!("base_model.model.{module}.lora_A.weight"), a.a.shallow_clone()));
-            tensors.push((format!("base_model.model.{module}.lora_B.weight"), a.b.shallow_clone()));
-            targets.insert(module);
-        }
+    for (m, a) in model.adapters() {
+        let module = hf(&spec.modules[m].name);
+        tensors.push((format!("base_model.model.{module}.lora_A.weight"), a.a.shallow_clone()));
+        tensors.push((format!("base_model.model.{module}.lora_B.weight"), a.b.shallow_clone()));
+        targets.insert(module);
     }
     let mut to_save = BTreeSet::new();
-    for (i, p) in model.params.iter().enumerate() {
-        if model.plan.trainable[i] && spec.params[i].tied_to.is_empty() {
+    for (i, p) in model.params().iter().enumerate() {
+        if model.plan().trainable[i] && spec.params[i].tied_to.is_empty() {
             let name = hf(&spec.params[i].name);
             to_save.insert(name.rsplit_once('.').map_or(name.clone(), |(m, _)| m.to_owned()));
             tensors.push((format!("base_model.model.{name}"), p.shallow_clone()));
         }
     }
-    let l = &model.config.lora;
+    let l = &model.config().lora;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": model.model_dir.display().to_string(),
+        "base_model_name_or_path": model.model_dir().display().to_string(),
         "r": l.r,
         "lora_alpha": l.lora_alpha,
         "lora_dropout": l.lora_dropout,
@@ -208,8 +206,8 @@ pub fn save(model: &crate::model::HostModel, dir: &Path) -> Result<()> {
         "layers_pattern": null,
         "revision": null,
     });
-    crate::weights::save_safetensors(&partial.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
-    crate::train::fault_point("adapter", 0);
-    crate::weights::write_atomic(&partial.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    crate::paths::publish_dir(&partial, dir)
+    super::weights::save_safetensors(&partial.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
+    crate::files::fault_point("adapter", 0);
+    crate::files::write_atomic(&partial.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    crate::files::publish_dir(&partial, dir)
 }

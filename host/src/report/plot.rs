@@ -2,96 +2,17 @@
 //! it was measured) and `lr.png` (learning rate per step), drawn from the run
 //! folder's `metrics.jsonl` with plotters into an RGB buffer, encoded as PNG
 //! and written atomically. Text uses the embedded font ([`crate::font`]), so no
-//! system font is needed.
-//!
-//! [`read_metrics`] is lenient where a crashed run leaves traces: missing,
-//! `null` or non-finite losses are skipped points, and a last line cut off
-//! mid-write (no trailing newline) is dropped with a warning. Any other line
-//! that is not a metrics record is an error naming the file and line.
+//! system font is needed. A run started from an earlier stage's checkpoint is
+//! drawn with that stage's steps before it ([`stages`]).
 
 use anyhow::{bail, Context};
 use plotters::prelude::*;
-use serde::Deserialize;
+use super::metrics::{finite_points, read_metrics, MetricsError, MetricsRecord, METRICS_FILE};
 use std::path::{Path, PathBuf};
-
-/// The file a run writes one line per optimizer step to.
-pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Plot size in pixels.
 pub const PLOT_WIDTH: u32 = 1000;
 pub const PLOT_HEIGHT: u32 = 600;
-
-/// One line of `metrics.jsonl` (the fields of `train::StepMetrics`, every
-/// one but `step` optional so that older or hand-written files still read).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct MetricsRecord {
-    pub step: usize,
-    #[serde(default)]
-    pub epoch: usize,
-    #[serde(default)]
-    pub loss: Option<f64>,
-    #[serde(default)]
-    pub lr: Option<f64>,
-    #[serde(default)]
-    pub grad_norm: Option<f64>,
-    #[serde(default)]
-    pub tokens: usize,
-    #[serde(default)]
-    pub supervised_tokens: usize,
-    #[serde(default)]
-    pub tokens_per_second: Option<f64>,
-    #[serde(default)]
-    pub elapsed_seconds: Option<f64>,
-    #[serde(default)]
-    pub val_loss: Option<f64>,
-    #[serde(default)]
-    pub skipped: Option<String>,
-}
-
-/// Why `metrics.jsonl` could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    // `error`, not `source`: the message says it, so error chains do not repeat it.
-    #[error("{path}: cannot read: {error} (is this a run folder? training writes {METRICS_FILE} there)", path = .path.display())]
-    Io { path: PathBuf, error: std::io::Error },
-    #[error("{path}:{line}: not a metrics record: {message} (fix or delete the line)", path = .path.display())]
-    Line { path: PathBuf, line: usize, message: String },
-    #[error("{path}: no metrics records (the run has not finished a step yet)", path = .path.display())]
-    Empty { path: PathBuf },
-}
-
-/// Read `path` (a `metrics.jsonl`): records sorted by step (stable, so a
-/// resumed run's re-written steps keep file order).
-pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|error| MetricsError::Io { path: path.to_owned(), error })?;
-    let lines: Vec<&str> = text.lines().collect();
-    let mut records = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<MetricsRecord>(line) {
-            Ok(r) => records.push(r),
-            Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
-                tracing::warn!("{}:{}: dropping a cut-off last line ({e})", path.display(), i + 1);
-            }
-            Err(e) => return Err(MetricsError::Line { path: path.to_owned(), line: i + 1, message: e.to_string() }),
-        }
-    }
-    if records.is_empty() {
-        return Err(MetricsError::Empty { path: path.to_owned() });
-    }
-    records.sort_by_key(|r| r.step);
-    Ok(records)
-}
-
-/// `(step, value)` for every record whose `field` is finite.
-pub fn finite_points(records: &[MetricsRecord], field: impl Fn(&MetricsRecord) -> Option<f64>) -> Vec<(f64, f64)> {
-    records
-        .iter()
-        .filter_map(|r| field(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
-        .collect()
-}
 
 /// How a series is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +144,7 @@ fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
 /// Render and write `path` atomically.
 pub fn write_png(path: &Path, chart: &Chart, series: &[Series], size: (u32, u32)) -> anyhow::Result<()> {
     let png = render_png(chart, series, size)?;
-    crate::weights::write_atomic(path, &png).with_context(|| format!("writing {}", path.display()))
+    crate::files::write_atomic(path, &png).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The run's name for titles: its folder's name.

@@ -1,4 +1,8 @@
-//! Output folders: never overlapping an input, and published whole.
+//! Writing files so that nothing is lost: output folders never overlap an
+//! input and are published whole, files are replaced atomically, and the
+//! crash tests can abort a write half-way ([`fault_point`]).
+//!
+//! This module is a leaf: it knows no model, plugin or run.
 //!
 //! A command that writes a folder (`merge`, `init`, the adapter a run leaves)
 //! writes it as `<output>.partial` and renames it into place when complete
@@ -8,6 +12,7 @@
 //! `--force` replaces an output, it never deletes what is being read.
 
 use anyhow::{bail, Context, Result};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// `path` made absolute with symbolic links resolved, also when it (or its
@@ -110,6 +115,32 @@ pub fn publish_dir(partial: &Path, output: &Path) -> Result<()> {
 pub fn fsync(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+/// Write `data` to `path` atomically (temporary file, fsync, rename, fsync the folder).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fsync(dir);
+    Ok(())
+}
+
+/// Whether fault `name:step` is injected (`VLMHOST_FAULT`, comma-separated;
+/// for the crash and NaN tests only).
+pub fn fault(name: &str, step: usize) -> bool {
+    std::env::var("VLMHOST_FAULT").is_ok_and(|spec| spec.split(',').any(|f| f.trim() == format!("{name}:{step}")))
+}
+
+/// `VLMHOST_FAULT=abort-in-checkpoint:STEP` aborts the process half-way
+/// through writing checkpoint STEP (`abort-in-adapter:0`: the final adapter).
+pub fn fault_point(site: &str, step: usize) {
+    if fault(&format!("abort-in-{site}"), step) {
+        eprintln!("VLMHOST_FAULT: aborting in {site} {step}");
+        std::process::abort();
     }
 }
 

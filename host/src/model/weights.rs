@@ -9,13 +9,12 @@
 //! an error, except missing keys when the user allows them (a new head), which
 //! are then initialised as PyTorch would.
 
-use crate::patterns::Pattern;
+use super::patterns::Pattern;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::model::{ModelSpec, ParamKind};
@@ -438,18 +437,13 @@ pub fn save_safetensors(
         .map_err(|e| WeightsError::Format { path: path.to_path_buf(), message: e.to_string() })?;
     let data = safetensors::serialize(views, metadata)
         .map_err(|e| WeightsError::Format { path: path.to_path_buf(), message: e.to_string() })?;
-    write_atomic(path, &data).map_err(io)
+    crate::files::write_atomic(path, &data).map_err(io)
 }
 
-/// Write `data` to `path` atomically (temporary file, fsync, rename, fsync the folder).
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    crate::paths::fsync(dir);
-    Ok(())
+/// A safetensors file as a name -> tensor map.
+pub fn read_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    use anyhow::Context as _;
+    Ok(Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -2,11 +2,29 @@
 //! find and reports every failure at once, with the libtorch and CUDA facts a
 //! bug report needs.
 
-use crate::loader::{Discovery, SearchDir};
-use crate::torch_env::{self, CudaBackend, GpuInfo};
+use crate::plugin::loader::{Discovery, SearchDir};
+use crate::plugin::torch_env::{self, CudaBackend, GpuInfo};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let report = DoctorReport::collect();
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
 
 #[derive(Debug, Serialize)]
 pub struct LibtorchReport {

@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use vlmhost_plugin_api::sample::{Message, Part, Sample, Speaker};
+use std::process::ExitCode;
 
 /// What [`synth_ocr`] makes.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,60 @@ impl Default for SynthOptions {
             force: false,
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = SynthOptions::default().count)]
+    count: usize,
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    #[arg(long, default_value_t = SynthOptions::default().seed)]
+    seed: u64,
+    #[arg(long, default_value_t = SynthOptions::default().width)]
+    width: u32,
+    #[arg(long, default_value_t = SynthOptions::default().height)]
+    height: u32,
+    /// The user's text after the image.
+    #[arg(long, default_value_t = SynthOptions::default().prompt)]
+    prompt: String,
+    /// The kinds of text drawn, comma-separated: words, numbers (integers,
+    /// decimals, ISO dates), lines (2-4 words), letters (2-8 random letters).
+    #[arg(long, value_delimiter = ',', default_value = "words,numbers,lines", value_parser = parse_text_kind)]
+    kinds: Vec<TextKind>,
+    /// Smallest font size in pixels (the font shrinks down to it until the text fits).
+    #[arg(long, default_value_t = SynthOptions::default().min_font_px)]
+    min_font_px: f32,
+    /// Largest font size in pixels.
+    #[arg(long, default_value_t = SynthOptions::default().max_font_px)]
+    max_font_px: f32,
+    /// Standard deviation of the pixel noise, in 0..255 units (0: none).
+    #[arg(long, default_value_t = SynthOptions::default().noise)]
+    noise: f32,
+    /// Fixed pitch: each character centred in a cell this many pixels wide,
+    /// left-aligned on the cell grid, centred vertically (0: the font's own
+    /// spacing, anywhere in the image).
+    #[arg(long, default_value_t = SynthOptions::default().pitch)]
+    pitch: u32,
+    /// Write into a folder that is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_text_kind(s: &str) -> Result<TextKind, String> {
+    TextKind::parse(s).ok_or_else(|| format!("{s:?} is not a kind of text: use words, numbers, lines or letters"))
+}
+
+/// `vlmhost data synth-ocr`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let Args { count, output, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, pitch, force } = args;
+    let opts = SynthOptions { count, seed, width, height, prompt, kinds, min_font_px, max_font_px, noise, pitch, force, ..Default::default() };
+    let r = synth_ocr(&output, &opts)?;
+    println!(
+        "{} samples ({} words, {} numbers, {} lines, {} letter strings) written to {}",
+        r.count, r.words, r.numbers, r.lines, r.letters, r.data_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What [`synth_ocr`] wrote.
@@ -520,7 +575,7 @@ pub fn synth_ocr(out_dir: &Path, opts: &SynthOptions) -> anyhow::Result<SynthRep
         data.push('\n');
     }
     let data_file = out_dir.join("data.jsonl");
-    crate::weights::write_atomic(&data_file, data.as_bytes()).with_context(|| format!("writing {}", data_file.display()))?;
+    crate::files::write_atomic(&data_file, data.as_bytes()).with_context(|| format!("writing {}", data_file.display()))?;
     Ok(SynthReport { count: opts.count, data_file, images_dir, words, numbers, lines, letters })
 }
 

@@ -6,17 +6,11 @@
 //! or of JSON (`Report` is `Serialize`), and one PNG overlaying the runs'
 //! training-loss curves.
 
-use crate::plot::{self, Chart, Mark, MetricsRecord, Series, PALETTE};
+use super::metrics::{self, MetricsRecord, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE};
+use super::plot::{self, Chart, Mark, Series, PALETTE};
 use anyhow::{bail, Context};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-
-/// The optional evaluation results file in a run folder.
-pub const EVAL_FILE: &str = "eval.json";
-/// The same, measured before the run's first step.
-pub const EVAL_BEFORE_FILE: &str = crate::train::EVAL_BEFORE_FILE;
-/// The resolved configuration training saves in a run folder.
-pub const CONFIG_FILE: &str = "config.yaml";
 
 /// Evaluation metrics of a run (`eval.json`); each key is optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -136,11 +130,11 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
     if !run_dir.is_dir() {
         bail!("{}: not a folder (give run folders, the --output of training)", run_dir.display());
     }
-    let records = plot::read_metrics(&run_dir.join(plot::METRICS_FILE))?;
+    let records = metrics::read_metrics(&run_dir.join(metrics::METRICS_FILE))?;
     let (plugin, model, mode) = read_config(run_dir)?;
     let eval = read_eval(run_dir, EVAL_FILE)?;
     let eval_before = read_eval(run_dir, EVAL_BEFORE_FILE)?;
-    let losses = plot::finite_points(&records, |r| r.loss);
+    let losses = metrics::finite_points(&records, |r| r.loss);
     let best = losses.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1));
     let summary = RunSummary {
         run: plot::run_name(run_dir),
@@ -153,7 +147,7 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
         last_loss: losses.last().map(|p| p.1),
         best_loss: best.map(|p| p.1),
         best_loss_step: best.map(|p| p.0 as usize),
-        final_val_loss: plot::finite_points(&records, |r| r.val_loss).last().map(|p| p.1),
+        final_val_loss: metrics::finite_points(&records, |r| r.val_loss).last().map(|p| p.1),
         skipped_steps: records.iter().filter(|r| r.skipped.is_some()).count(),
         median_tokens_per_second: median(
             records.iter().filter(|r| r.skipped.is_none()).filter_map(|r| r.tokens_per_second.filter(|t| t.is_finite() && *t > 0.0)).collect(),
@@ -176,7 +170,7 @@ pub fn report(run_dirs: &[PathBuf], out_png: &Path) -> anyhow::Result<Report> {
     let mut curves = Vec::with_capacity(run_dirs.len());
     for dir in run_dirs {
         let (summary, records) = summarise(dir).with_context(|| format!("run {}", dir.display()))?;
-        curves.push(plot::finite_points(&records, |r| r.loss));
+        curves.push(metrics::finite_points(&records, |r| r.loss));
         runs.push(summary);
     }
     // Runs that share a folder name are told apart by their path as given.
@@ -304,7 +298,7 @@ mod tests {
             }
             text += &format!("{v}\n");
         }
-        std::fs::write(dir.join(plot::METRICS_FILE), text).unwrap();
+        std::fs::write(dir.join(metrics::METRICS_FILE), text).unwrap();
     }
 
     #[test]

@@ -6,15 +6,46 @@
 //! shifts) and writes model.safetensors. The folder appears complete or not
 //! at all (it is built as `DIR.partial` and renamed).
 
-use crate::loader;
-use crate::model::plugin_err;
-use crate::weights;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::plugin::loader;
+use crate::model::checkpoint::{open_family_model, plugin_err};
+use crate::model::weights;
+use anyhow::{anyhow, bail, Result};
 use abi_stable::std_types::RStr;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::ParamKind;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Family name or plugin library path.
+    #[arg(long, value_name = "NAME|PATH")]
+    plugin: String,
+    /// The family, when the library serves several.
+    #[arg(long)]
+    family: Option<String>,
+    /// tiny (trains in seconds per hundred steps on a CPU) or small.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace an output folder that exists and is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let r = init(&args.plugin, args.family.as_deref(), &args.preset, &args.output, args.seed, args.force)?;
+    println!(
+        "{} checkpoint ({} preset, {} parameters in {} tensors, seed {}) written to {}",
+        r.family, r.preset, r.parameters, r.tensors, args.seed, r.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
 
 /// What `init` made.
 #[derive(Debug, Clone, Serialize)]
@@ -24,23 +55,6 @@ pub struct InitReport {
     pub output: PathBuf,
     pub parameters: i64,
     pub tensors: usize,
-}
-
-/// The processor defaults a checkpoint folder carries in `vlmhost.json`
-/// (`{"processor": {...}}`; `vlmhost init` writes it), empty if none.
-pub fn processor_defaults(model_dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let path = model_dir.join("vlmhost.json");
-    if !path.is_file() {
-        return Ok(Default::default());
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not JSON", path.display()))?;
-    match v.get("processor") {
-        None => Ok(Default::default()),
-        Some(serde_json::Value::Object(m)) => Ok(m.clone()),
-        Some(other) => bail!("{}: \"processor\" must be an object, not {other}", path.display()),
-    }
 }
 
 /// Create the checkpoint `output` of `plugin` (a family name, or a library
@@ -57,14 +71,14 @@ pub fn init(plugin: &str, family: Option<&str>, preset: &str, output: &Path, see
     if !families.contains(&family) {
         bail!("{} does not serve family {family:?} (it serves {})", lib.path.display(), families.join(", "));
     }
-    crate::paths::check_output(output, &[], force)?;
-    let partial = crate::paths::fresh_partial(output)?;
+    crate::files::check_output(output, &[], force)?;
+    let partial = crate::files::fresh_partial(output)?;
     let made = write_checkpoint(&lib, &family, preset, &partial, seed);
     if made.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
     let (parameters, tensors) = made?;
-    crate::paths::publish_dir(&partial, output)?;
+    crate::files::publish_dir(&partial, output)?;
     Ok(InitReport { family, preset: preset.to_owned(), output: output.to_path_buf(), parameters, tensors })
 }
 
@@ -79,7 +93,7 @@ fn write_checkpoint(lib: &loader::LoadedPlugin, family: &str, preset: &str, part
         .into_result()
         .map_err(|e| plugin_err(family, &format!("init (preset {preset})"), e))?;
 
-    let model = crate::model::open_family_model(lib, family, partial, &Default::default())?;
+    let model = open_family_model(lib, family, partial, &Default::default())?;
     let spec = model.spec();
     tch::manual_seed(seed as i64);
     let mut tensors = Vec::new();

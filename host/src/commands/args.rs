@@ -1,0 +1,135 @@
+// Argument groups several commands share: where the model comes from and
+// which rules apply (`ModelArgs`), and how a data set is read (`DataArgs`).
+
+use crate::config::{BadSamplePolicy, TooLongPolicy, TrainConfig, DEFAULT_MAX_LENGTH};
+use crate::model::OpenOptions;
+use crate::train::dataset::DatasetOptions;
+use anyhow::{anyhow, bail, Result};
+use std::path::PathBuf;
+
+/// Where the model comes from and which rules apply.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Family name or plugin library path [default: the config file's `plugin`].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub plugin: Option<String>,
+    /// Hugging Face checkpoint folder [default: the config file's `model`].
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Training configuration [default: config/train_config.yaml if present].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// projector | llm | vision | both [default: $TRAINING_MODE, then the config file, then llm].
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Initialise parameters the checkpoint lacks (a new head) instead of failing.
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// auto (the first GPU if CUDA is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// A processor option for the family's plugin, as KEY=VALUE (repeatable;
+    /// overrides the config file's `processor:`), e.g. `--processor mode=tiny`.
+    #[arg(long = "processor", value_name = "KEY=VALUE")]
+    pub processor: Vec<String>,
+}
+
+impl ModelArgs {
+    /// The configuration file and the open options, resolved with the
+    /// precedence flags > environment > file > defaults.
+    pub fn resolve(&self) -> Result<(TrainConfig, OpenOptions)> {
+        let default_cfg = PathBuf::from("config/train_config.yaml");
+        let cfg = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None if default_cfg.is_file() => TrainConfig::from_file(&default_cfg)?,
+            None => TrainConfig::default(),
+        };
+        cfg.apply_image_limit();
+        let env_mode = std::env::var("TRAINING_MODE").ok();
+        let mode = cfg.resolve_mode(self.mode.as_deref(), env_mode.as_deref())?;
+        let plugin = self.plugin.clone().or_else(|| cfg.plugin.clone()).ok_or_else(|| {
+            anyhow!("no plugin: pass --plugin NAME (see `vlmhost plugins`) or set `plugin:` in the config file")
+        })?;
+        let model_dir = self.model.clone().or_else(|| cfg.model.clone()).ok_or_else(|| {
+            anyhow!("no model: pass --model DIR (a Hugging Face checkpoint folder) or set `model:` in the config file")
+        })?;
+        let mut processor = cfg.processor.clone();
+        for s in &self.processor {
+            let (k, v) = parse_processor_option(s)?;
+            processor.insert(k, v);
+        }
+        let opts = OpenOptions {
+            plugin,
+            model_dir,
+            mode,
+            kind: tch::Kind::Float,
+            device: parse_device(&self.device)?,
+            allow_missing: self.allow_missing,
+            load_weights: true,
+            processor,
+        };
+        Ok((cfg, opts))
+    }
+}
+
+/// How a data set is read.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
+    #[arg(long, value_name = "FILE")]
+    pub dataset: PathBuf,
+    /// Maximum tokens per sample.
+    #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
+    pub max_length: usize,
+    /// Longer samples: truncate (never into image tokens) or skip.
+    #[arg(long, value_enum, default_value_t)]
+    pub too_long: TooLongPolicy,
+    /// Bad samples: skip them (counted and listed) or fail.
+    #[arg(long, value_enum, default_value_t)]
+    pub on_bad_sample: BadSamplePolicy,
+    /// A system prompt for samples without one.
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+}
+
+impl DataArgs {
+    pub fn options(&self) -> DatasetOptions {
+        DatasetOptions {
+            max_length: self.max_length,
+            too_long: self.too_long,
+            on_bad_sample: self.on_bad_sample,
+            system_prompt: self.system_prompt.clone(),
+        }
+    }
+}
+
+/// Parse `--processor KEY=VALUE`: the value as JSON when it parses (numbers,
+/// booleans), else as a string.
+pub fn parse_processor_option(s: &str) -> Result<(String, serde_json::Value)> {
+    let (key, value) = s
+        .split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .ok_or_else(|| anyhow!("--processor {s:?}: write KEY=VALUE, e.g. --processor mode=tiny"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((key.trim().to_owned(), value))
+}
+
+/// Parse `--device`.
+pub fn parse_device(s: &str) -> Result<tch::Device> {
+    let device = match s {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => bail!("--device {other:?}: use auto, cpu, cuda or cuda:N"),
+        },
+    };
+    if let tch::Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count();
+        if !tch::Cuda::is_available() || n as i64 >= count {
+            bail!("--device {s}: CUDA has {count} usable device(s) here; `vlmhost doctor` says why");
+        }
+    }
+    Ok(device)
+}

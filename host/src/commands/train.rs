@@ -1,0 +1,74 @@
+//! `vlmhost train`: resolve the configuration, open the model (from an
+//! earlier stage's PEFT adapter when `--init-from` names one), and run the
+//! trainer ([`crate::train`]).
+
+use super::args::ModelArgs;
+use super::print_json;
+use crate::model::peft;
+use crate::train::{self, Resume, TrainJob};
+use anyhow::{anyhow, Result};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
+    #[arg(long, value_name = "FILE")]
+    dataset: PathBuf,
+    /// Run folder [default: runs/FAMILY-MODE].
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Continue a run: its latest checkpoint, or the checkpoint folder given.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    resume: Option<String>,
+    /// Start from an earlier stage's checkpoint (stage 2 from stage 1's
+    /// projector), or from an adapter PEFT saved (continue training it).
+    #[arg(long, value_name = "CHECKPOINT")]
+    init_from: Option<PathBuf>,
+    /// Optimizer steps (overrides train.max_steps and train.epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Held-out data for validation (overrides train.val_dataset and train.val_size).
+    #[arg(long, value_name = "FILE")]
+    val_dataset: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let (mut cfg, opts) = args.model.resolve()?;
+    if args.max_steps.is_some() {
+        cfg.train.max_steps = args.max_steps;
+        cfg.validate().map_err(|e| anyhow!("--max-steps: {e}"))?;
+    }
+    if args.val_dataset.is_some() {
+        cfg.train.val_dataset = args.val_dataset;
+    }
+    cfg.plugin = Some(opts.plugin.clone());
+    cfg.model = Some(opts.model_dir.clone());
+    cfg.mode = Some(opts.mode);
+    // Continuing from an adapter PEFT saved: its modules decide the LoRA rules.
+    let (m, init_from) = match args.init_from {
+        Some(dir) if peft::is_peft_dir(&dir) => {
+            let m = super::open_model(&opts, &cfg, Some(&dir))?;
+            eprintln!("initialised from the PEFT adapter {}", dir.display());
+            (m, None)
+        }
+        init_from => (crate::model::open(&opts, &cfg)?, init_from),
+    };
+    let cfg = m.config().clone();
+    for w in &m.plan().warnings {
+        eprintln!("warning: {w}");
+    }
+    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", m.family(), m.plan().mode.name())));
+    let job = TrainJob {
+        dataset: args.dataset,
+        output,
+        resume: args.resume.map(|r| if r == "latest" { Resume::Latest } else { Resume::Path(r.into()) }),
+        init_from,
+        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = train::train(&m, &cfg, &job)?;
+    print_json(&summary)?;
+    Ok(ExitCode::SUCCESS)
+}

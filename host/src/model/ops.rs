@@ -1,0 +1,85 @@
+//! The host's side of a forward pass, as the plugin sees it through the ABI:
+//! parameters by index, and linear layers with their LoRA adapters
+//! ([`HostOps`]); and a collated batch as the ABI's borrowed [`Batch`].
+
+use super::batch::BatchTensors;
+use super::HostModel;
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RStr, RVec};
+use tch::Tensor;
+use vlmhost_plugin_api::model::{Batch, HostOps, HostOpsRef, ModuleKind, NamedTensorRef};
+use vlmhost_plugin_api::{OwnedTensor, PluginError, Role, TensorRef};
+
+/// The host side of a forward pass over `model`.
+pub(super) struct Ops<'a> {
+    pub model: &'a HostModel,
+    pub training: bool,
+}
+
+impl Ops<'_> {
+    /// The ABI's handle on these operations.
+    pub fn abi(&self) -> HostOpsRef<'_> {
+        vlmhost_plugin_api::model::HostOps_TO::from_ptr(abi_stable::sabi_types::RRef::new(self), TD_Opaque)
+    }
+}
+
+/// `batch` as the ABI's borrowed batch.
+pub(super) fn abi_batch(batch: &BatchTensors) -> Batch<'_> {
+    let tensors: RVec<NamedTensorRef<'_>> = batch
+        .tensors
+        .iter()
+        .map(|(n, t)| NamedTensorRef { name: RStr::from(n.as_str()), tensor: TensorRef::new(t) })
+        .collect();
+    Batch { input_ids: TensorRef::new(&batch.input_ids), attention_mask: TensorRef::new(&batch.attention_mask), tensors }
+}
+
+fn torch_err(e: tch::TchError) -> PluginError {
+    PluginError::Torch { message: e.to_string().into() }
+}
+
+impl Ops<'_> {
+    /// `x W^T + b`, plus the adapter's update where LoRA targets the module.
+    fn run_linear(&self, index: u32, x: TensorRef<'_>) -> Result<Tensor, PluginError> {
+        let m = self
+            .model
+            .spec()
+            .modules
+            .get(index as usize)
+            .filter(|m| m.kind == ModuleKind::Linear)
+            .ok_or_else(|| PluginError::invalid("linear", format!("no linear module {index}")))?;
+        let params = self.model.params();
+        let x = x.to_tensor();
+        let w = &params[m.weight as usize];
+        let b = (m.bias != u32::MAX).then(|| &params[m.bias as usize]);
+        let mut y = x.f_linear(w, b).map_err(torch_err)?;
+        if let Some(a) = self.model.adapter(index as usize) {
+            y = y.f_add(&a.delta(&x, self.training).map_err(torch_err)?).map_err(torch_err)?;
+        }
+        Ok(y)
+    }
+}
+
+impl HostOps for Ops<'_> {
+    fn param(&self, index: u32) -> RResult<OwnedTensor, PluginError> {
+        match self.model.params().get(index as usize) {
+            Some(t) => RResult::ROk(OwnedTensor::new(t.shallow_clone())),
+            None => RResult::RErr(PluginError::invalid("param", format!("no parameter {index}"))),
+        }
+    }
+
+    fn linear(&self, index: u32, x: TensorRef<'_>) -> RResult<OwnedTensor, PluginError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_linear(index, x))) {
+            Ok(Ok(y)) => RResult::ROk(OwnedTensor::new(y)),
+            Ok(Err(e)) => RResult::RErr(e),
+            Err(_) => RResult::RErr(PluginError::Torch { message: "host linear panicked".into() }),
+        }
+    }
+
+    fn training(&self) -> bool {
+        self.training
+    }
+
+    fn role_trains(&self, role: Role) -> bool {
+        self.model.plan().role_trains(role, self.model.spec())
+    }
+}

@@ -1,0 +1,156 @@
+//! A run folder's files and its metrics log.
+//!
+//! Training appends one [`StepMetrics`] line per optimizer step to
+//! `metrics.jsonl` ([`MetricsLog`]); reports and plots read them back as
+//! [`MetricsRecord`]s ([`read_metrics`]), leniently where a crashed run leaves
+//! traces: missing, `null` or non-finite losses are skipped points, and a last
+//! line cut off mid-write (no trailing newline) is dropped with a warning. Any
+//! other line that is not a metrics record is an error naming the file and line.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The file a run writes one line per optimizer step to.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// The resolved configuration a run trained with (also in every checkpoint).
+pub const CONFIG_FILE: &str = "config.yaml";
+/// How a run ended ([`crate::train::TrainSummary`]).
+pub const SUMMARY_FILE: &str = "summary.json";
+/// The evaluation of a run's result (`vlmhost eval --json`'s format).
+pub const EVAL_FILE: &str = "eval.json";
+/// The scored validation answers of a run's starting point (`train.eval_generate`).
+pub const EVAL_BEFORE_FILE: &str = "eval-before.json";
+
+/// One line of `metrics.jsonl`, as training writes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+    pub tokens: usize,
+    pub supervised_tokens: usize,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// A run's `metrics.jsonl`, open for appending.
+pub struct MetricsLog {
+    file: File,
+}
+
+impl MetricsLog {
+    /// A new log in `run_dir`; with `resumed_at`, the log of a resumed run,
+    /// keeping the lines of steps up to that one (the run rewrites the rest).
+    pub fn open(run_dir: &Path, resumed_at: Option<usize>) -> Result<MetricsLog> {
+        let path = run_dir.join(METRICS_FILE);
+        match resumed_at {
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Some(step) => truncate(&path, step)?,
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(MetricsLog { file })
+    }
+
+    /// Append one step's line, flushed.
+    pub fn append(&mut self, record: &StepMetrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(record)?)?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Keep the metrics of steps up to `step`.
+fn truncate(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).map(|m| m.step <= step).unwrap_or(false))
+        .collect();
+    crate::files::write_atomic(path, (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes())?;
+    Ok(())
+}
+
+/// One line of `metrics.jsonl` (the fields of [`StepMetrics`], every
+/// one but `step` optional so that older or hand-written files still read).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MetricsRecord {
+    pub step: usize,
+    #[serde(default)]
+    pub epoch: usize,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    #[serde(default)]
+    pub tokens: usize,
+    #[serde(default)]
+    pub supervised_tokens: usize,
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub elapsed_seconds: Option<f64>,
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    #[serde(default)]
+    pub skipped: Option<String>,
+}
+
+/// Why `metrics.jsonl` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    // `error`, not `source`: the message says it, so error chains do not repeat it.
+    #[error("{path}: cannot read: {error} (is this a run folder? training writes {METRICS_FILE} there)", path = .path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}:{line}: not a metrics record: {message} (fix or delete the line)", path = .path.display())]
+    Line { path: PathBuf, line: usize, message: String },
+    #[error("{path}: no metrics records (the run has not finished a step yet)", path = .path.display())]
+    Empty { path: PathBuf },
+}
+
+/// Read `path` (a `metrics.jsonl`): records sorted by step (stable, so a
+/// resumed run's re-written steps keep file order).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
+    let text = std::fs::read_to_string(path).map_err(|error| MetricsError::Io { path: path.to_owned(), error })?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<MetricsRecord>(line) {
+            Ok(r) => records.push(r),
+            Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                tracing::warn!("{}:{}: dropping a cut-off last line ({e})", path.display(), i + 1);
+            }
+            Err(e) => return Err(MetricsError::Line { path: path.to_owned(), line: i + 1, message: e.to_string() }),
+        }
+    }
+    if records.is_empty() {
+        return Err(MetricsError::Empty { path: path.to_owned() });
+    }
+    records.sort_by_key(|r| r.step);
+    Ok(records)
+}
+
+/// `(step, value)` for every record whose `field` is finite.
+pub fn finite_points(records: &[MetricsRecord], field: impl Fn(&MetricsRecord) -> Option<f64>) -> Vec<(f64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| field(r).filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+        .collect()
+}
+

@@ -1,0 +1,46 @@
+//! One micro-batch: records prepared by the plugin (cut as the data check
+//! decided), collated, run forward (bf16 autocast on CUDA) and scored with
+//! the causal-LM loss, summed over its supervised tokens.
+
+use super::dataset::Record;
+use crate::model::{autocast, causal_lm_loss, collate, HostModel, PreparedSample};
+use anyhow::Result;
+use tch::Tensor;
+
+/// Prepare records with the plugin (truncated as checked) into samples.
+pub fn prepare(model: &HostModel, records: &[&Record]) -> Result<Vec<PreparedSample>> {
+    records
+        .iter()
+        .map(|r| {
+            let json = serde_json::to_string(&r.sample)?;
+            let mut p = model.prepare(&json).map_err(|e| anyhow::anyhow!("{}: {e}", r.origin))?;
+            if let Some(n) = r.truncate_to {
+                p.input_ids.truncate(n);
+                p.labels.truncate(n);
+                p.image_token_mask.truncate(n);
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// The summed loss of a micro-batch.
+pub struct MicroBatchLoss {
+    /// Sum of the token losses (a scalar tensor, differentiable when training).
+    pub sum: Tensor,
+    /// Supervised tokens.
+    pub supervised: i64,
+    /// All tokens.
+    pub tokens: usize,
+}
+
+/// Sum of token losses and supervised tokens of one micro-batch.
+pub fn loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Result<MicroBatchLoss> {
+    let refs: Vec<&PreparedSample> = samples.iter().collect();
+    let batch = collate(&refs, 0, model.device())?;
+    // bf16 autocast on CUDA, fp32 on the CPU; the loss is computed in fp32.
+    let logits = autocast::bf16_on_cuda(model.device(), || model.forward(&batch, training))?;
+    let (mean, n) = causal_lm_loss(&logits, &batch.labels)?;
+    let tokens = samples.iter().map(|s| s.input_ids.len()).sum();
+    Ok(MicroBatchLoss { sum: mean * (n as f64), supervised: n, tokens })
+}

@@ -1,0 +1,432 @@
+//! The training loop. Family-agnostic: everything goes through [`HostModel`].
+//!
+//! * Optimizer steps of `grad_accum` micro-batches; the loss of a step is the
+//!   mean over all its supervised tokens (so accumulation equals one large batch).
+//! * Warm-up then cosine / linear decay; global gradient clipping.
+//! * Deterministic on CPU: libtorch's generator is re-seeded with
+//!   `seed + step` before every step, and the data order of epoch `e` is a
+//!   permutation drawn from `seed` and `e` ([`super::schedule`]); a checkpoint
+//!   therefore needs only the step and the data position to resume exactly.
+//! * A non-finite loss skips its step; `train.max_bad_steps` in a row stop the run.
+//! * What a run leaves: `config.yaml`, `metrics.jsonl`, checkpoints
+//!   ([`super::checkpoint`]), the adapter in PEFT's format, `summary.json`,
+//!   plots, and with `train.eval_generate` the scored answers before and after.
+
+use super::checkpoint::{self, Resume, TrainState, TRAINABLE_FILE};
+use super::dataset::{self, Dataset, DatasetOptions, Record};
+use super::eval::{evaluate, Evaluation};
+use super::micro_batch;
+use super::optim::AdamW;
+use super::schedule::{epoch_order, held_out, learning_rate, val_count};
+use crate::config::TrainConfig;
+use crate::files::{self, fault};
+use crate::model::weights::read_tensors;
+use crate::model::HostModel;
+use crate::report::metrics::{MetricsLog, StepMetrics, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE, SUMMARY_FILE};
+use crate::report::ocr::OcrMetrics;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a run needs besides the model.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    pub dataset: PathBuf,
+    pub output: PathBuf,
+    pub resume: Option<Resume>,
+    /// A checkpoint of an earlier stage whose tensors initialise this run.
+    pub init_from: Option<PathBuf>,
+    /// Show a progress bar (else plain log lines).
+    pub progress_bar: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub stopped_early: bool,
+    pub checkpoint: PathBuf,
+    /// The checkpoint of an earlier stage this run started from (`--init-from`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Generated validation answers scored before the first step and after
+    /// the last (`train.eval_generate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_before: Option<OcrMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_after: Option<OcrMetrics>,
+    /// The process's peak resident memory (Linux `VmHWM`), model loading included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// This process's peak resident set size in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Run training. The model's rules (mode, LoRA) are already applied.
+pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<TrainSummary> {
+    let mut run = Run::start(model, cfg, job)?;
+    while run.state.step < run.state.total_steps {
+        if run.step()? == Next::Stop {
+            break;
+        }
+    }
+    run.finish()
+}
+
+/// Whether the loop goes on after a step.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// A run in progress.
+struct Run<'a> {
+    model: &'a HostModel,
+    cfg: &'a TrainConfig,
+    job: &'a TrainJob,
+    train_set: Vec<Record>,
+    val_set: Vec<Record>,
+    opt: AdamW,
+    state: TrainState,
+    /// The data order of the current epoch.
+    order: Vec<usize>,
+    metrics: MetricsLog,
+    progress: Progress,
+    start: Instant,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+    final_val: Option<f64>,
+    stopped_early: bool,
+    last_checkpoint: PathBuf,
+    /// Generated validation answers are scored (`train.eval_generate` with a validation set).
+    generate_eval: bool,
+    generation_before: Option<OcrMetrics>,
+}
+
+impl<'a> Run<'a> {
+    /// Check the output and the resume point, read and split the data, build
+    /// the optimizer, load `--init-from` or the checkpoint resumed, score the
+    /// starting point's answers, open the metrics log.
+    fn start(model: &'a HostModel, cfg: &'a TrainConfig, job: &'a TrainJob) -> Result<Run<'a>> {
+        let t = &cfg.train;
+        let resume_dir = checkpoint::resume_dir(&job.output, job.resume.as_ref())?;
+        std::fs::create_dir_all(&job.output).with_context(|| format!("cannot create {}", job.output.display()))?;
+        // The resolved configuration, before step 1.
+        files::write_atomic(&job.output.join(CONFIG_FILE), serde_yaml::to_string(cfg)?.as_bytes())?;
+
+        let data = dataset::load(&job.dataset, model, &DatasetOptions::from(t))?;
+        let summary = data.summary(&job.dataset);
+        tracing::info!("{summary}");
+        eprintln!("{summary}");
+        let (train_set, val_set) = split(model, cfg, data)?;
+        let total_steps = match t.max_steps {
+            Some(s) => s,
+            None => ((train_set.len() as f64 * t.epochs) / (t.batch_size * t.grad_accum) as f64).ceil().max(1.0) as usize,
+        };
+
+        let mut opt = AdamW::for_model(model, &cfg.optimizer);
+        let mut state = TrainState::new(model, total_steps, t.seed);
+        if let Some(dir) = &job.init_from {
+            let n = model.load_tensors(&read_tensors(&dir.join(TRAINABLE_FILE))?, false)?;
+            eprintln!("initialised {n} tensor(s) from {}", dir.display());
+        }
+        if let Some(dir) = &resume_dir {
+            state = checkpoint::load(dir, model, &mut opt, &state)?;
+            eprintln!("resumed from {} at step {}", dir.display(), state.step);
+        }
+
+        let generate_eval = t.eval_generate && !val_set.is_empty();
+        if t.eval_generate && val_set.is_empty() {
+            eprintln!("warning: train.eval_generate is set but there is no validation set (set train.val_size or train.val_dataset)");
+        }
+        let generation_before = if generate_eval && (resume_dir.is_none() || !job.output.join(EVAL_BEFORE_FILE).is_file()) {
+            Some(generation_eval(model, &val_set, cfg, &job.output, EVAL_BEFORE_FILE, "before")?)
+        } else {
+            None
+        };
+
+        let metrics = MetricsLog::open(&job.output, resume_dir.as_ref().map(|_| state.step))?;
+        let progress = Progress::new(job.progress_bar, &state);
+        Ok(Run {
+            model,
+            cfg,
+            job,
+            order: epoch_order(train_set.len(), t.seed, state.epoch),
+            train_set,
+            val_set,
+            opt,
+            state,
+            metrics,
+            progress,
+            start: Instant::now(),
+            first_loss: None,
+            last_loss: None,
+            final_val: None,
+            stopped_early: false,
+            last_checkpoint: resume_dir.unwrap_or_default(),
+            generate_eval,
+            generation_before,
+        })
+    }
+
+    /// The records of the next optimizer step (indices into the training
+    /// set): `grad_accum` micro-batches of `batch_size`, in the epoch's order
+    /// (a new epoch draws a new order).
+    fn next_micro_batches(&mut self) -> Vec<Vec<usize>> {
+        let t = &self.cfg.train;
+        let mut micro = Vec::with_capacity(t.grad_accum);
+        for _ in 0..t.grad_accum {
+            let mut b = Vec::with_capacity(t.batch_size);
+            for _ in 0..t.batch_size {
+                if self.state.position >= self.order.len() {
+                    self.state.epoch += 1;
+                    self.state.position = 0;
+                    self.order = epoch_order(self.train_set.len(), t.seed, self.state.epoch);
+                }
+                b.push(self.order[self.state.position]);
+                self.state.position += 1;
+            }
+            micro.push(b);
+        }
+        micro
+    }
+
+    /// Forward and backward over the step's micro-batches, each micro-batch's
+    /// loss summed and divided by the step's supervised tokens: (the summed
+    /// loss, or `None` at the first non-finite one; the tokens seen).
+    fn forward_backward(&self, micro: &[Vec<usize>], supervised: usize) -> Result<(Option<f64>, usize)> {
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        for b in micro {
+            let records: Vec<&Record> = b.iter().map(|&i| &self.train_set[i]).collect();
+            let samples = micro_batch::prepare(self.model, &records)?;
+            let l = micro_batch::loss(self.model, &samples, true)?;
+            tokens += l.tokens;
+            let mut v = l.sum.double_value(&[]);
+            if fault("nan-loss", self.state.step + 1) {
+                v = f64::NAN; // `VLMHOST_FAULT=nan-loss:STEP`: the NaN guard's test
+            }
+            if !v.is_finite() {
+                return Ok((None, tokens));
+            }
+            loss_sum += v;
+            (l.sum / supervised.max(1) as f64).backward();
+        }
+        Ok((Some(loss_sum), tokens))
+    }
+
+    /// One optimizer step, its validation, metrics line and checkpoint.
+    fn step(&mut self) -> Result<Next> {
+        let cfg = self.cfg;
+        let t = &cfg.train;
+        tch::manual_seed((t.seed as i64).wrapping_add(self.state.step as i64));
+        let step_start = Instant::now();
+        let micro = self.next_micro_batches();
+        let supervised: usize = micro.iter().flatten().map(|&i| self.train_set[i].supervised).sum();
+        let lr = learning_rate(cfg.optimizer.lr, t.schedule, t.warmup_steps, self.state.step, self.state.total_steps);
+        self.opt.zero_grad();
+        let (loss_sum, tokens) = self.forward_backward(&micro, supervised)?;
+        let mut record = StepMetrics {
+            step: self.state.step + 1,
+            epoch: self.state.epoch,
+            loss: None,
+            lr,
+            grad_norm: None,
+            tokens,
+            supervised_tokens: supervised,
+            tokens_per_second: tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+            elapsed_seconds: 0.0,
+            val_loss: None,
+            skipped: None,
+        };
+        match loss_sum {
+            Some(sum) => {
+                self.state.bad_steps_in_a_row = 0;
+                let norm = self.opt.clip_grad_norm(t.max_grad_norm)?;
+                self.opt.step(lr)?;
+                let loss = sum / supervised.max(1) as f64;
+                record.loss = Some(loss);
+                record.grad_norm = Some(norm);
+                self.first_loss.get_or_insert(loss);
+                self.last_loss = Some(loss);
+            }
+            None => {
+                self.opt.zero_grad();
+                self.state.bad_steps_in_a_row += 1;
+                let msg = format!("non-finite loss at step {}: step skipped ({} in a row)", self.state.step + 1, self.state.bad_steps_in_a_row);
+                tracing::warn!("{msg}");
+                eprintln!("warning: {msg}");
+                record.skipped = Some(msg);
+                if self.state.bad_steps_in_a_row >= t.max_bad_steps {
+                    bail!("{} non-finite losses in a row: stopping (lower the learning rate, check the data)", self.state.bad_steps_in_a_row);
+                }
+            }
+        }
+        self.state.step += 1;
+        record.val_loss = self.validate()?;
+        record.elapsed_seconds = self.start.elapsed().as_secs_f64();
+        self.metrics.append(&record)?;
+        self.progress.show(&record, &self.state);
+        let early = t.early_stopping_patience.is_some_and(|p| self.state.evals_without_improvement >= p);
+        let step = self.state.step;
+        if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || step == self.state.total_steps || early {
+            self.last_checkpoint = checkpoint::save(self.model, &self.opt, &self.state, self.cfg, &self.job.output)?;
+        }
+        if early {
+            eprintln!("early stopping: no validation improvement in {} evaluations", self.state.evals_without_improvement);
+            self.stopped_early = true;
+            return Ok(Next::Stop);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// The validation loss, when it is due (every `eval_every` steps and at
+    /// the last), tracked for early stopping.
+    fn validate(&mut self) -> Result<Option<f64>> {
+        let t = &self.cfg.train;
+        let step = self.state.step;
+        let due = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || step == self.state.total_steps;
+        if self.val_set.is_empty() || !due {
+            return Ok(None);
+        }
+        let (v, _) = evaluate(self.model, &self.val_set)?;
+        self.final_val = Some(v);
+        if self.state.best_val_loss.is_none_or(|b| v < b) {
+            self.state.best_val_loss = Some(v);
+            self.state.evals_without_improvement = 0;
+        } else {
+            self.state.evals_without_improvement += 1;
+        }
+        Ok(Some(v))
+    }
+
+    /// The adapter in PEFT's format, the final answers scored, the summary
+    /// and the plots.
+    fn finish(self) -> Result<TrainSummary> {
+        self.progress.finish();
+        let output = &self.job.output;
+        let adapter = output.join("adapter");
+        match crate::model::peft::save(self.model, &adapter) {
+            Ok(()) => eprintln!("PEFT adapter written to {}", adapter.display()),
+            Err(e) => eprintln!("warning: no PEFT adapter written: {e:#}"),
+        }
+        let generation_after = if self.generate_eval {
+            Some(generation_eval(self.model, &self.val_set, self.cfg, output, EVAL_FILE, "after")?)
+        } else {
+            None
+        };
+        let summary = TrainSummary {
+            steps: self.state.step,
+            first_loss: self.first_loss,
+            last_loss: self.last_loss,
+            final_val_loss: self.final_val,
+            stopped_early: self.stopped_early,
+            checkpoint: self.last_checkpoint,
+            init_from: self.job.init_from.clone(),
+            generation_before: self.generation_before,
+            generation_after,
+            peak_rss_mib: peak_rss_mib(),
+        };
+        files::write_atomic(&output.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        match crate::report::plot::write_run_plots(output) {
+            Ok(files) => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                eprintln!("plots written: {}", names.join(", "));
+            }
+            Err(e) => eprintln!("warning: no plots written: {e:#}"),
+        }
+        Ok(summary)
+    }
+}
+
+/// Train/validation split: a separate file, or `val_size` samples drawn with the seed.
+fn split(model: &HostModel, cfg: &TrainConfig, data: Dataset) -> Result<(Vec<Record>, Vec<Record>)> {
+    let t = &cfg.train;
+    if let Some(val) = &t.val_dataset {
+        let v = dataset::load(val, model, &DatasetOptions::from(t))?;
+        return Ok((data.records, v.records));
+    }
+    let n = data.records.len();
+    let k = val_count(n, t.val_size);
+    if k == 0 {
+        return Ok((data.records, Vec::new()));
+    }
+    if k >= n {
+        bail!("train.val_size {} leaves no training sample out of {n}", t.val_size);
+    }
+    let val = held_out(n, k, t.seed);
+    let (mut tr, mut va) = (Vec::new(), Vec::new());
+    for (i, r) in data.records.into_iter().enumerate() {
+        if val.contains(&i) { va.push(r) } else { tr.push(r) }
+    }
+    Ok((tr, va))
+}
+
+/// The validation set's generated answers scored, written to `file` in the
+/// run folder and summed up on the terminal as `when` ("before", "after").
+fn generation_eval(model: &HostModel, val_set: &[Record], cfg: &TrainConfig, output: &Path, file: &str, when: &str) -> Result<OcrMetrics> {
+    let eval = Evaluation::run(model, val_set, Some(cfg.train.eval_max_new_tokens))?;
+    files::write_atomic(&output.join(file), serde_json::to_string_pretty(&eval.to_json()?)?.as_bytes())?;
+    let metrics = eval.generation.expect("asked for generation").0;
+    eprintln!(
+        "validation answers {when} training: CER {:.3}  WER {:.3}  exact match {:.3} ({} samples, {file})",
+        metrics.cer, metrics.wer, metrics.exact_match, metrics.samples
+    );
+    Ok(metrics)
+}
+
+/// Progress on the terminal: a bar when stderr is a terminal, else a line a step.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(bar: bool, state: &TrainState) -> Progress {
+        let bar = bar.then(|| {
+            let b = indicatif::ProgressBar::new(state.total_steps as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_position(state.step as u64);
+            b
+        });
+        Progress { bar }
+    }
+
+    fn show(&self, record: &StepMetrics, state: &TrainState) {
+        let line = format!(
+            "step {}/{} loss {} lr {:.3e} {:.0} tok/s{}",
+            state.step,
+            state.total_steps,
+            record.loss.map_or("skipped".to_owned(), |l| format!("{l:.4}")),
+            record.lr,
+            record.tokens_per_second,
+            record.val_loss.map_or(String::new(), |v| format!(" val {v:.4}"))
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_message(line);
+                b.set_position(state.step as u64);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
