@@ -2,9 +2,13 @@
 //! user sees them) and `data check` (every kind of bad sample).
 
 use crate::common::*;
-use crate::llava::fixture;
 use std::fs;
 use std::path::Path;
+
+/// The LLaVA fixture (`target/fixtures/llava`).
+fn fixture() -> std::path::PathBuf {
+    crate::families::family("llava").fixture()
+}
 
 fn model_dir() -> String {
     fixture().join("model").display().to_string()
