@@ -2,9 +2,13 @@
 //! user sees them) and `data check` (every kind of bad sample).
 
 use crate::common::*;
-use crate::llava::fixture;
 use std::fs;
 use std::path::Path;
+
+/// The LLaVA fixture (`target/fixtures/llava`).
+fn fixture() -> std::path::PathBuf {
+    crate::families::family("llava").fixture()
+}
 
 fn model_dir() -> String {
     fixture().join("model").display().to_string()
@@ -66,7 +70,7 @@ fn mode_flag_beats_environment_beats_file() {
 fn the_users_guide_config_works_on_llava() {
     let dir = tempdir();
     let cfg = dir.path().join("c.yaml");
-    // The user's guide's file: projector names of two families, vision names of another.
+    // One file for several families: projector names of two, vision names of another.
     fs::write(
         &cfg,
         "lora:\n  projector_target_modules: [\"multi_modal_projector\", \"vision_embed_tokens\"]\n  \

@@ -5,8 +5,7 @@
 //! needs a transformers too old for this environment).
 
 use crate::common::*;
-use crate::deepseek_ocr;
-use crate::llava;
+use crate::families::{self, deepseek_ocr};
 use tch::{Kind, Tensor};
 use vlmhost::config::{Mode, TrainConfig};
 use vlmhost::model::generate::{greedy, prompt_sample, stop_tokens, StopReason};
@@ -32,8 +31,9 @@ fn llava_greedy_generation_matches_transformers() {
     let path = workspace_root().join("target/fixtures/llava_generate/generate.json");
     assert!(path.is_file(), "{} is missing: run scripts/fixtures.sh", path.display());
     let reference: Reference = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let m = llava::open(Mode::Llm, &TrainConfig::default());
-    let samples_dir = llava::fixture().join("samples");
+    let llava = families::family("llava");
+    let m = llava.open(Mode::Llm, &TrainConfig::default());
+    let samples_dir = llava.fixture().join("samples");
     let stop = stop_tokens(m.model_dir());
     assert_eq!(stop, vec![2], "eos from generation_config.json");
     for case in &reference.cases {
@@ -86,7 +86,7 @@ fn greedy_uncached(m: &HostModel, prompt: &PreparedSample, n: usize) -> Vec<i64>
 
 #[test]
 fn deepseek_ocr_cached_decoding_equals_full_forward() {
-    let m = vlmhost::model::open(&deepseek_ocr::open_options(Mode::Llm, Kind::Float), &TrainConfig::default()).unwrap();
+    let m = deepseek_ocr::family().open(Mode::Llm, &TrainConfig::default());
     let sample = prompt_sample(Some(&deepseek_ocr::reference_dir().join("image.png")), "Free OCR.");
     let prompt = m.prepare(&serde_json::to_string(&sample).unwrap()).unwrap();
     // Logits of every step agree, not just the argmax.
@@ -123,7 +123,7 @@ fn deepseek_ocr_cached_decoding_equals_full_forward() {
 
 #[test]
 fn generate_cli_streams_and_refuses_a_missing_image() {
-    let fixture = llava::fixture();
+    let fixture = families::family("llava").fixture();
     let image = fixture.join("samples/img0_rgb_40x30.png");
     let cwd = workspace_root();
     let run = vlmhost(&[
@@ -136,7 +136,7 @@ fn generate_cli_streams_and_refuses_a_missing_image() {
     let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(v["tokens"].as_array().unwrap().len(), 5, "{}", run.all());
     // DeepSeek-OCR reads images: a prompt without one is refused, clearly.
-    let ds = deepseek_ocr::model_dir();
+    let ds = deepseek_ocr::family().fixture().join("model");
     let run = vlmhost(&[
         "generate", "--plugin", &member_plugin("vlmhost_plugin_deepseek_ocr").display().to_string(),
         "--model", &ds.display().to_string(), "--processor", "base_size=256", "--processor", "image_size=128",
@@ -149,7 +149,7 @@ fn generate_cli_streams_and_refuses_a_missing_image() {
 
 #[test]
 fn eval_generate_reports_ocr_metrics() {
-    let fixture = llava::fixture();
+    let fixture = families::family("llava").fixture();
     let run = vlmhost(&[
         "eval", "--plugin", &member_plugin("vlmhost_plugin_llava").display().to_string(),
         "--model", &fixture.join("model").display().to_string(),
@@ -177,7 +177,7 @@ fn eval_generate_reports_ocr_metrics() {
 #[test]
 fn runs_leave_plots_and_reports_compare_them() {
     let dir = tempdir();
-    let fixture = llava::fixture();
+    let fixture = families::family("llava").fixture();
     let plugin = member_plugin("vlmhost_plugin_llava").display().to_string();
     let data = fixture.join("samples/data.jsonl").display().to_string();
     let cwd = workspace_root();

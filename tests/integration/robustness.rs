@@ -5,10 +5,14 @@
 //! fixtures themselves are never an output).
 
 use crate::common::*;
-use crate::llava::fixture;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The LLaVA fixture (`target/fixtures/llava`).
+fn fixture() -> std::path::PathBuf {
+    crate::families::family("llava").fixture()
+}
 
 /// Run `vlmhost ARGS` in `cwd` with `env`, where a crash is what is tested.
 fn vlmhost_may_crash(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Run {

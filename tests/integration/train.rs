@@ -3,11 +3,15 @@
 //! in the middle of a checkpoint write), stage chaining.
 
 use crate::common::*;
-use crate::llava::fixture;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::Tensor;
+
+/// The LLaVA fixture (`target/fixtures/llava`).
+fn fixture() -> std::path::PathBuf {
+    crate::families::family("llava").fixture()
+}
 
 fn model() -> String {
     fixture().join("model").display().to_string()
@@ -341,9 +345,10 @@ fn transformers_logits(dir: &Path, model_dir: &Path, adapter: Option<&Path>) -> 
 
 /// vlmhost's logits of fixture sample 0 with a checkpoint of a run loaded.
 fn vlmhost_logits(checkpoint: &Path) -> Tensor {
-    let opts = crate::llava::open_options(vlmhost::config::Mode::Llm);
+    let llava = crate::families::family("llava");
+    let opts = llava.options(vlmhost::config::Mode::Llm);
     let m = vlmhost::commands::open_model(&opts, &vlmhost::config::TrainConfig::default(), Some(checkpoint)).unwrap();
-    let s = crate::llava::samples(&m);
+    let s = llava.samples(&m);
     let batch = vlmhost::model::collate(&[&s[0]], 0, tch::Device::Cpu).unwrap();
     tch::no_grad(|| m.forward(&batch, false)).unwrap()
 }

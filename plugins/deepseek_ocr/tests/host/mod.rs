@@ -1,48 +1,35 @@
-//! DeepSeek-OCR against the reference fixture computed by the ORIGINAL remote
-//! code (`tests/fixtures/deepseek_ocr`, its README says what each tensor is),
-//! run through the host as training runs it (plugin library loaded, weights
-//! and rules by the host); intermediate tensors through the plugin crate's
-//! functions with the host's parameters. Parts are also checked against
-//! transformers (`target/fixtures/deepseek_parts`: SAM, CLIP layers, the MoE).
+//! DeepSeek-OCR through the host (compiled into the host's integration tests
+//! by `tests/integration/families/mod.rs`), against the reference fixture
+//! computed by the ORIGINAL remote code (`tests/fixtures/deepseek_ocr`, its
+//! README says what each tensor is), run as training runs it (plugin library
+//! loaded, weights and rules by the host); intermediate tensors through the
+//! plugin crate's functions with the host's parameters. Parts are also checked
+//! against transformers (`target/fixtures/deepseek_parts`: SAM, CLIP layers,
+//! the MoE). The fixture model (`target/fixtures/deepseek_ocr/model`, with a
+//! tokenizer) is made by `scripts/fixtures/make_deepseek_ocr_fixture.py`.
 
-use crate::common::*;
-use std::collections::HashMap;
-use std::path::PathBuf;
-use tch::{Device, Kind, Tensor};
-use vlmhost::config::{Mode, Strategy, TrainConfig};
-use vlmhost::model::{causal_lm_loss, BatchTensors, HostModel, OpenOptions};
+use crate::families::prelude::*;
 use vlmhost::plugin_api::sample::parse_line;
-use vlmhost::plugin_api::{BatchInputs, Host, ModelOptions, Role};
+use vlmhost::plugin_api::{BatchInputs, Host, ModelOptions};
 use vlmhost_plugin_deepseek_ocr::{image_options, DeepseekOcrModel};
+
+/// The fixture's sizes: a 256 global view and 128 tiles (Gundam scaled down).
+fn processor_options() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::json!({"base_size": 256, "image_size": 128, "crop_mode": true}).as_object().unwrap().clone()
+}
+
+pub fn family() -> Family {
+    Family { processor: processor_options, ..Family::new("deepseek_ocr", "vlmhost_plugin_deepseek_ocr") }
+}
+
+checks! { family();
+    init_tiny_trains_and_generates,
+    checkpoint_save_and_reload_keeps_bytes,
+}
 
 /// The original code's tensors and image.
 pub fn reference_dir() -> PathBuf {
     workspace_root().join("tests/fixtures/deepseek_ocr")
-}
-
-/// The fixture model with a tokenizer (`scripts/fixtures/make_deepseek_ocr_fixture.py`).
-pub fn model_dir() -> PathBuf {
-    let dir = workspace_root().join("target/fixtures/deepseek_ocr/model");
-    assert!(dir.join("tokenizer.json").is_file(), "{} is missing: run scripts/fixtures.sh", dir.display());
-    dir
-}
-
-/// The fixture's sizes: a 256 global view and 128 tiles (Gundam scaled down).
-pub fn processor_options() -> serde_json::Map<String, serde_json::Value> {
-    serde_json::json!({"base_size": 256, "image_size": 128, "crop_mode": true}).as_object().unwrap().clone()
-}
-
-pub fn open_options(mode: Mode, kind: Kind) -> OpenOptions {
-    OpenOptions {
-        plugin: member_plugin("vlmhost_plugin_deepseek_ocr").display().to_string(),
-        model_dir: model_dir(),
-        mode,
-        kind,
-        device: Device::Cpu,
-        allow_missing: false,
-        load_weights: true,
-        processor: processor_options(),
-    }
 }
 
 fn open(mode: Mode, kind: Kind) -> HostModel {
@@ -50,15 +37,15 @@ fn open(mode: Mode, kind: Kind) -> HostModel {
 }
 
 fn open_with(mode: Mode, kind: Kind, cfg: &TrainConfig) -> HostModel {
-    vlmhost::model::open(&open_options(mode, kind), cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    let f = family();
+    f.open_with(&OpenOptions { kind, ..f.options(mode) }, cfg)
 }
 
 /// The plugin crate itself, for its intermediate functions.
 fn family_model() -> DeepseekOcrModel {
     let opts = image_options(&ModelOptions(processor_options())).unwrap();
-    DeepseekOcrModel::open(&model_dir(), &opts).unwrap()
+    DeepseekOcrModel::open(&family().fixture().join("model"), &opts).unwrap()
 }
-
 
 fn inputs() -> HashMap<String, Tensor> {
     read_tensors(&reference_dir().join("inputs.safetensors"))
@@ -100,7 +87,7 @@ fn batch_inputs(b: &BatchTensors) -> BatchInputs {
 }
 
 #[test]
-fn deepseek_ocr_prepare_matches_original_code() {
+fn prepare_matches_original_code() {
     let m = open(Mode::Llm, Kind::Float);
     let line = r#"{"images": ["image.png"], "messages": [{"role": "user", "content": "<image>\nFree OCR. "}, {"role": "assistant", "content": "HELLO 42"}]}"#;
     let sample = parse_line(line, &reference_dir()).unwrap();
@@ -119,7 +106,7 @@ fn deepseek_ocr_prepare_matches_original_code() {
 }
 
 #[test]
-fn deepseek_ocr_vision_features_match_original_code() {
+fn vision_features_match_original_code() {
     let m = open(Mode::Llm, Kind::Float);
     let f = family_model();
     let i = inputs();
@@ -145,7 +132,7 @@ fn deepseek_ocr_vision_features_match_original_code() {
 }
 
 #[test]
-fn deepseek_ocr_logits_and_loss_match_original_code() {
+fn logits_and_loss_match_original_code() {
     let m = open(Mode::Llm, Kind::Float);
     let o = outputs();
     let b = batch(Kind::Float);
@@ -170,7 +157,7 @@ fn with_part(m: &HostModel, part: &str) -> HashMap<String, Tensor> {
 }
 
 #[test]
-fn deepseek_ocr_parts_match_transformers() {
+fn parts_match_transformers() {
     let f = family_model();
     // SAM up to its neck: transformers' SamVisionEncoder.
     let m = open(Mode::Llm, Kind::Float);
@@ -191,7 +178,7 @@ fn deepseek_ocr_parts_match_transformers() {
 /// (the original runs them under no_grad): autograd against central finite
 /// differences, in float64, on a few parameters of each part.
 #[test]
-fn deepseek_ocr_vision_gradients_are_real() {
+fn vision_gradients_are_real() {
     let mut cfg = TrainConfig::default();
     cfg.roles.vision.strategy = Some(Strategy::Full);
     let m = open_with(Mode::Both, Kind::Double, &cfg);
@@ -250,7 +237,7 @@ fn deepseek_ocr_vision_gradients_are_real() {
 /// Mode `llm` keeps no autograd graph for the frozen vision side: SAM and CLIP
 /// get no gradient and their outputs carry no graph; the projector still trains.
 #[test]
-fn deepseek_ocr_frozen_vision_builds_no_graph() {
+fn frozen_vision_builds_no_graph() {
     let m = open(Mode::Llm, Kind::Float);
     let f = family_model();
     let b = batch(Kind::Float);
@@ -278,7 +265,7 @@ fn deepseek_ocr_frozen_vision_builds_no_graph() {
 /// LoRA over the MoE: every expert's linear layers (and the shared experts')
 /// take adapters in mode llm; the router never does, and stays frozen.
 #[test]
-fn deepseek_ocr_lora_covers_experts_not_the_router() {
+fn lora_covers_experts_not_the_router() {
     let m = open(Mode::Llm, Kind::Float);
     let names = m.lora_module_names(Role::Llm);
     for layer in [1, 2] {
