@@ -2,7 +2,7 @@
 // which rules apply (`ModelArgs`), and how a data set is read (`DataArgs`).
 
 use crate::config::{BadSamplePolicy, TooLongPolicy, TrainConfig, DEFAULT_MAX_LENGTH};
-use crate::model::OpenOptions;
+use crate::model::{HostModel, OpenOptions};
 use crate::train::dataset::DatasetOptions;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
@@ -69,6 +69,24 @@ impl ModelArgs {
             processor,
         };
         Ok((cfg, opts))
+    }
+}
+
+/// A model with, optionally, an adapter on top.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdaptedModelArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A vlmhost checkpoint or a PEFT adapter folder.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+}
+
+impl AdaptedModelArgs {
+    /// Resolve the configuration and open the model with the adapter ([`super::open_model`]).
+    pub fn open(&self) -> Result<HostModel> {
+        let (cfg, opts) = self.model.resolve()?;
+        super::open_model(&opts, &cfg, self.adapter.as_deref())
     }
 }
 

@@ -1,7 +1,7 @@
 //! `vlmhost eval`: the loss on a data set (the mean over assistant tokens and
 //! each sample's), and with `--generate` the answers generated and scored.
 
-use super::args::ModelArgs;
+use super::args::AdaptedModelArgs;
 use super::print_json;
 use crate::train::dataset::{self, DatasetOptions};
 use crate::train::Evaluation;
@@ -12,10 +12,7 @@ use std::process::ExitCode;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    /// A checkpoint folder of `vlmhost train` to evaluate instead of the base model.
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
+    model: AdaptedModelArgs,
     #[arg(long, value_name = "FILE")]
     dataset: PathBuf,
     /// Print JSON: {"loss": f, "samples": [{"index", "loss", "tokens"}]}
@@ -33,8 +30,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let (cfg, opts) = args.model.resolve()?;
-    let m = super::open_model(&opts, &cfg, args.adapter.as_deref())?;
+    let m = args.model.open()?;
     let ds = dataset::load(&args.dataset, &m, &DatasetOptions::from(&m.config().train))?;
     if !ds.problems.is_empty() {
         eprintln!("{}", ds.summary(&args.dataset));

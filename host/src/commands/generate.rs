@@ -1,7 +1,7 @@
 //! `vlmhost generate`: greedy decoding from an image and a prompt, streamed
 //! to the terminal as the text grows (or printed as JSON at the end).
 
-use super::args::ModelArgs;
+use super::args::AdaptedModelArgs;
 use super::print_json;
 use crate::model::checkpoint::plugin_err;
 use crate::model::generate::{greedy, prompt_sample, stop_tokens, warn_without_stop_tokens, Detokenizer};
@@ -13,10 +13,7 @@ use std::process::ExitCode;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    /// A vlmhost checkpoint or a PEFT adapter folder.
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
+    model: AdaptedModelArgs,
     /// The image (families that read images need one).
     #[arg(long, value_name = "FILE")]
     image: Option<PathBuf>,
@@ -31,13 +28,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let (cfg, opts) = args.model.resolve()?;
     if let Some(path) = &args.image {
         if !path.is_file() {
             bail!("--image {}: no such file", path.display());
         }
     }
-    let m = super::open_model(&opts, &cfg, args.adapter.as_deref())?;
+    let m = args.model.open()?;
     let sample = prompt_sample(args.image.as_deref(), &args.prompt);
     let prepared = m
         .prepare(&serde_json::to_string(&sample)?)
