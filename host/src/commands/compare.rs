@@ -25,6 +25,7 @@ pub struct Args {
     models: Vec<String>,
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
     #[arg(long, value_name = "FILE")]
     dataset: PathBuf,
     /// Held-out data: final loss and CER of generated answers.

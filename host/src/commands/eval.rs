@@ -13,6 +13,7 @@ use std::process::ExitCode;
 pub struct Args {
     #[command(flatten)]
     model: AdaptedModelArgs,
+    /// Messages JSONL or LLaVA JSON/JSONL; image paths relative to its folder.
     #[arg(long, value_name = "FILE")]
     dataset: PathBuf,
     /// Print JSON: {"loss": f, "samples": [{"index", "loss", "tokens"}]}
