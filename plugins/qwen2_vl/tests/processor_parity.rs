@@ -199,7 +199,7 @@ fn bad_samples_are_explained() {
     // An extreme aspect ratio is refused with the file and what to do.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("strip.png");
-    image::RgbImage::new(250, 1).save(&path).unwrap();
+    ::image::RgbImage::new(250, 1).save(&path).unwrap();
     let e = err(vec![user(vec![Part::Image { path: path.clone() }]), answer("A line.")]);
     assert!(e.contains("strip.png (250x1): absolute aspect ratio must be smaller than 200") && e.contains("crop or pad"), "{e}");
 }
