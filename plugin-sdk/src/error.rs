@@ -59,3 +59,6 @@ impl ProcessorError {
         ProcessorError::Sample(message.into())
     }
 }
+
+/// A processor's result.
+pub type Result<T, E = ProcessorError> = std::result::Result<T, E>;

@@ -14,8 +14,22 @@ use vlmhost_plugin_api::{
     BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
 };
 
+/// An architecture: its spec and its forward pass.
+pub trait Architecture: Send + Sync + 'static {
+    /// Parameters, modules, roles and key layouts.
+    fn spec(&self) -> &ModelSpec;
+
+    /// The forward pass: logits, and with `past` (empty on the first call) the
+    /// cache for the next call.
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>)
+        -> Result<(Tensor, Vec<Tensor>), PluginError>;
+}
+
 /// One model family served by a plugin: an opened checkpoint folder.
 pub trait Family: Sized + Send + Sync + 'static {
+    /// The architecture it runs.
+    type Arch: Architecture;
+
     /// Who the family is and which checkpoints it serves.
     fn info() -> FamilyInfo;
 
@@ -25,16 +39,11 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// Write a new checkpoint's files for `preset` into the empty folder `dir`.
     fn init(preset: &str, dir: &Path) -> Result<(), PluginError>;
 
-    /// The architecture's spec.
-    fn spec(&self) -> &ModelSpec;
+    /// The opened architecture.
+    fn arch(&self) -> &Self::Arch;
 
     /// One sample as model inputs.
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError>;
-
-    /// The forward pass: logits, and with `past` (empty on the first call) the
-    /// cache for the next call.
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>)
-        -> Result<(Tensor, Vec<Tensor>), PluginError>;
 }
 
 /// The ABI plugin serving family `F`.
@@ -59,7 +68,7 @@ impl<F: Family> Plugin for FamilyPlugin<F> {
 
 impl<F: Family> FamilyModel for Served<F> {
     fn spec(&self) -> ModelSpec {
-        self.0.spec().clone()
+        self.0.arch().spec().clone()
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -67,11 +76,11 @@ impl<F: Family> FamilyModel for Served<F> {
     }
 
     fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
-        Ok(self.0.decode(host, batch, None)?.0)
+        Ok(self.0.arch().decode(host, batch, None)?.0)
     }
 
     fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.0.decode(host, batch, Some(past))
+        self.0.arch().decode(host, batch, Some(past))
     }
 }
 

@@ -3,7 +3,7 @@
 //! test every family's presets pass (each writes a folder the family opens;
 //! an unknown preset names the known ones and writes nothing).
 
-use crate::Family;
+use crate::{Architecture, Family};
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
@@ -54,7 +54,7 @@ pub fn check_presets<F: Family>(family: &str, presets: &[&str], check: impl Fn(&
         let dir = fresh(name);
         F::init(name, &dir).unwrap_or_else(|e| panic!("{family} {name}: {e}"));
         let model = F::open(&dir, &Default::default()).unwrap_or_else(|e| panic!("{family} {name}: {e}"));
-        assert!(!model.spec().params.is_empty(), "{family} {name}");
+        assert!(!model.arch().spec().params.is_empty(), "{family} {name}");
         check(name, &model);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,7 +29,17 @@ pub mod pixels;
 pub mod tokens;
 
 pub use error::ProcessorError;
-pub use family::{Family, FamilyPlugin};
+pub use family::{Architecture, Family, FamilyPlugin};
 
 /// Label value of positions that do not count in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
+
+/// The folder of a test fixture: `$var` when set, else `default` (relative
+/// to the workspace root); panics, naming both and `hint`, unless it holds
+/// `marker`.
+pub fn fixture_dir(var: &str, default: &str, marker: &str, hint: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os(var).map(std::path::PathBuf::from).unwrap_or_else(|| root.join(default));
+    assert!(dir.join(marker).is_file(), "fixture not found at {} (set {var}, or {hint})", dir.display());
+    dir
+}

@@ -23,9 +23,8 @@ use config::DeepseekOcrConfig;
 use model::DeepseekOcr;
 use processor::{DeepseekOcrProcessor, ImageOptions};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::{Sample, Speaker};
-use vlmhost_plugin_api::{BatchInputs, FamilyInfo, Host, ModelOptions, ModelSpec, PluginError, PreparedSample};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
 use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
@@ -97,6 +96,8 @@ impl DeepseekOcrModel {
 }
 
 impl Family for DeepseekOcrModel {
+    type Arch = DeepseekOcr;
+
     fn info() -> FamilyInfo {
         FamilyInfo::new("deepseek_ocr", "DeepSeek-OCR: SAM ViT-B + CLIP-L encoder, linear projector, DeepSeek-V2 MoE LLM")
             .model_types(["deepseek_vl_v2", "DeepseekOCR"])
@@ -111,8 +112,8 @@ impl Family for DeepseekOcrModel {
         init::init(preset, dir)
     }
 
-    fn spec(&self) -> &ModelSpec {
-        &self.model.spec
+    fn arch(&self) -> &DeepseekOcr {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -150,9 +151,5 @@ impl Family for DeepseekOcrModel {
                 ("images_spatial_crop".into(), tensor_i64(&grids, &[n, 2])?),
             ],
         })
-    }
-
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.decode(host, batch, past)
     }
 }

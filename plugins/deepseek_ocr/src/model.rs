@@ -15,6 +15,7 @@ use crate::config::DeepseekOcrConfig;
 use crate::sam::{declare_sam, Sam};
 use crate::text::{declare_layer, Ffn};
 pub use crate::text::{Mlp, Moe};
+use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{key_rule, role_rule};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, PluginError, Role, SpecBuilder};
@@ -182,19 +183,6 @@ impl DeepseekOcr {
         }
     }
 
-    /// The forward pass, with a cache when `past` is given (empty: the first
-    /// call): logits and the cache (keys and values per layer,
-    /// `[batch, kv_heads, seq, head_dim]`).
-    pub fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
-        let t = &self.config.text;
-        let past_len = past_len(past);
-        // Images belong to the prompt: later decoding steps carry none.
-        let x = if past_len > 0 { embed(host, self.text.embed_tokens, &batch.input_ids)? } else { self.input_embeddings(host, batch)? };
-        let l = x.size()[1];
-        let rope = Rope::at(past_len, l, t.head_dim(), t.rope_theta, x.device())?;
-        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
-        self.text.run(host, x, &rope, &mask, past, |ffn, y| ffn.forward(t, host, y))
-    }
 
     /// SAM ViT-B with neck and the two stride-2 convolutions:
     /// `[n, 3, S, S]` -> `[n, net_3 channels, S/64, S/64]`.
@@ -236,3 +224,22 @@ impl DeepseekOcr {
     }
 }
 
+impl Architecture for DeepseekOcr {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first
+    /// call): logits and the cache (keys and values per layer,
+    /// `[batch, kv_heads, seq, head_dim]`).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+        let t = &self.config.text;
+        let past_len = past_len(past);
+        // Images belong to the prompt: later decoding steps carry none.
+        let x = if past_len > 0 { embed(host, self.text.embed_tokens, &batch.input_ids)? } else { self.input_embeddings(host, batch)? };
+        let l = x.size()[1];
+        let rope = Rope::at(past_len, l, t.head_dim(), t.rope_theta, x.device())?;
+        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
+        self.text.run(host, x, &rope, &mask, past, |ffn, y| ffn.forward(t, host, y))
+    }
+}

@@ -16,16 +16,7 @@ use vlmhost_plugin_api::sample::{Message, Part, Speaker};
 use vlmhost_plugin_deepseek_ocr::processor::*;
 
 fn reference_dir() -> PathBuf {
-    let dir = std::env::var_os("VLMHOST_DEEPSEEK_OCR_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_ocr"));
-    assert!(
-        dir.join("inputs.safetensors").is_file(),
-        "DeepSeek-OCR reference fixture not found at {} (set VLMHOST_DEEPSEEK_OCR_REFERENCE to \
-         the folder holding inputs.safetensors)",
-        dir.display()
-    );
-    dir
+    vlmhost_plugin_sdk::fixture_dir("VLMHOST_DEEPSEEK_OCR_REFERENCE", "tests/fixtures/deepseek_ocr", "inputs.safetensors", "point it at the folder holding inputs.safetensors")
 }
 
 fn fixture_dir() -> PathBuf {

@@ -19,9 +19,8 @@ use config::FuyuConfig;
 use model::Fuyu;
 use processor::{FuyuProcessor, FuyuSample};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{BatchInputs, FamilyInfo, Host, ModelOptions, ModelSpec, PluginError, PreparedSample};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::tensor_f32;
 use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
@@ -78,6 +77,8 @@ impl FuyuModel {
 }
 
 impl Family for FuyuModel {
+    type Arch = Fuyu;
+
     fn info() -> FamilyInfo {
         FamilyInfo::new("fuyu", "Fuyu: encoder-free, linear patch projector + Persimmon decoder")
             .model_types(["fuyu"])
@@ -92,8 +93,8 @@ impl Family for FuyuModel {
         init::init(preset, dir)
     }
 
-    fn spec(&self) -> &ModelSpec {
-        &self.model.spec
+    fn arch(&self) -> &Fuyu {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -107,9 +108,5 @@ impl Family for FuyuModel {
             image_token_mask: p.image_token_mask,
             tensors: vec![("pixel_values".into(), pixel_values)],
         })
-    }
-
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.decode(host, batch, past)
     }
 }

@@ -9,6 +9,7 @@
 //! and plays the projector role; everything under `language_model.` is the LLM.
 
 use crate::config::FuyuConfig;
+use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
@@ -139,37 +140,6 @@ impl Fuyu {
         ParamId(self.spec.modules[id.0 as usize].weight)
     }
 
-    /// The forward pass, with a cache when `past` is given (empty: the first
-    /// call): logits and the cache (keys and values per layer,
-    /// `[batch, heads, seq, head_dim]`, keys after RoPE).
-    pub fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
-        let want = 2 * self.layers.len();
-        if let Some(past) = past.filter(|p| !p.is_empty() && p.len() != want) {
-            return Err(PluginError::invalid("cache", format!("{} tensors, expected {want} (keys and values per layer)", past.len())));
-        }
-        let t = &self.config.text;
-        let mut cache = KvCache::new(past);
-        let past_len = cache.past_len();
-        let mut x = self.embeddings(host, batch, past_len == 0)?;
-        let l = batch.input_ids.size()[1];
-        let rope = Rope::at(past_len, l, t.rotary_dim(), t.rope_theta, x.device())?;
-        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
-        for layer in &self.layers {
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.input_norm, &x)?;
-            x = residual.f_add(&self.attention(host, layer, &y, &rope, &mask, &mut cache)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.post_norm, &x)?;
-            let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
-            let mut y = host.linear(layer.four_h_to_h, &y)?;
-            if host.training() && t.hidden_dropout > 0.0 {
-                y = y.f_dropout(t.hidden_dropout, true)?;
-            }
-            x = y.f_add(&residual)?;
-        }
-        let x = ops::layer_norm(host, &self.final_norm, &x)?;
-        Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
-    }
 
     /// Persimmon's attention on `y` `[B, L, D]`: fused QKV split per head,
     /// q/k LayerNorm, rotary embeddings on the first `rotary_dim` dimensions
@@ -197,5 +167,43 @@ impl Fuyu {
         let dropout = if host.training() { t.attention_dropout } else { 0.0 };
         let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), dropout, false, (hd as f64).powf(-0.5), false)?;
         host.linear(layer.dense, &att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?)
+    }
+}
+
+impl Architecture for Fuyu {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first
+    /// call): logits and the cache (keys and values per layer,
+    /// `[batch, heads, seq, head_dim]`, keys after RoPE).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+        let want = 2 * self.layers.len();
+        if let Some(past) = past.filter(|p| !p.is_empty() && p.len() != want) {
+            return Err(PluginError::invalid("cache", format!("{} tensors, expected {want} (keys and values per layer)", past.len())));
+        }
+        let t = &self.config.text;
+        let mut cache = KvCache::new(past);
+        let past_len = cache.past_len();
+        let mut x = self.embeddings(host, batch, past_len == 0)?;
+        let l = batch.input_ids.size()[1];
+        let rope = Rope::at(past_len, l, t.rotary_dim(), t.rope_theta, x.device())?;
+        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
+        for layer in &self.layers {
+            let residual = x.shallow_clone();
+            let y = ops::layer_norm(host, &layer.input_norm, &x)?;
+            x = residual.f_add(&self.attention(host, layer, &y, &rope, &mask, &mut cache)?)?;
+            let residual = x.shallow_clone();
+            let y = ops::layer_norm(host, &layer.post_norm, &x)?;
+            let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
+            let mut y = host.linear(layer.four_h_to_h, &y)?;
+            if host.training() && t.hidden_dropout > 0.0 {
+                y = y.f_dropout(t.hidden_dropout, true)?;
+            }
+            x = y.f_add(&residual)?;
+        }
+        let x = ops::layer_norm(host, &self.final_norm, &x)?;
+        Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
     }
 }

@@ -17,9 +17,8 @@ use config::LlavaConfig;
 use model::Llava;
 use processor::LlavaProcessor;
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{BatchInputs, FamilyInfo, Host, ModelOptions, ModelSpec, PluginError, PreparedSample};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::tensor_f32;
 use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
@@ -53,6 +52,8 @@ impl LlavaModel {
 }
 
 impl Family for LlavaModel {
+    type Arch = Llava;
+
     fn info() -> FamilyInfo {
         FamilyInfo::new("llava", "LLaVA-1.5: CLIP ViT + GELU MLP projector + Llama")
             .model_types(["llava"])
@@ -69,8 +70,8 @@ impl Family for LlavaModel {
         init::init(preset, dir)
     }
 
-    fn spec(&self) -> &ModelSpec {
-        &self.model.spec
+    fn arch(&self) -> &Llava {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -84,9 +85,5 @@ impl Family for LlavaModel {
             labels: p.labels,
             tensors: vec![("pixel_values".into(), pixel_values)],
         })
-    }
-
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.decode(host, batch, past)
     }
 }

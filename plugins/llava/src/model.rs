@@ -5,6 +5,7 @@
 //! `models/llama/modeling_llama.py` (the language model).
 
 use crate::config::{LlavaConfig, TextConfig, VisionConfig};
+use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
@@ -209,10 +210,17 @@ impl Llava {
         Ok(y.f_reshape([-1, hidden])?)
     }
 
+}
+
+impl Architecture for Llava {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
     /// The forward pass, with a cache when `past` is given (empty: the first
     /// call): logits and the cache (keys and values per layer,
     /// `[batch, kv_heads, seq, head_dim]`).
-    pub fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let tc = &self.config.text;
         let ids = &batch.input_ids;
         let past_len = past_len(past);

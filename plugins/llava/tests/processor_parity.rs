@@ -13,16 +13,7 @@ use vlmhost_imaging::ImageError;
 use safetensors::{Dtype, SafeTensors};
 
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VLMHOST_LLAVA_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/llava"));
-    assert!(
-        dir.join("reference/samples.json").is_file(),
-        "LLaVA fixture not found at {} (set VLMHOST_LLAVA_FIXTURE or run \
-         scripts/fixtures/make_llava_fixture.py)",
-        dir.display()
-    );
-    dir
+    vlmhost_plugin_sdk::fixture_dir("VLMHOST_LLAVA_FIXTURE", "target/fixtures/llava", "reference/samples.json", "run scripts/fixtures.sh")
 }
 
 /// The reference tensors of one sample.

@@ -22,9 +22,8 @@ use config::Qwen2VlConfig;
 use model::Qwen2Vl;
 use processor::{PixelOptions, Qwen2VlProcessor};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{BatchInputs, FamilyInfo, Host, ModelOptions, ModelSpec, PluginError, PreparedSample};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
 use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
@@ -84,6 +83,8 @@ impl Qwen2VlModel {
 }
 
 impl Family for Qwen2VlModel {
+    type Arch = Qwen2Vl;
+
     fn info() -> FamilyInfo {
         FamilyInfo::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE")
             .model_types(["qwen2_vl"])
@@ -98,8 +99,8 @@ impl Family for Qwen2VlModel {
         init::init(preset, dir)
     }
 
-    fn spec(&self) -> &ModelSpec {
-        &self.model.spec
+    fn arch(&self) -> &Qwen2Vl {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -115,9 +116,5 @@ impl Family for Qwen2VlModel {
             labels: p.labels,
             tensors: vec![("pixel_values".into(), pixel_values), ("image_grid_thw".into(), grids)],
         })
-    }
-
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.decode(host, batch, past)
     }
 }

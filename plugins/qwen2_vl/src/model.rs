@@ -15,6 +15,7 @@ use crate::config::Qwen2VlConfig;
 use crate::rope::{rope_index, Grid};
 use crate::text::Text;
 use crate::vision::Vision;
+use vlmhost_plugin_sdk::Architecture;
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::builder::{key_rule, role_rule};
 use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, Role, SpecBuilder};
@@ -113,13 +114,32 @@ impl Qwen2Vl {
         Ok((pos, Tensor::f_from_slice(&next)?.f_to_device(ids.device())?))
     }
 
+}
+
+/// Positions `[3, batch, new]` of tokens after a cached prefix whose next
+/// position per row is `start` `[batch]`, and the next positions after them.
+fn continued_positions(start: &Tensor, mask: &Tensor, past_len: i64, new: i64) -> R<(Tensor, Tensor)> {
+    let b = mask.size()[0];
+    let start = start.f_to_kind(Kind::Int64)?;
+    let new_mask = mask.f_narrow(1, past_len, new)?.f_ne(0)?.f_to_kind(Kind::Int64)?;
+    // [b, l]: the next position plus the real tokens before this one.
+    let pos = start.f_unsqueeze(1)?.f_add(&new_mask.f_cumsum(1, Kind::Int64)?)?.f_sub_scalar(1)?;
+    let next = start.f_add(&new_mask.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+    Ok((pos.f_unsqueeze(0)?.f_expand([3, b, new], false)?, next))
+}
+
+impl Architecture for Qwen2Vl {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
     /// The forward pass: logits, and with `past` (empty on the first call)
     /// the cache: keys and values per layer (`[batch, kv_heads, seq,
     /// head_dim]`), then the next M-RoPE position of each row (`[batch]`
     /// int64). A prompt's images make its positions advance slower than its
     /// tokens; the tokens after it continue from the prompt's largest
     /// position + 1, as transformers' `rope_deltas` do.
-    pub fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let ids = &batch.input_ids;
         let (b, l) = (ids.size()[0], ids.size()[1]);
@@ -174,18 +194,6 @@ impl Qwen2Vl {
         }
         Ok((logits, cache))
     }
-}
-
-/// Positions `[3, batch, new]` of tokens after a cached prefix whose next
-/// position per row is `start` `[batch]`, and the next positions after them.
-fn continued_positions(start: &Tensor, mask: &Tensor, past_len: i64, new: i64) -> R<(Tensor, Tensor)> {
-    let b = mask.size()[0];
-    let start = start.f_to_kind(Kind::Int64)?;
-    let new_mask = mask.f_narrow(1, past_len, new)?.f_ne(0)?.f_to_kind(Kind::Int64)?;
-    // [b, l]: the next position plus the real tokens before this one.
-    let pos = start.f_unsqueeze(1)?.f_add(&new_mask.f_cumsum(1, Kind::Int64)?)?.f_sub_scalar(1)?;
-    let next = start.f_add(&new_mask.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
-    Ok((pos.f_unsqueeze(0)?.f_expand([3, b, new], false)?, next))
 }
 
 #[cfg(test)]

@@ -14,15 +14,7 @@ use vlmhost_plugin_qwen2_vl::processor::*;
 use vlmhost_plugin_qwen2_vl::rope::rope_index;
 
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VLMHOST_QWEN2_VL_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/qwen2_vl"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "Qwen2-VL fixture not found at {}: run scripts/fixtures.sh (or set VLMHOST_QWEN2_VL_FIXTURE)",
-        dir.display()
-    );
-    dir
+    vlmhost_plugin_sdk::fixture_dir("VLMHOST_QWEN2_VL_FIXTURE", "target/fixtures/qwen2_vl", "manifest.json", "run scripts/fixtures.sh")
 }
 
 /// Reference tensors of one file, as (dtype, shape, little-endian bytes).

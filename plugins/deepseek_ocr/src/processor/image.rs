@@ -17,7 +17,7 @@ use super::tiles::{cut_tiles, tile_grid};
 use vlmhost_imaging::{pad, resize, ResampleFilter, RgbImage};
 use vlmhost_plugin_sdk::ProcessorError;
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// Colour the global view is padded with: `int(0.5 * 255)` per channel (infer's mean).
 pub const PAD_FILL: [u8; 3] = [127, 127, 127];

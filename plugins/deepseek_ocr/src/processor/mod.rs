@@ -25,33 +25,16 @@ use vlmhost_plugin_api::sample::{Message, Speaker};
 use vlmhost_plugin_sdk::files::read_value;
 use vlmhost_plugin_sdk::tokens::Tokens;
 
-pub use image::{image_views, normalize, num_image_tokens, round_bf16, ImageOptions, ImageViews, PAD_FILL};
+pub use image::{image_views, normalize, num_image_tokens, round_bf16, ImageOptions, ImageViews, ProcessedImage, PAD_FILL};
 pub use prompt::{python_strip, IMAGE_TOKEN};
 pub use tiles::{candidate_grids, cut_tiles, find_closest_grid, tile_grid, MAX_TILES, MIN_TILES};
 pub use vlmhost_plugin_sdk::{ProcessorError, IGNORE_INDEX};
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// DeepSeek's bos / eos tokens (ids 0 and 1 in the real tokenizer).
 pub const BOS_TOKEN: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS_TOKEN: &str = "<｜end▁of▁sentence｜>";
-
-/// One image, ready for the model.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProcessedImage {
-    /// The global view, CHW, normalised ((x/255-0.5)/0.5) then rounded to bfloat16 precision
-    /// (round-to-nearest-even) exactly as the original `.to(torch.bfloat16)`, stored as f32.
-    pub global: Vec<f32>,
-    pub global_size: usize,
-    /// Tiles [n_tiles, 3, tile, tile], same normalisation; empty when the image is not tiled.
-    pub tiles: Vec<f32>,
-    pub tile_size: usize,
-    pub n_tiles: usize,
-    /// (tiles across, tiles down); (1, 1) when not tiled — as images_spatial_crop.
-    pub grid: (usize, usize),
-    /// Number of image tokens this image takes in the text.
-    pub num_tokens: usize,
-}
 
 /// Model inputs of one conversation.
 #[derive(Clone, Debug, PartialEq)]

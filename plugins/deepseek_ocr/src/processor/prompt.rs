@@ -9,7 +9,7 @@ use vlmhost_plugin_api::sample::{Message, Part};
 use vlmhost_plugin_sdk::labels::texts;
 use vlmhost_plugin_sdk::ProcessorError;
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// The image placeholder of the prompt and the token that stands for image features.
 pub const IMAGE_TOKEN: &str = "<image>";

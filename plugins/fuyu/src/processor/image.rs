@@ -14,7 +14,7 @@ use vlmhost_plugin_sdk::files::{self, read_value};
 use vlmhost_plugin_sdk::pixels::{Pixels, RawPixels};
 use vlmhost_plugin_sdk::ProcessorError;
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// `FuyuImageProcessorPil`'s settings (its class defaults unless the checkpoint says otherwise).
 #[derive(Clone, Debug, PartialEq)]

@@ -24,7 +24,7 @@ pub use prompt::{FuyuSample, BOA_TOKEN, BOS_TOKEN, END_TOKEN, IMAGE_TOKEN, NEWLI
 pub use vlmhost_imaging::{load_image, resize, ResampleFilter, RgbImage};
 pub use vlmhost_plugin_sdk::{ProcessorError, IGNORE_INDEX};
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// One sample turned into inputs.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,7 +8,7 @@ use vlmhost_plugin_api::sample::{Message, Part, Speaker};
 use vlmhost_plugin_sdk::labels::texts;
 use vlmhost_plugin_sdk::ProcessorError;
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// The image patch token.
 pub const IMAGE_TOKEN: &str = "|SPEAKER|";

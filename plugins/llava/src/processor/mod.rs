@@ -40,7 +40,7 @@ pub use vlmhost_imaging::{center_crop, expand_to_square, load_image, resize, Res
 pub use vlmhost_plugin_api::sample::{Part, Speaker};
 pub use vlmhost_plugin_sdk::{ProcessorError, IGNORE_INDEX};
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// Model inputs of one sample.
 #[derive(Clone, Debug, PartialEq)]

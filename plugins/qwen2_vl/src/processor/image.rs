@@ -14,7 +14,7 @@ use vlmhost_plugin_sdk::files::{self, read_value};
 use vlmhost_plugin_sdk::pixels::{Pixels, RawPixels};
 use vlmhost_plugin_sdk::ProcessorError;
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// The default `max_pixels` of this plugin: 1280 * 28 * 28 = 1,003,520 pixels, at most
 /// 1280 image tokens per image. It is transformers' class default too; the hub's

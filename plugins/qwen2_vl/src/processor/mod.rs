@@ -30,7 +30,7 @@ pub use image::{smart_resize, ImageConfig, PixelOptions, ProcessedImage, DEFAULT
 pub use prompt::{render_chat, DEFAULT_SYSTEM, IMAGE_PAD, IM_END, IM_START, VISION_END, VISION_START};
 pub use vlmhost_plugin_sdk::{ProcessorError, IGNORE_INDEX};
 
-type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+use vlmhost_plugin_sdk::error::Result;
 
 /// Model inputs of one sample.
 #[derive(Clone, Debug, PartialEq)]
