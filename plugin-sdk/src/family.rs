@@ -36,7 +36,8 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// Open the checkpoint in `dir` with the user's processor `options`.
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError>;
 
-    /// Write a new checkpoint's files for `preset` into the empty folder `dir`.
+    /// Write a new checkpoint's files for `preset` into the empty folder `dir`
+    /// ([`FamilyPlugin`] then checks that the family opens them).
     fn init(preset: &str, dir: &Path) -> Result<(), PluginError>;
 
     /// The opened architecture.
@@ -62,7 +63,8 @@ impl<F: Family> Plugin for FamilyPlugin<F> {
     }
 
     fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        F::init(preset, dir)
+        F::init(preset, dir)?;
+        crate::init::check_opens::<F>(preset, dir).map(drop)
     }
 }
 

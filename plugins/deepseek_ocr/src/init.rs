@@ -125,12 +125,3 @@ fn config(preset_name: &str, p: &Preset) -> Value {
     config
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_preset_writes_a_folder_the_plugin_opens() {
-        vlmhost_plugin_sdk::init::check_presets::<crate::DeepseekOcrModel>("deepseek_ocr", &["tiny", "small"], |name, m| {
-            assert_eq!(m.model.image_token_id, 300, "{name}");
-        });
-    }
-}

@@ -153,3 +153,15 @@ impl Family for DeepseekOcrModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<DeepseekOcrModel>("deepseek_ocr", &["tiny", "small"], |name, m| {
+            assert_eq!(m.model.image_token_id, 300, "{name}");
+        });
+    }
+}

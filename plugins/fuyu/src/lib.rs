@@ -110,3 +110,15 @@ impl Family for FuyuModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<FuyuModel>("fuyu", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id, init::SPEAKER, "{name}");
+        });
+    }
+}

@@ -87,3 +87,15 @@ impl Family for LlavaModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<LlavaModel>("llava", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id as i64, init::IMAGE, "{name}");
+        });
+    }
+}

@@ -118,3 +118,15 @@ impl Family for Qwen2VlModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<Qwen2VlModel>("qwen2_vl", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id, init::IMAGE_PAD, "{name}");
+        });
+    }
+}

@@ -5,7 +5,7 @@
 //! (made by scripts/fixtures.sh).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 use vlmhost_plugin_api::sample::{parse_line, Message, Part, Speaker};
