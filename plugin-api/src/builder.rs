@@ -245,11 +245,6 @@ impl SpecPath {
     }
 }
 
-/// Build a `RVec<RString>` from string slices.
-pub fn rstrings(items: &[&str]) -> RVec<RString> {
-    items.iter().map(|s| RString::from(*s)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,8 @@
 //!
 //! ## Writing a plugin
 //! ```text
-//! use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, Plugin, PluginError};
+//! use std::path::Path;
+//! use vlmhost_plugin_api::{export_plugin, FamilyInfo, FamilyModel, ModelOptions, Plugin, PluginError};
 //!
 //! pub struct MyPlugin;
 //! impl Plugin for MyPlugin {
@@ -35,12 +36,15 @@
 //!             .model_types(["my_vlm"])
 //!             .architectures(["MyVlmForConditionalGeneration"])]
 //!     }
-//!     fn open(family: &str, dir: &std::path::Path) -> Result<Box<dyn FamilyModel>, PluginError> {
+//!     fn open(family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
+//!         options.check_keys(&[])?;
 //!         Ok(Box::new(MyModel::from_dir(dir)?))
 //!     }
 //! }
 //! export_plugin!(MyPlugin);
 //! ```
+//! The families in `plugins/` implement `vlmhost_plugin_sdk::Family` instead,
+//! which brings the plugin glue, and export `FamilyPlugin<TheirModel>`.
 //! The crate needs `crate-type = ["cdylib", "rlib"]` and, in its `build.rs`,
 //! `vlmhost_build::link_libtorch()` (so a stand-alone plugin links CUDA for real).
 

@@ -8,8 +8,8 @@
 //! * messages JSONL: `{"messages": [{"role": "user", "content": "<image>..."}, ...], "images": [...]}`
 //! * LLaVA JSON/JSONL: `{"image": "a.png" | [...], "conversations": [{"from": "human"|"gpt", "value": "<image>\n..."}]}`
 //!
-//! `<image>` placeholders become image parts in order (REFERENCE.md: the one
-//! newline after a placeholder is dropped); image paths are relative to the
+//! `<image>` placeholders become image parts in order (the one newline after
+//! a placeholder is dropped, see [`split_placeholders`]); image paths are relative to the
 //! data file's folder unless absolute. Content already given as typed parts
 //! (`[{"type": "text", ...}, {"type": "image", ...}]`) is taken as it is.
 

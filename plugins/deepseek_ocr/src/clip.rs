@@ -3,11 +3,11 @@
 //! interpolated to the grid, fused `qkv_proj`, quick_gelu, no final norm.
 
 use crate::config::ClipConfig;
-use crate::model::{DeepseekOcr, R};
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{Host, LinearId, ParamId, ParamKind};
+use vlmhost_plugin_sdk::decoder::R;
 
 pub(crate) struct ClipLayer {
     pub(crate) ln1: LayerNormParams,
@@ -18,7 +18,9 @@ pub(crate) struct ClipLayer {
     pub(crate) fc2: LinearId,
 }
 
-pub(crate) struct Clip {
+/// The CLIP-L part: its settings and handles into the spec.
+pub struct Clip {
+    pub(crate) config: ClipConfig,
     pub(crate) class_embedding: ParamId,
     pub(crate) position_embedding: ParamId,
     pub(crate) pre_layrnorm: LayerNormParams,
@@ -46,15 +48,13 @@ pub(crate) fn declare_clip(p: &SpecPath, c: &ClipConfig) -> Clip {
         })
         .collect();
     let pre_layrnorm = (p / "pre_layrnorm").layer_norm(w, true, c.eps);
-    Clip { class_embedding, position_embedding, pre_layrnorm, layers }
+    Clip { config: c.clone(), class_embedding, position_embedding, pre_layrnorm, layers }
 }
 
-impl DeepseekOcr {
-
+impl Clip {
     /// The CLIP-L part on SAM's features `[n, W, g, g]`: `[n, 1 + g*g, W]`.
-    pub fn clip(&self, host: Host<'_, '_>, sam_features: &Tensor) -> R {
-        let c = &self.clip;
-        let cfg = &self.config.clip;
+    pub fn forward(&self, host: Host<'_, '_>, sam_features: &Tensor) -> R {
+        let (c, cfg) = (self, &self.config);
         let patches = sam_features.f_flatten(2, 3)?.f_transpose(1, 2)?;
         let (n, tokens, width) = (patches.size()[0], patches.size()[1], patches.size()[2]);
         let class = host.param(c.class_embedding)?.f_expand([n, 1, width], false)?;
@@ -78,16 +78,16 @@ impl DeepseekOcr {
             table
         };
         let x = ops::layer_norm(host, &c.pre_layrnorm, &x.f_add(&pos.f_unsqueeze(0)?)?)?;
-        self.clip_layers(host, x)
+        self.run_layers(host, x)
     }
 
     /// CLIP's transformer layers on `[n, tokens, W]` (fused `qkv_proj`, quick_gelu, no final norm).
-    pub fn clip_layers(&self, host: Host<'_, '_>, mut x: Tensor) -> R {
+    pub fn run_layers(&self, host: Host<'_, '_>, mut x: Tensor) -> R {
         let size = x.size();
         let (n, l, width) = (size[0], size[1], size[2]);
-        let heads = self.config.clip.heads;
+        let heads = self.config.heads;
         let hd = width / heads;
-        for layer in &self.clip.layers {
+        for layer in &self.layers {
             let y = ops::layer_norm(host, &layer.ln1, &x)?;
             let qkv = host.linear(layer.qkv, &y)?.f_view([n, l, 3, heads, hd])?;
             let part = |i: i64| qkv.f_select(2, i)?.f_permute([0, 2, 1, 3]);
@@ -100,5 +100,4 @@ impl DeepseekOcr {
         }
         Ok(x)
     }
-
 }

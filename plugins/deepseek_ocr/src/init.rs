@@ -8,15 +8,16 @@
 //! | `tiny` | 32/2/2/8 | 48 x 2 | 128/4, 8 experts top-2 + 1 shared | 512 px (64 image tokens), no tiles |
 //! | `small` | 64/4/4/8 | 128 x 4 | 256/6, 16 experts top-4 + 2 shared | 512 px (64 image tokens), no tiles |
 
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
-use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::init::{choose, write_files, File};
 
 /// The byte-level tokenizer: `<｜begin▁of▁sentence｜>` 0,
 /// `<｜end▁of▁sentence｜>` 1, byte b -> b + 2, `<image>` 300.
 pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
 
+#[derive(Clone)]
 struct Preset {
     sam: (i64, i64, i64, i64, Vec<i64>),
     image_size: i64,
@@ -24,24 +25,37 @@ struct Preset {
     llm: (i64, i64, i64, i64, i64, i64, i64),
 }
 
-fn preset(name: &str) -> Result<Preset, PluginError> {
-    Ok(match name {
-        // (width, depth, heads, window, global blocks), (width, layers, heads),
-        // (hidden, layers, heads, experts, top-k, shared, moe intermediate)
-        "tiny" => Preset { sam: (32, 2, 2, 8, vec![1]), image_size: 512, clip: (48, 2, 4), llm: (128, 4, 4, 8, 2, 1, 64) },
-        "small" => Preset { sam: (64, 4, 4, 8, vec![1, 3]), image_size: 512, clip: (128, 4, 4), llm: (256, 6, 8, 16, 4, 2, 128) },
-        other => {
-            return Err(unknown_preset(other, &["tiny", "small"]))
-        }
-    })
+fn presets() -> [(&'static str, Preset); 2] {
+    // (width, depth, heads, window, global blocks), (width, layers, heads),
+    // (hidden, layers, heads, experts, top-k, shared, moe intermediate)
+    [
+        ("tiny", Preset { sam: (32, 2, 2, 8, vec![1]), image_size: 512, clip: (48, 2, 4), llm: (128, 4, 4, 8, 2, 1, 64) }),
+        ("small", Preset { sam: (64, 4, 4, 8, vec![1, 3]), image_size: 512, clip: (128, 4, 4), llm: (256, 6, 8, 16, 4, 2, 128) }),
+    ]
 }
-
 
 /// Write config.json, tokenizer.json and vlmhost.json (the processor
 /// settings that fit the encoder's size) into `dir`.
 pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
-    let p = preset(preset_name)?;
-    let (sw, sd, sh, window, global) = p.sam;
+    let p = choose(preset_name, &presets())?;
+    let config = config(preset_name, &p);
+    // The config must describe a model this plugin opens.
+    crate::config::DeepseekOcrConfig::from_value(&config).map_err(|m| PluginError::invalid("init", format!("preset {preset_name}: {m}")))?;
+    let processor = json!({"processor": {"base_size": p.image_size, "image_size": p.image_size, "crop_mode": false}});
+    write_files(
+        dir,
+        &[
+            File::Json("config.json", &config),
+            File::Text("tokenizer.json", BYTE_TOKENIZER),
+            File::Json("generation_config.json", &json!({"bos_token_id": 0, "eos_token_id": 1})),
+            File::Json("vlmhost.json", &processor),
+        ],
+    )
+}
+
+/// config.json of preset `p`.
+fn config(preset_name: &str, p: &Preset) -> Value {
+    let (sw, sd, sh, window, global) = p.sam.clone();
     let (cw, cl, ch) = p.clip;
     let (hidden, layers, heads, experts, topk, shared, moe_inter) = p.llm;
     // SAM's output grid (image / 64) is CLIP's position grid (x 14 pixels).
@@ -108,12 +122,6 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
-    write_json(&dir.join("config.json"), &config)?;
-    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
-    write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": 0, "eos_token_id": 1}))?;
-    let processor = json!({"processor": {"base_size": p.image_size, "image_size": p.image_size, "crop_mode": false}});
-    write_json(&dir.join("vlmhost.json"), &processor)?;
-    // The config must describe a model this plugin opens.
-    crate::config::DeepseekOcrConfig::from_value(&config).map_err(|m| PluginError::invalid("init", format!("preset {preset_name}: {m}")))?;
-    Ok(())
+    config
 }
+

@@ -15,43 +15,20 @@ pub mod clip;
 pub mod config;
 pub mod init;
 pub mod model;
+pub mod processor;
 pub mod sam;
 pub mod text;
-pub mod processor;
 
 use config::DeepseekOcrConfig;
 use model::DeepseekOcr;
 use processor::{DeepseekOcrProcessor, ImageOptions};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::{Sample, Speaker};
-use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError,
-    PreparedSample,
-};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
+use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
-pub struct DeepseekOcrPlugin;
-
-impl Plugin for DeepseekOcrPlugin {
-    fn families() -> Vec<FamilyInfo> {
-        vec![FamilyInfo::new(
-            "deepseek_ocr",
-            "DeepSeek-OCR: SAM ViT-B + CLIP-L encoder, linear projector, DeepSeek-V2 MoE LLM",
-        )
-        .model_types(["deepseek_vl_v2", "DeepseekOCR"])
-        .architectures(["DeepseekOCRForCausalLM"])]
-    }
-
-    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
-        Ok(Box::new(DeepseekOcrModel::open(dir, &image_options(options)?)?))
-    }
-
-    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-}
-
-export_plugin!(DeepseekOcrPlugin);
+vlmhost_plugin_api::export_plugin!(FamilyPlugin<DeepseekOcrModel>);
 
 /// The processor options: a mode, then explicit sizes over it.
 pub fn image_options(options: &ModelOptions) -> Result<ImageOptions, PluginError> {
@@ -72,8 +49,8 @@ pub fn image_options(options: &ModelOptions) -> Result<ImageOptions, PluginError
     Ok(o)
 }
 
-fn processor_err(e: processor::ProcessorError) -> PluginError {
-    PluginError::invalid("deepseek_ocr processor", e.to_string())
+fn processor_err(e: ProcessorError) -> PluginError {
+    e.into_plugin("deepseek_ocr")
 }
 
 /// A DeepSeek-OCR checkpoint folder, opened.
@@ -118,9 +95,25 @@ impl DeepseekOcrModel {
     }
 }
 
-impl FamilyModel for DeepseekOcrModel {
-    fn spec(&self) -> ModelSpec {
-        self.model.spec.clone()
+impl Family for DeepseekOcrModel {
+    type Arch = DeepseekOcr;
+
+    fn info() -> FamilyInfo {
+        FamilyInfo::new("deepseek_ocr", "DeepSeek-OCR: SAM ViT-B + CLIP-L encoder, linear projector, DeepSeek-V2 MoE LLM")
+            .model_types(["deepseek_vl_v2", "DeepseekOCR"])
+            .architectures(["DeepseekOCRForCausalLM"])
+    }
+
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
+        DeepseekOcrModel::open(dir, &image_options(options)?)
+    }
+
+    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
+    }
+
+    fn arch(&self) -> &DeepseekOcr {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
@@ -153,18 +146,22 @@ impl FamilyModel for DeepseekOcrModel {
             labels: p.labels,
             image_token_mask: p.images_seq_mask,
             tensors: vec![
-                ("images_ori".into(), Tensor::f_from_slice(&globals)?.f_view([n, 3, g, g])?),
-                ("images_crop".into(), Tensor::f_from_slice(&tiles)?.f_view([n_tiles, 3, t, t])?),
-                ("images_spatial_crop".into(), Tensor::f_from_slice(&grids)?.f_view([n, 2])?),
+                ("images_ori".into(), tensor_f32(&globals, &[n, 3, g, g])?),
+                ("images_crop".into(), tensor_f32(&tiles, &[n_tiles, 3, t, t])?),
+                ("images_spatial_crop".into(), tensor_i64(&grids, &[n, 2])?),
             ],
         })
     }
+}
 
-    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
-        self.model.forward(host, batch)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.forward_cached(host, batch, past)
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<DeepseekOcrModel>("deepseek_ocr", &["tiny", "small"], |name, m| {
+            assert_eq!(m.model.image_token_id, 300, "{name}");
+        });
     }
 }

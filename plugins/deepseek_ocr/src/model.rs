@@ -13,14 +13,15 @@
 use crate::clip::{declare_clip, Clip};
 use crate::config::DeepseekOcrConfig;
 use crate::sam::{declare_sam, Sam};
-use crate::text::{declare_layer, Ffn, Layer};
+use crate::text::{declare_layer, Ffn};
 pub use crate::text::{Mlp, Moe};
-use tch::{Kind, Tensor};
-use vlmhost_plugin_api::builder::{key_rule, role_rule, RmsNormParams};
-use vlmhost_plugin_api::ops;
+use vlmhost_plugin_sdk::Architecture;
+use tch::Tensor;
+use vlmhost_plugin_api::builder::{key_rule, role_rule};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, PluginError, Role, SpecBuilder};
-
-pub(crate) type R<T = Tensor> = Result<T, PluginError>;
+use vlmhost_plugin_sdk::decoder::{
+    attention_mask, batch_error, embed, image_tokens, merge_image_features, past_len, LlamaText, Rope, TextLayout, R,
+};
 
 /// The model: the spec and typed handles into it.
 pub struct DeepseekOcr {
@@ -33,10 +34,7 @@ pub struct DeepseekOcr {
     pub(crate) projector: LinearId,
     pub(crate) image_newline: ParamId,
     pub(crate) view_seperator: ParamId,
-    pub(crate) embed_tokens: ParamId,
-    pub(crate) layers: Vec<Layer>,
-    pub(crate) norm: RmsNormParams,
-    pub(crate) lm_head: LinearId,
+    pub(crate) text: LlamaText<Ffn>,
 }
 
 impl DeepseekOcr {
@@ -50,14 +48,16 @@ impl DeepseekOcr {
         let projector = (&m / "projector" / "layers").linear(config.projector_input, d, true);
         let image_newline = m.param("image_newline", &[d], ParamKind::Embedding);
         let view_seperator = m.param("view_seperator", &[d], ParamKind::Embedding);
-        let embed_tokens = (&m / "embed_tokens").embedding(t.vocab_size, d);
-        let layers = (0..t.num_hidden_layers).map(|i| declare_layer(&(&m / "layers" / i), t, i)).collect();
-        let norm = (&m / "norm").rms_norm(d, t.rms_norm_eps);
-        let lm_head = if t.tie_word_embeddings {
-            (b.root() / "lm_head").linear_tied(d, t.vocab_size, "model.embed_tokens.weight")
-        } else {
-            (b.root() / "lm_head").linear(d, t.vocab_size, false)
+        let layout = TextLayout {
+            model: &m,
+            head: &(b.root() / "lm_head"),
+            vocab_size: t.vocab_size,
+            hidden_size: d,
+            num_layers: t.num_hidden_layers,
+            rms_norm_eps: t.rms_norm_eps,
+            tie: t.tie_word_embeddings,
         };
+        let text = LlamaText::declare(&layout, |p, i| declare_layer(p, t, i));
         let spec = b.build(
             "deepseek_ocr",
             vec![
@@ -93,10 +93,7 @@ impl DeepseekOcr {
             projector,
             image_newline,
             view_seperator,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
+            text,
         }
     }
 
@@ -105,8 +102,8 @@ impl DeepseekOcr {
     pub fn encode_views(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
         let run = || -> R {
             let kind = host.param(self.sam.patch_embed.weight)?.kind();
-            let sam = self.sam(host, &pixels.f_to_kind(kind)?)?;
-            let clip = self.clip(host, &sam)?;
+            let sam = self.sam.forward(host, &pixels.f_to_kind(kind)?)?;
+            let clip = self.clip.forward(host, &sam)?;
             let tokens = clip.size()[1] - 1;
             let clip = clip.f_narrow(1, 1, tokens)?;
             Ok(Tensor::f_cat(&[&clip, &sam.f_flatten(2, 3)?.f_permute([0, 2, 1])?], -1)?)
@@ -177,84 +174,72 @@ impl DeepseekOcr {
     /// Token embeddings with the image positions filled: `[batch, seq, hidden]`.
     pub fn input_embeddings(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
         let ids = &batch.input_ids;
-        let embed = host.param(self.embed_tokens)?;
-        let x = Tensor::f_embedding(&embed, ids, -1, false, false)?;
-        let mask = ids.f_eq(self.image_token_id)?;
-        let n_tokens = mask.f_sum(Kind::Int64)?.int64_value(&[]);
+        let x = self.text.embed(host, ids)?;
+        let (mask, n_tokens) = image_tokens(ids, self.image_token_id)?;
         match self.image_embeddings(host, batch)? {
-            Some(features) => {
-                if features.size()[0] != n_tokens {
-                    return Err(PluginError::invalid(
-                        "batch",
-                        format!("{n_tokens} image tokens in the text but {} image features", features.size()[0]),
-                    ));
-                }
-                Ok(x.f_masked_scatter(&mask.f_unsqueeze(-1)?, &features.f_to_kind(x.kind())?)?)
-            }
-            None if n_tokens > 0 => Err(PluginError::invalid("batch", format!("{n_tokens} image tokens but no images"))),
+            Some(features) => merge_image_features(&x, &mask, n_tokens, &features, ""),
+            None if n_tokens > 0 => Err(batch_error(format!("{n_tokens} image tokens but no images"))),
             None => Ok(x),
         }
     }
 
-    /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
-        Ok(self.decode(host, batch, None)?.0)
+
+    /// SAM ViT-B with neck and the two stride-2 convolutions:
+    /// `[n, 3, S, S]` -> `[n, net_3 channels, S/64, S/64]`.
+    pub fn sam(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
+        self.sam.forward(host, pixels)
     }
 
-    /// Incremental decoding: logits of the new tokens and the cache (keys and
-    /// values per layer, `[batch, kv_heads, seq, head_dim]`).
-    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
-        self.decode(host, batch, Some(past))
+    /// SAM ViT-B up to its neck: `[n, 3, S, S]` -> `[n, neck channels, S/16, S/16]`.
+    pub fn sam_neck(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
+        self.sam.neck(host, pixels)
     }
 
-    /// The forward pass, with a cache when `past` is given (empty: the first call).
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
-        let t = &self.config.text;
-        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
-        // Images belong to the prompt: later decoding steps carry none.
-        let mut x = if past_len > 0 {
-            Tensor::f_embedding(&host.param(self.embed_tokens)?, &batch.input_ids, -1, false, false)?
-        } else {
-            self.input_embeddings(host, batch)?
-        };
-        let (b, l) = (x.size()[0], x.size()[1]);
-        let (heads, kv, hd) = (t.num_attention_heads, t.kv_heads(), t.head_dim());
-        let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, t.rope_theta, x.device())?;
-        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
-        let mask = match past {
-            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
-            None => ops::causal_padding_mask(&batch.attention_mask)?,
-        };
-        let mut cache = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = x.shallow_clone();
-            let y = ops::rms_norm(host, &layer.input_norm, &x)?;
-            let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
-            let k = host.linear(layer.k, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
-            let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
-            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
-            let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
-            let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
-            x = residual.f_add(&host.linear(layer.o, &att)?)?;
-            let y = ops::rms_norm(host, &layer.post_norm, &x)?;
-            let y = match &layer.ffn {
-                Ffn::Dense(m) => self.mlp(host, m, &y)?,
-                Ffn::Moe(moe) => self.moe(host, moe, &y)?,
-            };
-            x = x.f_add(&y)?;
-        }
-        let x = ops::rms_norm(host, &self.norm, &x)?;
-        Ok((host.linear(self.lm_head, &x)?, cache))
+    /// The CLIP-L part on SAM's features `[n, W, g, g]`: `[n, 1 + g*g, W]`.
+    pub fn clip(&self, host: Host<'_, '_>, sam_features: &Tensor) -> R {
+        self.clip.forward(host, sam_features)
+    }
+
+    /// CLIP's transformer layers on `[n, tokens, W]`.
+    pub fn clip_layers(&self, host: Host<'_, '_>, x: Tensor) -> R {
+        self.clip.run_layers(host, x)
+    }
+
+    /// The router of `moe`: expert indices and weights `[tokens, k]` for `x` `[tokens, hidden]`.
+    pub fn route(&self, host: Host<'_, '_>, moe: &Moe, x: &Tensor) -> R<(Tensor, Tensor)> {
+        moe.route(&self.config.text, host, x)
+    }
+
+    /// The MoE block `moe` on `x` `[batch, seq, hidden]`.
+    pub fn moe(&self, host: Host<'_, '_>, moe: &Moe, x: &Tensor) -> R {
+        moe.forward(&self.config.text, host, x)
     }
 
     /// The MoE block of decoder layer `i`, if it has one.
     pub fn moe_of_layer(&self, i: usize) -> Option<&Moe> {
-        match &self.layers.get(i)?.ffn {
+        match &self.text.layers.get(i)?.ffn {
             Ffn::Moe(m) => Some(m),
             Ffn::Dense(_) => None,
         }
     }
 }
 
+impl Architecture for DeepseekOcr {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first
+    /// call): logits and the cache (keys and values per layer,
+    /// `[batch, kv_heads, seq, head_dim]`).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+        let t = &self.config.text;
+        let past_len = past_len(past);
+        // Images belong to the prompt: later decoding steps carry none.
+        let x = if past_len > 0 { embed(host, self.text.embed_tokens, &batch.input_ids)? } else { self.input_embeddings(host, batch)? };
+        let l = x.size()[1];
+        let rope = Rope::at(past_len, l, t.head_dim(), t.rope_theta, x.device())?;
+        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
+        self.text.run(host, x, &rope, &mask, past, |ffn, y| ffn.forward(t, host, y))
+    }
+}

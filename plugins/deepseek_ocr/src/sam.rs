@@ -3,10 +3,10 @@
 //! stride-2 convolutions `net_2`, `net_3`).
 
 use crate::config::SamConfig;
-use crate::model::{DeepseekOcr, R};
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{ConvParams, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::{ops, Host, LinearId, ParamId, ParamKind};
+use vlmhost_plugin_sdk::decoder::R;
 
 pub(crate) struct SamBlock {
     pub(crate) norm1: LayerNormParams,
@@ -21,7 +21,9 @@ pub(crate) struct SamBlock {
     pub(crate) window: i64,
 }
 
-pub(crate) struct Sam {
+/// SAM ViT-B: its settings and handles into the spec.
+pub struct Sam {
+    pub(crate) config: SamConfig,
     pub(crate) patch_embed: ConvParams,
     pub(crate) pos_embed: ParamId,
     pub(crate) blocks: Vec<SamBlock>,
@@ -31,6 +33,7 @@ pub(crate) struct Sam {
     pub(crate) net_3: ConvParams,
 }
 
+/// Declare SAM ViT-B under `p` (`model.sam_model`).
 pub(crate) fn declare_sam(p: &SpecPath, c: &SamConfig) -> Sam {
     let w = c.width;
     let hd = w / c.heads;
@@ -63,6 +66,7 @@ pub(crate) fn declare_sam(p: &SpecPath, c: &SamConfig) -> Sam {
     let norm1 = (&neck / 3).layer_norm(n, true, c.eps);
     let [d2, d3] = c.downsample_channels;
     Sam {
+        config: c.clone(),
         patch_embed,
         pos_embed,
         blocks,
@@ -73,21 +77,19 @@ pub(crate) fn declare_sam(p: &SpecPath, c: &SamConfig) -> Sam {
     }
 }
 
-impl DeepseekOcr {
-
+impl Sam {
     /// SAM ViT-B with neck and the two stride-2 convolutions:
     /// `[n, 3, S, S]` -> `[n, net_3 channels, S/64, S/64]`.
-    pub fn sam(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
-        let s = &self.sam;
-        let x = self.sam_neck(host, pixels)?;
+    pub fn forward(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
+        let s = self;
+        let x = self.neck(host, pixels)?;
         let x = conv2d(host, &s.net_2, &x, 2, 1)?;
         conv2d(host, &s.net_3, &x, 2, 1)
     }
 
     /// SAM ViT-B up to its neck: `[n, 3, S, S]` -> `[n, neck channels, S/16, S/16]`.
-    pub fn sam_neck(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
-        let s = &self.sam;
-        let c = &self.config.sam;
+    pub fn neck(&self, host: Host<'_, '_>, pixels: &Tensor) -> R {
+        let (s, c) = (self, &self.config);
         let x = conv2d(host, &s.patch_embed, pixels, c.patch_size, 0)?.f_permute([0, 2, 3, 1])?;
         let grid = x.size()[1];
         let pos = host.param(s.pos_embed)?;
@@ -105,10 +107,10 @@ impl DeepseekOcr {
             let y = if blk.window > 0 {
                 let (h, w) = (y.size()[1], y.size()[2]);
                 let (windows, padded) = window_partition(&y, blk.window)?;
-                let out = self.sam_attention(host, blk, &windows)?;
+                let out = self.attention(host, blk, &windows)?;
                 window_unpartition(&out, blk.window, padded, (h, w))?
             } else {
-                self.sam_attention(host, blk, &y)?
+                self.attention(host, blk, &y)?
             };
             x = shortcut.f_add(&y)?;
             let y = ops::layer_norm(host, &blk.norm2, &x)?;
@@ -125,10 +127,10 @@ impl DeepseekOcr {
     }
 
     /// Attention with decomposed relative positions over `[n, h, w, C]`.
-    fn sam_attention(&self, host: Host<'_, '_>, blk: &SamBlock, x: &Tensor) -> R {
+    fn attention(&self, host: Host<'_, '_>, blk: &SamBlock, x: &Tensor) -> R {
         let size = x.size();
         let (b, h, w, c) = (size[0], size[1], size[2], size[3]);
-        let heads = self.config.sam.heads;
+        let heads = self.config.heads;
         let hd = c / heads;
         let qkv = host
             .linear(blk.qkv, x)?
@@ -150,7 +152,6 @@ impl DeepseekOcr {
         let out = out.f_view([b, heads, h, w, hd])?.f_permute([0, 2, 3, 1, 4])?.f_reshape([b, h, w, c])?;
         host.linear(blk.proj, &out)
     }
-
 }
 
 fn conv_kernel(host: Host<'_, '_>, p: &ConvParams) -> R {

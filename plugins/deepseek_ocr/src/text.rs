@@ -3,18 +3,13 @@
 //! over the routed experts, top-k, plus shared experts).
 
 use crate::config::TextConfig;
-use crate::model::{DeepseekOcr, R};
 use tch::{Kind, Tensor};
-use vlmhost_plugin_api::builder::{RmsNormParams, SpecPath};
-use vlmhost_plugin_api::ops::activation;
-use vlmhost_plugin_api::{Host, LinearId, ParamId, ParamKind};
+use vlmhost_plugin_api::builder::SpecPath;
+use vlmhost_plugin_api::{Host, ParamId, ParamKind};
+use vlmhost_plugin_sdk::decoder::{Attention, LlamaLayer, SwiGlu, R};
 
-/// A SwiGLU MLP (`down(act(gate(x)) * up(x))`).
-pub struct Mlp {
-    pub gate: LinearId,
-    pub up: LinearId,
-    pub down: LinearId,
-}
+/// A SwiGLU MLP (`down(act(gate(x)) * up(x))`), without biases.
+pub type Mlp = SwiGlu;
 
 /// The MoE block of one decoder layer.
 pub struct Moe {
@@ -24,67 +19,58 @@ pub struct Moe {
     pub shared: Option<Mlp>,
 }
 
-pub(crate) enum Ffn {
+/// A decoder layer's feed-forward block.
+pub enum Ffn {
     Dense(Mlp),
     Moe(Moe),
 }
 
-pub(crate) struct Layer {
-    pub(crate) q: LinearId,
-    pub(crate) k: LinearId,
-    pub(crate) v: LinearId,
-    pub(crate) o: LinearId,
-    pub(crate) input_norm: RmsNormParams,
-    pub(crate) post_norm: RmsNormParams,
-    pub(crate) ffn: Ffn,
+/// One decoder layer: Llama's attention and norms around [`Ffn`].
+pub type Layer = LlamaLayer<Ffn>;
+
+fn declare_mlp(p: &SpecPath, hidden: i64, inner: i64) -> Mlp {
+    SwiGlu::declare(p, hidden, inner, false)
 }
 
-pub(crate) fn declare_mlp(p: &SpecPath, hidden: i64, inner: i64) -> Mlp {
-    Mlp {
-        gate: (p / "gate_proj").linear(hidden, inner, false),
-        up: (p / "up_proj").linear(hidden, inner, false),
-        down: (p / "down_proj").linear(inner, hidden, false),
-    }
-}
-
+/// Declare decoder layer `i` under `p`, its feed-forward block first (the checkpoint's order).
 pub(crate) fn declare_layer(p: &SpecPath, t: &TextConfig, i: i64) -> Layer {
     let (d, hd) = (t.hidden_size, t.head_dim());
-    let a = p / "self_attn";
     let mlp = p / "mlp";
-    let ffn = if t.is_moe_layer(i) {
-        let n = t.n_routed_experts.unwrap_or(0);
-        Ffn::Moe(Moe {
-            gate: (&mlp / "gate").param("weight", &[n, d], ParamKind::Weight),
-            experts: (0..n).map(|e| declare_mlp(&(&mlp / "experts" / e), d, t.moe_intermediate_size)).collect(),
-            shared: t
-                .n_shared_experts
-                .filter(|&s| s > 0)
-                .map(|s| declare_mlp(&(&mlp / "shared_experts"), d, t.moe_intermediate_size * s)),
-        })
-    } else {
-        Ffn::Dense(declare_mlp(&mlp, d, t.intermediate_size))
-    };
-    Layer {
-        q: (&a / "q_proj").linear(d, t.num_attention_heads * hd, t.attention_bias),
-        k: (&a / "k_proj").linear(d, t.kv_heads() * hd, t.attention_bias),
-        v: (&a / "v_proj").linear(d, t.kv_heads() * hd, t.attention_bias),
-        o: (&a / "o_proj").linear(t.num_attention_heads * hd, d, t.attention_bias),
+    LlamaLayer {
+        ffn: if t.is_moe_layer(i) {
+            let n = t.n_routed_experts.unwrap_or(0);
+            Ffn::Moe(Moe {
+                gate: (&mlp / "gate").param("weight", &[n, d], ParamKind::Weight),
+                experts: (0..n).map(|e| declare_mlp(&(&mlp / "experts" / e), d, t.moe_intermediate_size)).collect(),
+                shared: t
+                    .n_shared_experts
+                    .filter(|&s| s > 0)
+                    .map(|s| declare_mlp(&(&mlp / "shared_experts"), d, t.moe_intermediate_size * s)),
+            })
+        } else {
+            Ffn::Dense(declare_mlp(&mlp, d, t.intermediate_size))
+        },
+        attn: Attention::declare(&(p / "self_attn"), d, t.num_attention_heads, t.kv_heads(), hd, t.attention_bias, t.attention_bias),
         input_norm: (p / "input_layernorm").rms_norm(d, t.rms_norm_eps),
         post_norm: (p / "post_attention_layernorm").rms_norm(d, t.rms_norm_eps),
-        ffn,
     }
 }
 
-impl DeepseekOcr {
-
-    pub(crate) fn mlp(&self, host: Host<'_, '_>, m: &Mlp, x: &Tensor) -> R {
-        let gate = activation(&self.config.text.hidden_act, &host.linear(m.gate, x)?)?;
-        host.linear(m.down, &gate.f_mul(&host.linear(m.up, x)?)?)
+impl Ffn {
+    /// The block on `x` `[batch, seq, hidden]`.
+    pub fn forward(&self, t: &TextConfig, host: Host<'_, '_>, x: &Tensor) -> R {
+        match self {
+            Ffn::Dense(m) => m.forward(host, &t.hidden_act, x),
+            Ffn::Moe(moe) => moe.forward(t, host, x),
+        }
     }
+}
+
+impl Moe {
 
     /// The router: expert indices and weights `[tokens, k]` for `x` `[tokens, hidden]`.
-    pub fn route(&self, host: Host<'_, '_>, moe: &Moe, x: &Tensor) -> R<(Tensor, Tensor)> {
-        let t = &self.config.text;
+    pub fn route(&self, t: &TextConfig, host: Host<'_, '_>, x: &Tensor) -> R<(Tensor, Tensor)> {
+        let moe = self;
         let k = t.num_experts_per_tok.unwrap_or(1);
         let w = host.param(moe.gate)?;
         let logits = x.f_to_kind(Kind::Float)?.f_linear(&w.f_to_kind(Kind::Float)?, None::<&Tensor>)?;
@@ -112,11 +98,12 @@ impl DeepseekOcr {
     /// The MoE block on `x` `[batch, seq, hidden]`: tokens grouped by expert
     /// (one sort, one gather), each expert run once on its tokens, results
     /// weighted and summed back with one `index_add`; plus the shared experts.
-    pub fn moe(&self, host: Host<'_, '_>, moe: &Moe, x: &Tensor) -> R {
+    pub fn forward(&self, t: &TextConfig, host: Host<'_, '_>, x: &Tensor) -> R {
+        let moe = self;
         let shape = x.size();
         let d = shape[2];
         let flat = x.f_reshape([-1, d])?;
-        let (idx, weights) = self.route(host, moe, &flat)?;
+        let (idx, weights) = self.route(t, host, &flat)?;
         let k = idx.size()[1];
         let flat_idx = idx.f_reshape([-1])?;
         let order = flat_idx.f_argsort(0, false)?;
@@ -127,7 +114,7 @@ impl DeepseekOcr {
         let mut start = 0;
         for (expert, &n) in moe.experts.iter().zip(&counts) {
             if n > 0 {
-                outs.push(self.mlp(host, expert, &sorted.f_narrow(0, start, n)?)?);
+                outs.push(expert.forward(host, &t.hidden_act, &sorted.f_narrow(0, start, n)?)?);
                 start += n;
             }
         }
@@ -140,9 +127,8 @@ impl DeepseekOcr {
             .f_to_kind(x.kind())?
             .f_view(shape.as_slice())?;
         match &moe.shared {
-            Some(shared) => Ok(routed.f_add(&self.mlp(host, shared, x)?)?),
+            Some(shared) => Ok(routed.f_add(&shared.forward(host, &t.hidden_act, x)?)?),
             None => Ok(routed),
         }
     }
-
 }

@@ -11,12 +11,17 @@
 //! * **nested** (transformers 5's `save_pretrained`): `text_config` with
 //!   `PersimmonConfig`'s defaults and a `rope_parameters` dict.
 
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::files::{
+    check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
+};
 
-/// The Persimmon language model.
-#[derive(Debug, Clone, PartialEq)]
+/// The Persimmon language model (`PersimmonConfig`, whose defaults are the fuyu-8b values).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct TextConfig {
     pub vocab_size: i64,
     pub hidden_size: i64,
@@ -30,6 +35,33 @@ pub struct TextConfig {
     pub attention_dropout: f64,
     pub rope_theta: f64,
     pub partial_rotary_factor: f64,
+    /// transformers 5's RoPE settings (`rope_theta`, `partial_rotary_factor`); read into the fields above.
+    #[serde(skip_serializing)]
+    pub rope_parameters: Option<Value>,
+    /// Refused unless the default RoPE.
+    #[serde(skip_serializing)]
+    pub rope_scaling: Option<Value>,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            vocab_size: 262144,
+            hidden_size: 4096,
+            intermediate_size: 16384,
+            num_hidden_layers: 36,
+            num_attention_heads: 64,
+            hidden_act: "relu2".into(),
+            layer_norm_eps: 1e-5,
+            qk_layernorm: true,
+            hidden_dropout: 0.0,
+            attention_dropout: 0.0,
+            rope_theta: 10000.0,
+            partial_rotary_factor: 0.5,
+            rope_parameters: None,
+            rope_scaling: None,
+        }
+    }
 }
 
 impl TextConfig {
@@ -39,6 +71,22 @@ impl TextConfig {
     /// Rotary dimensions per head: `int(head_dim * partial_rotary_factor)`.
     pub fn rotary_dim(&self) -> i64 {
         (self.head_dim() as f64 * self.partial_rotary_factor) as i64
+    }
+}
+
+/// The top-level keys of `config.json` besides the language model's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+struct Top {
+    patch_size: i64,
+    num_channels: i64,
+    image_token_id: i64,
+    tie_word_embeddings: Option<bool>,
+}
+
+impl Default for Top {
+    fn default() -> Self {
+        Top { patch_size: 30, num_channels: 3, image_token_id: 71011, tie_word_embeddings: None }
     }
 }
 
@@ -62,159 +110,83 @@ impl FuyuConfig {
     }
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::invalid(format!("config.json: {key}"), message)
-}
-
-/// Typed reads from one JSON object, naming `prefix.key` in errors.
-struct Obj<'a> {
-    v: &'a Value,
-    prefix: &'static str,
-}
-
-impl Obj<'_> {
-    fn key(&self, k: &str) -> String {
-        format!("{}{k}", self.prefix)
-    }
-    fn get(&self, k: &str) -> Option<&Value> {
-        self.v.get(k).filter(|x| !x.is_null())
-    }
-    fn i64(&self, k: &str, default: i64) -> Result<i64, PluginError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(x) => x.as_i64().ok_or_else(|| invalid(&self.key(k), format!("expected an integer, got {x}"))),
-        }
-    }
-    fn f64(&self, k: &str, default: f64) -> Result<f64, PluginError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(x) => x.as_f64().ok_or_else(|| invalid(&self.key(k), format!("expected a number, got {x}"))),
-        }
-    }
-    fn bool(&self, k: &str, default: bool) -> Result<bool, PluginError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(x) => x.as_bool().ok_or_else(|| invalid(&self.key(k), format!("expected true or false, got {x}"))),
-        }
-    }
-    fn string(&self, k: &str, default: &str) -> Result<String, PluginError> {
-        match self.get(k) {
-            None => Ok(default.to_owned()),
-            Some(x) => x.as_str().map(str::to_owned).ok_or_else(|| invalid(&self.key(k), format!("expected a string, got {x}"))),
-        }
-    }
-}
-
 /// Only the default (unscaled) RoPE exists in Persimmon checkpoints; refuse the rest.
-fn check_rope_type(o: &Obj<'_>, key: &str) -> Result<(), PluginError> {
-    let Some(p) = o.get(key) else { return Ok(()) };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
-    if kind != "default" {
-        return Err(invalid(&o.key(key), format!("RoPE type {kind:?} is not supported by the fuyu plugin (only \"default\")")));
+fn check_rope_type(params: &Option<Value>, key: &str) -> Result<(), PluginError> {
+    match params {
+        Some(p) if rope_kind(p) != "default" => Err(invalid(
+            key,
+            format!("RoPE type {:?} is not supported by the fuyu plugin (only \"default\")", rope_kind(p)),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 impl FuyuConfig {
     pub fn from_dir(dir: &Path) -> Result<Self, PluginError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })?;
-        Self::from_json(&text)
+        Self::from_json(&read_config_text(dir)?)
     }
 
     pub fn from_json(text: &str) -> Result<Self, PluginError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| invalid("", format!("not valid JSON: {e}")))?;
-        let top = Obj { v: &v, prefix: "" };
-        let text = match top.get("text_config") {
-            Some(tc) => Self::nested_text(&Obj { v: tc, prefix: "text_config." })?,
-            None => Self::flat_text(&top)?,
-        };
-        let form = if top.get("text_config").is_some() { "nested" } else { "flat" };
-        let tie = match top.get("tie_word_embeddings") {
-            Some(_) => top.bool("tie_word_embeddings", false)?,
-            None => match v.get("text_config") {
-                Some(tc) => Obj { v: tc, prefix: "text_config." }.bool("tie_word_embeddings", false)?,
-                None => false,
-            },
-        };
+        let v = parse_config(text)?;
+        let nested = object(&v, "text_config").map_err(|m| invalid("text_config", m))?.is_object();
+        let text = if nested { Self::nested_text(&v["text_config"])? } else { Self::flat_text(&v)? };
+        let top: Top = config_section(&v, "")?;
+        let text_tie = v.get("text_config").and_then(|t| t.get("tie_word_embeddings")).and_then(Value::as_bool);
         let cfg = FuyuConfig {
             text,
-            patch_size: top.i64("patch_size", 30)?,
-            num_channels: top.i64("num_channels", 3)?,
-            image_token_id: top.i64("image_token_id", 71011)?,
-            tie_word_embeddings: tie,
-            form,
+            patch_size: top.patch_size,
+            num_channels: top.num_channels,
+            image_token_id: top.image_token_id,
+            tie_word_embeddings: top.tie_word_embeddings.or(text_tie).unwrap_or(false),
+            form: if nested { "nested" } else { "flat" },
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// transformers 5: `text_config` with `PersimmonConfig`'s defaults.
-    fn nested_text(o: &Obj<'_>) -> Result<TextConfig, PluginError> {
-        check_rope_type(o, "rope_parameters")?;
-        check_rope_type(o, "rope_scaling")?;
-        let rope = o.get("rope_parameters").cloned().unwrap_or(Value::Null);
-        let rope = Obj { v: &rope, prefix: "text_config.rope_parameters." };
-        Ok(TextConfig {
-            vocab_size: o.i64("vocab_size", 262144)?,
-            hidden_size: o.i64("hidden_size", 4096)?,
-            intermediate_size: o.i64("intermediate_size", 16384)?,
-            num_hidden_layers: o.i64("num_hidden_layers", 36)?,
-            num_attention_heads: o.i64("num_attention_heads", 64)?,
-            hidden_act: o.string("hidden_act", "relu2")?,
-            layer_norm_eps: o.f64("layer_norm_eps", 1e-5)?,
-            qk_layernorm: o.bool("qk_layernorm", true)?,
-            hidden_dropout: o.f64("hidden_dropout", 0.0)?,
-            attention_dropout: o.f64("attention_dropout", 0.0)?,
-            rope_theta: rope.f64("rope_theta", o.f64("rope_theta", 10000.0)?)?,
-            partial_rotary_factor: rope.f64("partial_rotary_factor", o.f64("partial_rotary_factor", 0.5)?)?,
-        })
+    /// transformers 5: `text_config` with `PersimmonConfig`'s defaults and a `rope_parameters` dict.
+    fn nested_text(v: &Value) -> Result<TextConfig, PluginError> {
+        let mut t: TextConfig = config_section(v, "text_config.")?;
+        check_rope_type(&t.rope_parameters, "text_config.rope_parameters")?;
+        check_rope_type(&t.rope_scaling, "text_config.rope_scaling")?;
+        if let Some(p) = &t.rope_parameters {
+            let number = |key: &str, default: f64| match p.get(key).filter(|x| !x.is_null()) {
+                None => Ok(default),
+                Some(x) => x.as_f64().ok_or_else(|| invalid(&format!("text_config.rope_parameters.{key}"), format!("expected a number, got {x}"))),
+            };
+            t.rope_theta = number("rope_theta", t.rope_theta)?;
+            t.partial_rotary_factor = number("partial_rotary_factor", t.partial_rotary_factor)?;
+        }
+        Ok(t)
     }
 
     /// The hub form: Persimmon keys at top level, `FuyuConfig`'s sub-config defaults.
-    fn flat_text(o: &Obj<'_>) -> Result<TextConfig, PluginError> {
-        check_rope_type(o, "rope_scaling")?;
-        let prf = o.f64("partial_rotary_factor", 0.5)?;
-        if prf != 0.5 {
+    fn flat_text(v: &Value) -> Result<TextConfig, PluginError> {
+        let mut t: TextConfig = config_section(v, "")?;
+        check_rope_type(&t.rope_scaling, "rope_scaling")?;
+        if t.partial_rotary_factor != 0.5 {
             return Err(PluginError::invalid_with_hint(
                 "config.json: partial_rotary_factor",
-                format!("{prf} in a flat (hub-form) config, which transformers ignores (it always uses 0.5 there)"),
+                format!("{} in a flat (hub-form) config, which transformers ignores (it always uses 0.5 there)", t.partial_rotary_factor),
                 "put the value in text_config.rope_parameters.partial_rotary_factor (transformers 5's form), or remove it",
             ));
         }
-        Ok(TextConfig {
-            vocab_size: o.i64("vocab_size", 262144)?,
-            hidden_size: o.i64("hidden_size", 4096)?,
-            intermediate_size: o.i64("intermediate_size", 16384)?,
-            num_hidden_layers: o.i64("num_hidden_layers", 36)?,
-            num_attention_heads: o.i64("num_attention_heads", 64)?,
-            hidden_act: o.string("hidden_act", "relu2")?,
-            layer_norm_eps: o.f64("layer_norm_eps", 1e-5)?,
-            qk_layernorm: o.bool("qk_layernorm", true)?,
-            hidden_dropout: o.f64("hidden_dropout", 0.0)?,
-            attention_dropout: o.f64("attention_dropout", 0.0)?,
-            rope_theta: o.f64("rope_theta", 10000.0)?,
-            partial_rotary_factor: 0.5,
-        })
+        t.rope_parameters = None;
+        Ok(t)
     }
 
     fn validate(&self) -> Result<(), PluginError> {
         let t = &self.text;
         let p = if self.form == "nested" { "text_config." } else { "" };
-        if !vlmhost_plugin_api::ops::known_activation(&t.hidden_act) {
-            return Err(invalid(&format!("{p}hidden_act"), format!("activation {:?} is not supported", t.hidden_act)));
-        }
-        vlmhost_plugin_api::limits::check_sizes(&[
+        check_activations(&[(&format!("{p}hidden_act"), &t.hidden_act)])?;
+        check_sizes(p, &[
             ("vocab_size", t.vocab_size),
             ("hidden_size", t.hidden_size),
             ("intermediate_size", t.intermediate_size),
             ("num_hidden_layers", t.num_hidden_layers),
             ("num_attention_heads", t.num_attention_heads),
-        ])
-        .map_err(|(k, m)| invalid(&format!("{p}{k}"), m))?;
-        vlmhost_plugin_api::limits::check_sizes(&[("patch_size", self.patch_size), ("num_channels", self.num_channels)])
-            .map_err(|(k, m)| invalid(k, m))?;
+        ])?;
+        check_sizes("", &[("patch_size", self.patch_size), ("num_channels", self.num_channels)])?;
         if t.hidden_size % t.num_attention_heads != 0 {
             return Err(invalid(&format!("{p}hidden_size"), format!("{} is not divisible by num_attention_heads {}", t.hidden_size, t.num_attention_heads)));
         }
@@ -270,7 +242,7 @@ mod tests {
         let e = FuyuConfig::from_json(r#"{"partial_rotary_factor": 0.25}"#).unwrap_err();
         assert!(e.to_string().contains("transformers ignores"), "{e}");
         let e = FuyuConfig::from_json(r#"{"hidden_size": "big"}"#).unwrap_err();
-        assert!(e.to_string().contains("config.json: hidden_size: expected an integer"), "{e}");
+        assert!(e.to_string().contains("config.json: hidden_size: invalid type: string \"big\", expected i64"), "{e}");
         let e = FuyuConfig::from_json(r#"{"image_token_id": 300000}"#).unwrap_err();
         assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     }

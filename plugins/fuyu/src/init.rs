@@ -20,8 +20,8 @@
 
 use serde_json::json;
 use std::path::Path;
-use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::init::{choose, write_files, File};
 
 /// The tokenizer (see the module doc for its ids).
 pub const TOKENIZER: &str = include_str!("../assets/tokenizer.json");
@@ -29,9 +29,10 @@ pub const TOKENIZER: &str = include_str!("../assets/tokenizer.json");
 const VOCAB: i64 = 384;
 const BOS: i64 = 1;
 const END: i64 = 3;
-const SPEAKER: i64 = 4;
+pub(crate) const SPEAKER: i64 = 4;
 const PATCH: i64 = 16;
 
+#[derive(Clone)]
 struct Preset {
     /// (height, width) images are shrunk to fit
     target: (i64, i64),
@@ -39,22 +40,15 @@ struct Preset {
     llm: (i64, i64, i64, i64),
 }
 
-fn preset(name: &str) -> Result<Preset, PluginError> {
-    Ok(match name {
-        "tiny" => Preset { target: (64, 256), llm: (128, 4, 4, 512) },
-        "small" => Preset { target: (128, 512), llm: (384, 6, 6, 1536) },
-        other => {
-            return Err(unknown_preset(other, &["tiny", "small"]))
-        }
-    })
-}
-
-
+const PRESETS: [(&str, Preset); 2] = [
+    ("tiny", Preset { target: (64, 256), llm: (128, 4, 4, 512) }),
+    ("small", Preset { target: (128, 512), llm: (384, 6, 6, 1536) }),
+];
 
 /// Write config.json, the tokenizer files, processor_config.json (the target
 /// size) and generation_config.json into `dir`.
 pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
-    let p = preset(preset_name)?;
+    let p = choose(preset_name, &PRESETS)?;
     let (height, width) = p.target;
     let (hidden, layers, heads, inter) = p.llm;
     let config = json!({
@@ -115,47 +109,16 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
         "model_max_length": 4096,
     });
     let generation = json!({"bos_token_id": BOS, "eos_token_id": END});
-    write_json(&dir.join("config.json"), &config)?;
-    write_text(&dir.join("tokenizer.json"), TOKENIZER)?;
-    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
-    write_json(&dir.join("processor_config.json"), &processor)?;
-    write_json(&dir.join("generation_config.json"), &generation)?;
-    // The folder must be one this plugin opens: its config parser, processor and their agreement.
-    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
-    crate::config::FuyuConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
-    crate::FuyuModel::open(dir, &Default::default()).map_err(|e| invalid(e.to_string()))?;
+    write_files(
+        dir,
+        &[
+            File::Json("config.json", &config),
+            File::Text("tokenizer.json", TOKENIZER),
+            File::Json("tokenizer_config.json", &tokenizer_config),
+            File::Json("processor_config.json", &processor),
+            File::Json("generation_config.json", &generation),
+        ],
+    )?;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fresh_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("vlmhost-init-fuyu-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[test]
-    fn every_preset_writes_a_folder_the_plugin_opens() {
-        for name in ["tiny", "small"] {
-            let dir = fresh_dir(name);
-            init(name, &dir).unwrap();
-            let m = crate::FuyuModel::open(&dir, &Default::default()).unwrap();
-            assert_eq!(m.processor.image_token_id, SPEAKER, "{name}");
-            assert!(!m.model.spec.params.is_empty(), "{name}");
-            std::fs::remove_dir_all(&dir).unwrap();
-        }
-    }
-
-    #[test]
-    fn an_unknown_preset_names_the_known_ones() {
-        let dir = fresh_dir("huge");
-        let e = init("huge", &dir).unwrap_err().to_string();
-        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}

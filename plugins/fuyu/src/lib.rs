@@ -19,31 +19,12 @@ use config::FuyuConfig;
 use model::Fuyu;
 use processor::{FuyuProcessor, FuyuSample};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
-};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_sdk::family::tensor_f32;
+use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
-pub struct FuyuPlugin;
-
-impl Plugin for FuyuPlugin {
-    fn families() -> Vec<FamilyInfo> {
-        vec![FamilyInfo::new("fuyu", "Fuyu: encoder-free, linear patch projector + Persimmon decoder")
-            .model_types(["fuyu"])
-            .architectures(["FuyuForCausalLM"])]
-    }
-
-    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
-        Ok(Box::new(FuyuModel::open(dir, options)?))
-    }
-
-    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-}
-
-export_plugin!(FuyuPlugin);
+vlmhost_plugin_api::export_plugin!(FamilyPlugin<FuyuModel>);
 
 /// The target size from the processor options, if given (both or neither).
 pub fn target_size(options: &ModelOptions) -> Result<Option<(usize, usize)>, PluginError> {
@@ -59,8 +40,8 @@ pub fn target_size(options: &ModelOptions) -> Result<Option<(usize, usize)>, Plu
     }
 }
 
-fn processor_err(e: processor::ProcessorError) -> PluginError {
-    PluginError::invalid("fuyu processor", e.to_string())
+fn processor_err(e: ProcessorError) -> PluginError {
+    e.into_plugin("fuyu")
 }
 
 /// A Fuyu checkpoint folder, opened.
@@ -95,16 +76,32 @@ impl FuyuModel {
     }
 }
 
-impl FamilyModel for FuyuModel {
-    fn spec(&self) -> ModelSpec {
-        self.model.spec.clone()
+impl Family for FuyuModel {
+    type Arch = Fuyu;
+
+    fn info() -> FamilyInfo {
+        FamilyInfo::new("fuyu", "Fuyu: encoder-free, linear patch projector + Persimmon decoder")
+            .model_types(["fuyu"])
+            .architectures(["FuyuForCausalLM"])
+    }
+
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
+        FuyuModel::open(dir, options)
+    }
+
+    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
+    }
+
+    fn arch(&self) -> &Fuyu {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
         let s = FuyuSample::from_messages(&sample.messages).map_err(processor_err)?;
         let p = self.processor.process(&s).map_err(processor_err)?;
         let n = (p.image.rows * p.image.cols) as i64;
-        let pixel_values = Tensor::f_from_slice(&p.image.patches)?.f_view([n, self.model.config.patch_features()])?;
+        let pixel_values = tensor_f32(&p.image.patches, &[n, self.model.config.patch_features()])?;
         Ok(PreparedSample {
             input_ids: p.input_ids,
             labels: p.labels,
@@ -112,12 +109,16 @@ impl FamilyModel for FuyuModel {
             tensors: vec![("pixel_values".into(), pixel_values)],
         })
     }
+}
 
-    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
-        self.model.forward(host, batch)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.forward_cached(host, batch, past)
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<FuyuModel>("fuyu", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id, init::SPEAKER, "{name}");
+        });
     }
 }

@@ -9,12 +9,13 @@
 //! and plays the projector role; everything under `language_model.` is the LLM.
 
 use crate::config::FuyuConfig;
-use tch::{Kind, Tensor};
+use vlmhost_plugin_sdk::Architecture;
+use tch::Tensor;
 use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
 
-type R<T = Tensor> = Result<T, PluginError>;
+use vlmhost_plugin_sdk::decoder::{attention_mask, embed, image_tokens, KvCache, Rope, R};
 
 struct Layer {
     qkv: LinearId,
@@ -101,30 +102,15 @@ impl Fuyu {
         Fuyu { config, spec, vision_embed_tokens, embed_tokens, layers, final_norm, lm_head }
     }
 
-    /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
-        Ok(self.decode(host, batch, None)?.0)
-    }
-
-    /// Incremental decoding: logits of the new tokens and the cache (keys and
-    /// values per layer, `[batch, heads, seq, head_dim]`, keys after RoPE).
-    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
-        let want = 2 * self.layers.len();
-        if !past.is_empty() && past.len() != want {
-            return Err(PluginError::invalid("cache", format!("{} tensors, expected {want} (keys and values per layer)", past.len())));
-        }
-        self.decode(host, batch, Some(past))
-    }
 
     /// Token embeddings with the projected patches in place of the `|SPEAKER|`
     /// tokens (`FuyuModel.forward`: `masked_scatter` in batch order).
     fn embeddings(&self, host: Host<'_, '_>, batch: &BatchInputs, first_call: bool) -> R {
         let ids = &batch.input_ids;
-        let embed = host.param(self.embed_tokens)?;
-        let x = Tensor::f_embedding(&embed, ids, -1, false, false)?; // [B, L, D]
-        let image_mask = ids.f_eq(self.config.image_token_id)?;
+        let x = embed(host, self.embed_tokens, ids)?; // [B, L, D]
+        let (image_mask, n_tokens) = image_tokens(ids, self.config.image_token_id)?;
         // Images belong to the prompt: later decoding steps carry none.
-        let n_tokens = if first_call { image_mask.f_sum(Kind::Int64)?.int64_value(&[]) } else { 0 };
+        let n_tokens = if first_call { n_tokens } else { 0 };
         let patches = batch.get("pixel_values").filter(|p| p.numel() > 0);
         match patches {
             Some(pv) => {
@@ -154,56 +140,70 @@ impl Fuyu {
         ParamId(self.spec.modules[id.0 as usize].weight)
     }
 
-    /// The forward pass, with a cache when `past` is given (empty: the first call).
-    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+
+    /// Persimmon's attention on `y` `[B, L, D]`: fused QKV split per head,
+    /// q/k LayerNorm, rotary embeddings on the first `rotary_dim` dimensions
+    /// of each head, attention dropout when training.
+    fn attention(&self, host: Host<'_, '_>, layer: &Layer, y: &Tensor, rope: &Rope, mask: &Tensor, cache: &mut KvCache<'_>) -> R {
         let t = &self.config.text;
-        let ids = &batch.input_ids;
-        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
-        let mut x = self.embeddings(host, batch, past_len == 0)?;
-        let (b, l) = (ids.size()[0], ids.size()[1]);
+        let (b, l) = (y.size()[0], y.size()[1]);
         let (heads, hd, rd) = (t.num_attention_heads, t.head_dim(), t.rotary_dim());
-        let (cos, sin) = ops::rope_cos_sin(past_len + l, rd, t.rope_theta, x.device())?;
-        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
-        let mask = match past {
-            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
-            None => ops::causal_padding_mask(&batch.attention_mask)?,
-        };
-        let training = host.training();
         // Rotate the first `rd` dimensions of each head, pass the rest through.
-        let rope = |v: &Tensor| -> R {
-            let rotated = ops::apply_rope(&v.f_narrow(-1, 0, rd)?, &cos, &sin)?;
+        let partial = |v: &Tensor| -> R {
+            let rotated = rope.apply(&v.f_narrow(-1, 0, rd)?)?;
             Ok(Tensor::f_cat(&[&rotated, &v.f_narrow(-1, rd, hd - rd)?], -1)?)
         };
-        let mut cache = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        // [B, L, 3D] -> [B, L, heads, 3, hd]: q, k, v interleaved per head.
+        let qkv = host.linear(layer.qkv, y)?.f_view([b, l, heads, 3, hd])?;
+        let (mut q, mut k, v) = (qkv.f_select(3, 0)?, qkv.f_select(3, 1)?, qkv.f_select(3, 2)?);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = ops::layer_norm(host, qn, &q)?;
+            k = ops::layer_norm(host, kn, &k)?;
+        }
+        // [B, heads, L, hd]
+        let q = partial(&q.f_transpose(1, 2)?)?;
+        let k = partial(&k.f_transpose(1, 2)?)?;
+        let (k, v) = cache.append(k, v.f_transpose(1, 2)?)?;
+        let dropout = if host.training() { t.attention_dropout } else { 0.0 };
+        let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), dropout, false, (hd as f64).powf(-0.5), false)?;
+        host.linear(layer.dense, &att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?)
+    }
+}
+
+impl Architecture for Fuyu {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The forward pass, with a cache when `past` is given (empty: the first
+    /// call): logits and the cache (keys and values per layer,
+    /// `[batch, heads, seq, head_dim]`, keys after RoPE).
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+        let want = 2 * self.layers.len();
+        if let Some(past) = past.filter(|p| !p.is_empty() && p.len() != want) {
+            return Err(PluginError::invalid("cache", format!("{} tensors, expected {want} (keys and values per layer)", past.len())));
+        }
+        let t = &self.config.text;
+        let mut cache = KvCache::new(past);
+        let past_len = cache.past_len();
+        let mut x = self.embeddings(host, batch, past_len == 0)?;
+        let l = batch.input_ids.size()[1];
+        let rope = Rope::at(past_len, l, t.rotary_dim(), t.rope_theta, x.device())?;
+        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
+        for layer in &self.layers {
             let residual = x.shallow_clone();
             let y = ops::layer_norm(host, &layer.input_norm, &x)?;
-            // [B, L, 3D] -> [B, L, heads, 3, hd]: q, k, v interleaved per head.
-            let qkv = host.linear(layer.qkv, &y)?.f_view([b, l, heads, 3, hd])?;
-            let (mut q, mut k, v) = (qkv.f_select(3, 0)?, qkv.f_select(3, 1)?, qkv.f_select(3, 2)?);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = ops::layer_norm(host, qn, &q)?;
-                k = ops::layer_norm(host, kn, &k)?;
-            }
-            // [B, heads, L, hd]
-            let q = rope(&q.f_transpose(1, 2)?)?;
-            let k = rope(&k.f_transpose(1, 2)?)?;
-            let v = v.f_transpose(1, 2)?;
-            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
-            let dropout = if training { t.attention_dropout } else { 0.0 };
-            let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&mask), dropout, false, (hd as f64).powf(-0.5), false)?;
-            let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
-            x = residual.f_add(&host.linear(layer.dense, &att)?)?;
+            x = residual.f_add(&self.attention(host, layer, &y, &rope, &mask, &mut cache)?)?;
             let residual = x.shallow_clone();
             let y = ops::layer_norm(host, &layer.post_norm, &x)?;
             let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
             let mut y = host.linear(layer.four_h_to_h, &y)?;
-            if training && t.hidden_dropout > 0.0 {
+            if host.training() && t.hidden_dropout > 0.0 {
                 y = y.f_dropout(t.hidden_dropout, true)?;
             }
             x = y.f_add(&residual)?;
         }
         let x = ops::layer_norm(host, &self.final_norm, &x)?;
-        Ok((host.linear(self.lm_head, &x)?, cache))
+        Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
     }
 }

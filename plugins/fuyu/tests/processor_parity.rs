@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::sample::parse_line;
-use vlmhost_plugin_api::{FamilyModel, ModelOptions};
+use vlmhost_plugin_api::ModelOptions;
+use vlmhost_plugin_sdk::Family;
 use vlmhost_plugin_fuyu::processor::{FuyuProcessor, FuyuSample};
 use vlmhost_plugin_fuyu::FuyuModel;
 

@@ -9,6 +9,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::files::{
+    check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
+};
 
 /// The CLIP vision tower.
 #[derive(Debug, Clone, Deserialize)]
@@ -122,27 +125,16 @@ pub struct LlavaConfig {
     pub rope_theta: f64,
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::invalid(format!("config.json: {key}"), message)
-}
-
 impl LlavaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self, PluginError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| PluginError::Io { path: path.display().to_string().into(), message: e.to_string().into() })?;
-        Self::from_json(&text)
+        Self::from_json(&read_config_text(dir)?)
     }
 
     pub fn from_json(text: &str) -> Result<Self, PluginError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| invalid("", format!("not valid JSON: {e}")))?;
-        let sub = |key: &str| -> Result<Value, PluginError> {
-            Ok(v.get(key).cloned().unwrap_or(Value::Object(Default::default())))
-        };
-        let vision: VisionConfig = serde_json::from_value(sub("vision_config")?)
-            .map_err(|e| invalid("vision_config", e.to_string()))?;
-        let text_cfg: TextConfig =
-            serde_json::from_value(sub("text_config")?).map_err(|e| invalid("text_config", e.to_string()))?;
+        let v = parse_config(text)?;
+        let section = |key: &str| object(&v, key).map_err(|m| invalid(key, m));
+        let vision: VisionConfig = config_section(section("vision_config")?, "vision_config.")?;
+        let text_cfg: TextConfig = config_section(section("text_config")?, "text_config.")?;
         let get_i = |k: &str| v.get(k).and_then(Value::as_i64);
         let get_s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         let image_token_index = get_i("image_token_index").or_else(|| get_i("image_token_id")).unwrap_or(32000);
@@ -181,18 +173,13 @@ impl LlavaConfig {
     }
 
     fn validate(&self) -> Result<(), PluginError> {
-        use vlmhost_plugin_api::ops::known_activation;
-        for (key, act) in [
+        check_activations(&[
             ("vision_config.hidden_act", &self.vision.hidden_act),
             ("text_config.hidden_act", &self.text.hidden_act),
             ("projector_hidden_act", &self.projector_hidden_act),
-        ] {
-            if !known_activation(act) {
-                return Err(invalid(key, format!("activation {act:?} is not supported")));
-            }
-        }
+        ])?;
         let (v, t) = (&self.vision, &self.text);
-        vlmhost_plugin_api::limits::check_sizes(&[
+        check_sizes("", &[
             ("vision_config.hidden_size", v.hidden_size),
             ("vision_config.intermediate_size", v.intermediate_size),
             ("vision_config.num_hidden_layers", v.num_hidden_layers),
@@ -206,8 +193,7 @@ impl LlavaConfig {
             ("text_config.num_hidden_layers", t.num_hidden_layers),
             ("text_config.num_attention_heads", t.num_attention_heads),
             ("text_config.num_key_value_heads", t.kv_heads()),
-        ])
-        .map_err(|(key, m)| invalid(key, m))?;
+        ])?;
         let n = self.vision.num_hidden_layers;
         for &l in &self.vision_feature_layers {
             if l < -(n + 1) || l > n {
@@ -239,7 +225,7 @@ fn rope_theta(t: &TextConfig) -> Result<f64, PluginError> {
     let mut theta = t.rope_theta.unwrap_or(10000.0);
     for (key, params) in [("rope_parameters", &t.rope_parameters), ("rope_scaling", &t.rope_scaling)] {
         let Some(p) = params.as_ref().filter(|p| !p.is_null()) else { continue };
-        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let kind = rope_kind(p);
         if kind != "default" {
             return Err(invalid(
                 &format!("text_config.{key}"),

@@ -16,10 +16,10 @@
 //! square (`size: {height, width}`, no centre crop), so a whole 256x64 text
 //! line stays in view, squeezed, instead of losing its ends to a crop.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
-use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::init::{choose, write_files, File};
 
 /// The byte-level tokenizer (see the module doc for its ids).
 pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
@@ -29,9 +29,10 @@ pub const CHAT_TEMPLATE: &str = include_str!("../assets/chat_template.jinja");
 const VOCAB: i64 = 320;
 const BOS: i64 = 1;
 const EOS: i64 = 2;
-const IMAGE: i64 = 259;
+pub(crate) const IMAGE: i64 = 259;
 const PAD: i64 = 260;
 
+#[derive(Clone)]
 struct Preset {
     /// (width, layers, heads, MLP width)
     vision: (i64, i64, i64, i64),
@@ -41,33 +42,23 @@ struct Preset {
     llm: (i64, i64, i64, i64, i64),
 }
 
-fn preset(name: &str) -> Result<Preset, PluginError> {
-    Ok(match name {
-        "tiny" => Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: (128, 4, 4, 2, 384) },
-        "small" => Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: (384, 6, 6, 2, 1024) },
-        other => {
-            return Err(unknown_preset(other, &["tiny", "small"]))
-        }
-    })
-}
+const PRESETS: [(&str, Preset); 2] = [
+    ("tiny", Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: (128, 4, 4, 2, 384) }),
+    ("small", Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: (384, 6, 6, 2, 1024) }),
+];
 
-
-
-/// Write config.json, the tokenizer files, processor_config.json,
-/// chat_template.jinja and generation_config.json into `dir`.
-pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
-    let p = preset(preset_name)?;
+/// config.json of preset `p`.
+fn config(name: &str, p: &Preset) -> Value {
     let (vw, vl, vh, vi) = p.vision;
     let (image, patch) = p.image;
     let (hidden, layers, heads, kv, inter) = p.llm;
-    let image_tokens = (image / patch) * (image / patch);
-    let config = json!({
-        "_name_or_path": format!("vlmhost-init-llava-{preset_name}"),
+    json!({
+        "_name_or_path": format!("vlmhost-init-llava-{name}"),
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "dtype": "float32",
         "image_token_index": IMAGE,
-        "image_seq_length": image_tokens,
+        "image_seq_length": (image / patch) * (image / patch),
         "pad_token_id": PAD,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": true,
@@ -107,8 +98,12 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
         },
-    });
-    let processor = json!({
+    })
+}
+
+/// processor_config.json: the CLIP image processor resizing to the square.
+fn processor(image: i64, patch: i64) -> Value {
+    json!({
         "processor_class": "LlavaProcessor",
         "image_token": "<image>",
         "patch_size": patch,
@@ -128,7 +123,14 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
             "image_std": [0.26862954, 0.26130258, 0.27577711],
             "do_convert_rgb": true,
         },
-    });
+    })
+}
+
+/// Write config.json, the tokenizer files, processor_config.json,
+/// chat_template.jinja and generation_config.json into `dir`.
+pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    let p = choose(preset_name, &PRESETS)?;
+    let (image, patch) = p.image;
     let tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "processor_class": "LlavaProcessor",
@@ -139,56 +141,23 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
         "clean_up_tokenization_spaces": false,
         "model_max_length": 4096,
     });
-    let generation = json!({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD});
-    write_json(&dir.join("config.json"), &config)?;
-    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
-    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
-    write_json(&dir.join("processor_config.json"), &processor)?;
-    write_text(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
-    write_json(&dir.join("generation_config.json"), &generation)?;
-    // The folder must be one this plugin opens: its config parser and processor.
-    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
-    crate::config::LlavaConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
-    let proc = crate::processor::LlavaProcessor::from_dir(dir).map_err(|e| invalid(e.to_string()))?;
-    if proc.image_token_id as i64 != IMAGE {
-        return Err(invalid(format!("the tokenizer's <image> is {} (expected {IMAGE})", proc.image_token_id)));
-    }
-    let n = proc.num_image_tokens(image as usize, image as usize) as i64;
-    if n != image_tokens {
-        return Err(invalid(format!("the processor gives {n} image tokens per image, config.json says {image_tokens}")));
+    write_files(
+        dir,
+        &[
+            File::Json("config.json", &config(preset_name, &p)),
+            File::Text("tokenizer.json", BYTE_TOKENIZER),
+            File::Json("tokenizer_config.json", &tokenizer_config),
+            File::Json("processor_config.json", &processor(image, patch)),
+            File::Text("chat_template.jinja", CHAT_TEMPLATE),
+            File::Json("generation_config.json", &json!({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD})),
+        ],
+    )?;
+    // One image token per patch (the SDK checks that the plugin opens the folder).
+    let processor = crate::processor::LlavaProcessor::from_dir(dir).map_err(|e| e.into_plugin("llava"))?;
+    let n = processor.num_image_tokens(image as usize, image as usize) as i64;
+    if n != (image / patch) * (image / patch) {
+        return Err(PluginError::invalid("init", format!("preset {preset_name}: the processor gives {n} image tokens per image")));
     }
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fresh_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("vlmhost-init-llava-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[test]
-    fn every_preset_writes_a_folder_the_plugin_opens() {
-        for name in ["tiny", "small"] {
-            let dir = fresh_dir(name);
-            init(name, &dir).unwrap();
-            let m = crate::LlavaModel::open(&dir).unwrap();
-            assert_eq!(m.processor.image_token_id as i64, IMAGE, "{name}");
-            assert!(!m.model.spec.params.is_empty(), "{name}");
-            std::fs::remove_dir_all(&dir).unwrap();
-        }
-    }
-
-    #[test]
-    fn an_unknown_preset_names_the_known_ones() {
-        let dir = fresh_dir("huge");
-        let e = init("huge", &dir).unwrap_err().to_string();
-        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}

@@ -3,8 +3,10 @@
 //! CLIP ViT vision tower -> GELU MLP projector -> Llama, under the hub
 //! checkpoint's parameter names (`llava-hf/llava-1.5-7b-hf`), accepting the
 //! transformers >= 4.52 layout and transformers 5's `save_pretrained` layout
-//! too. Preprocessing (CLIP image processor, the llava-hf chat template,
-//! labels) is in [`processor`]; see this crate's README for the conventions.
+//! too. [`config`] reads `config.json`, [`model`] is the architecture,
+//! [`processor`] the preprocessing (CLIP image processor, the llava-hf chat
+//! template, labels), [`init`] writes new checkpoints; see this crate's
+//! README for the conventions.
 
 pub mod config;
 pub mod init;
@@ -13,35 +15,14 @@ pub mod processor;
 
 use config::LlavaConfig;
 use model::Llava;
-use processor::{LlavaProcessor, Message, Part, Role as Speaker};
+use processor::LlavaProcessor;
 use std::path::Path;
-use tch::Tensor;
-use vlmhost_plugin_api::sample::{self, Sample};
-use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
-};
+use vlmhost_plugin_api::sample::Sample;
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_sdk::family::tensor_f32;
+use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
-pub struct LlavaPlugin;
-
-impl Plugin for LlavaPlugin {
-    fn families() -> Vec<FamilyInfo> {
-        vec![FamilyInfo::new("llava", "LLaVA-1.5: CLIP ViT + GELU MLP projector + Llama")
-            .model_types(["llava"])
-            .architectures(["LlavaForConditionalGeneration"])]
-    }
-
-    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
-        // The CLIP processor's settings come from the checkpoint's files.
-        options.check_keys(&[])?;
-        Ok(Box::new(LlavaModel::open(dir)?))
-    }
-
-    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-}
-
-export_plugin!(LlavaPlugin);
+vlmhost_plugin_api::export_plugin!(FamilyPlugin<LlavaModel>);
 
 /// A LLaVA checkpoint folder, opened.
 pub struct LlavaModel {
@@ -49,8 +30,8 @@ pub struct LlavaModel {
     pub processor: LlavaProcessor,
 }
 
-fn processor_err(e: processor::ProcessorError) -> PluginError {
-    PluginError::invalid("llava processor", e.to_string())
+fn processor_err(e: ProcessorError) -> PluginError {
+    e.into_plugin("llava")
 }
 
 impl LlavaModel {
@@ -70,54 +51,51 @@ impl LlavaModel {
     }
 }
 
-/// The plugin-api sample as the processor's messages.
-pub fn to_messages(sample: &Sample) -> Vec<Message> {
-    sample
-        .messages
-        .iter()
-        .map(|m| Message {
-            role: match m.role {
-                sample::Speaker::System => Speaker::System,
-                sample::Speaker::User => Speaker::User,
-                sample::Speaker::Assistant => Speaker::Assistant,
-            },
-            content: m
-                .content
-                .iter()
-                .map(|p| match p {
-                    sample::Part::Text { text } => Part::Text(text.clone()),
-                    sample::Part::Image { path } => Part::Image(path.clone()),
-                })
-                .collect(),
-        })
-        .collect()
-}
+impl Family for LlavaModel {
+    type Arch = Llava;
 
-impl FamilyModel for LlavaModel {
-    fn spec(&self) -> ModelSpec {
-        self.model.spec.clone()
+    fn info() -> FamilyInfo {
+        FamilyInfo::new("llava", "LLaVA-1.5: CLIP ViT + GELU MLP projector + Llama")
+            .model_types(["llava"])
+            .architectures(["LlavaForConditionalGeneration"])
+    }
+
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
+        // The CLIP processor's settings come from the checkpoint's files.
+        options.check_keys(&[])?;
+        LlavaModel::open(dir)
+    }
+
+    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
+    }
+
+    fn arch(&self) -> &Llava {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
-        let p = self.processor.process(&to_messages(sample)).map_err(processor_err)?;
+        let p = self.processor.process(&sample.messages).map_err(processor_err)?;
         let (h, w) = if p.n_images > 0 { p.image_size } else { self.processor.image_config.crop_size };
-        let pixel_values =
-            Tensor::f_from_slice(&p.pixel_values)?.f_view([p.n_images as i64, 3, h as i64, w as i64])?;
+        let pixel_values = tensor_f32(&p.pixel_values, &[p.n_images as i64, 3, h as i64, w as i64])?;
         let image_id = self.model.config.image_token_index;
-        let image_token_mask = p.input_ids.iter().map(|&t| t == image_id).collect();
         Ok(PreparedSample {
+            image_token_mask: p.input_ids.iter().map(|&t| t == image_id).collect(),
             input_ids: p.input_ids,
             labels: p.labels,
-            image_token_mask,
             tensors: vec![("pixel_values".into(), pixel_values)],
         })
     }
+}
 
-    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
-        self.model.forward(host, batch)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.forward_cached(host, batch, past)
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<LlavaModel>("llava", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id as i64, init::IMAGE, "{name}");
+        });
     }
 }

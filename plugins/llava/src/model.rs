@@ -4,13 +4,16 @@
 //! `models/clip/modeling_clip.py` (the vision tower) and
 //! `models/llama/modeling_llama.py` (the language model).
 
-use crate::config::LlavaConfig;
-use tch::{Kind, Tensor};
-use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams, RmsNormParams};
+use crate::config::{LlavaConfig, TextConfig, VisionConfig};
+use vlmhost_plugin_sdk::Architecture;
+use tch::Tensor;
+use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
-
-type R<T = Tensor> = Result<T, PluginError>;
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, Role, SpecBuilder};
+use vlmhost_plugin_sdk::decoder::{
+    attention_mask, batch_error, image_tokens, merge_image_features, past_len, Attention, LlamaLayer,
+    LlamaText, Rope, SwiGlu, TextLayout, R,
+};
 
 struct ClipLayer {
     q: LinearId,
@@ -31,136 +34,112 @@ struct Vision {
     layers: Vec<ClipLayer>,
 }
 
-struct LlamaLayer {
-    q: LinearId,
-    k: LinearId,
-    v: LinearId,
-    o: LinearId,
-    gate: LinearId,
-    up: LinearId,
-    down: LinearId,
-    input_norm: RmsNormParams,
-    post_norm: RmsNormParams,
-}
-
-struct Text {
-    embed_tokens: ParamId,
-    layers: Vec<LlamaLayer>,
-    norm: RmsNormParams,
-    lm_head: LinearId,
-}
-
 /// The model: the spec and typed handles into it.
 pub struct Llava {
     pub config: LlavaConfig,
     pub spec: ModelSpec,
     vision: Vision,
     projector: (LinearId, LinearId),
-    text: Text,
+    text: LlamaText,
+}
+
+fn declare_vision(root: &SpecPath, vc: &VisionConfig) -> Vision {
+    let vm = root / "vision_tower" / "vision_model";
+    let emb = &vm / "embeddings";
+    let (h, p, eps) = (vc.hidden_size, vc.patch_size, vc.layer_norm_eps);
+    let class_embedding = emb.param("class_embedding", &[h], ParamKind::Embedding);
+    let patch_embedding = (&emb / "patch_embedding").conv(&[h, vc.num_channels, p, p], false, "Conv2d").weight;
+    let position_embedding = (&emb / "position_embedding").embedding(vc.num_positions(), h);
+    let pre_layrnorm = (&vm / "pre_layrnorm").layer_norm(h, true, eps);
+    let layers = (0..vc.num_hidden_layers)
+        .map(|i| {
+            let l = &vm / "encoder" / "layers" / i;
+            let a = &l / "self_attn";
+            ClipLayer {
+                k: (&a / "k_proj").linear(h, h, true),
+                v: (&a / "v_proj").linear(h, h, true),
+                q: (&a / "q_proj").linear(h, h, true),
+                out: (&a / "out_proj").linear(h, h, true),
+                ln1: (&l / "layer_norm1").layer_norm(h, true, eps),
+                fc1: (&l / "mlp" / "fc1").linear(h, vc.intermediate_size, true),
+                fc2: (&l / "mlp" / "fc2").linear(vc.intermediate_size, h, true),
+                ln2: (&l / "layer_norm2").layer_norm(h, true, eps),
+            }
+        })
+        .collect();
+    // Declared for checkpoint fidelity; the `default` LLaVA path never uses it.
+    (&vm / "post_layernorm").layer_norm(h, true, eps);
+    Vision { class_embedding, patch_embedding, position_embedding, pre_layrnorm, layers }
+}
+
+fn declare_text(root: &SpecPath, tc: &TextConfig, tie: bool) -> LlamaText {
+    let lm = root / "language_model";
+    let layout = TextLayout {
+        model: &(&lm / "model"),
+        head: &(&lm / "lm_head"),
+        vocab_size: tc.vocab_size,
+        hidden_size: tc.hidden_size,
+        num_layers: tc.num_hidden_layers,
+        rms_norm_eps: tc.rms_norm_eps,
+        tie,
+    };
+    let (d, hd, bias) = (tc.hidden_size, tc.head_dim(), tc.attention_bias);
+    LlamaText::declare(&layout, |l, _| LlamaLayer {
+        attn: Attention::declare(&(l / "self_attn"), d, tc.num_attention_heads, tc.kv_heads(), hd, bias, bias),
+        ffn: SwiGlu::declare(&(l / "mlp"), d, tc.intermediate_size, tc.mlp_bias),
+        input_norm: (l / "input_layernorm").rms_norm(d, tc.rms_norm_eps),
+        post_norm: (l / "post_attention_layernorm").rms_norm(d, tc.rms_norm_eps),
+    })
+}
+
+/// The spec: roles, the key layouts accepted, the names transformers 5 uses in memory.
+fn build_spec(b: SpecBuilder) -> ModelSpec {
+    let mut spec = b.build(
+        "llava",
+        vec![
+            role_rule(Role::Vision, &["vision_tower.**"], &[], "vision_tower.vision_model.encoder.layers.*"),
+            role_rule(Role::Projector, &["multi_modal_projector.**"], &[], ""),
+            role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
+        ],
+        vec![
+            // transformers >= 4.52 (in memory and in files it writes with save_original_format=False)
+            key_rule("model.language_model.", "language_model.model."),
+            key_rule("lm_head.", "language_model.lm_head."),
+            key_rule("model.multi_modal_projector.", "multi_modal_projector."),
+            key_rule("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+            key_rule("model.vision_tower.", "vision_tower.vision_model."),
+            // the hub layout, kept as it is
+            key_rule("vision_tower.vision_model.", "vision_tower.vision_model."),
+            // transformers 5 save_original_format: no `vision_model.` segment
+            key_rule("vision_tower.", "vision_tower.vision_model."),
+        ],
+        vec!["**.position_ids".into()],
+        true,
+    );
+    // transformers 5 in memory (LlavaForConditionalGeneration): what PEFT names.
+    spec.transformers_names = vec![
+        key_rule("language_model.model.", "model.language_model."),
+        key_rule("language_model.lm_head.", "lm_head."),
+        key_rule("multi_modal_projector.", "model.multi_modal_projector."),
+        key_rule("vision_tower.vision_model.", "model.vision_tower."),
+    ]
+    .into();
+    spec
 }
 
 impl Llava {
     pub fn new(config: LlavaConfig) -> Llava {
         let b = SpecBuilder::new();
         let root = b.root();
-        let vc = &config.vision;
-        let tc = &config.text;
-
-        let vm = &root / "vision_tower" / "vision_model";
-        let emb = &vm / "embeddings";
-        let (h, p) = (vc.hidden_size, vc.patch_size);
-        let class_embedding = emb.param("class_embedding", &[h], vlmhost_plugin_api::ParamKind::Embedding);
-        let patch_embedding = (&emb / "patch_embedding").conv(&[h, vc.num_channels, p, p], false, "Conv2d").weight;
-        let position_embedding = (&emb / "position_embedding").embedding(vc.num_positions(), h);
-        let pre_layrnorm = (&vm / "pre_layrnorm").layer_norm(h, true, vc.layer_norm_eps);
-        let layers = (0..vc.num_hidden_layers)
-            .map(|i| {
-                let l = &vm / "encoder" / "layers" / i;
-                let a = &l / "self_attn";
-                ClipLayer {
-                    k: (&a / "k_proj").linear(h, h, true),
-                    v: (&a / "v_proj").linear(h, h, true),
-                    q: (&a / "q_proj").linear(h, h, true),
-                    out: (&a / "out_proj").linear(h, h, true),
-                    ln1: (&l / "layer_norm1").layer_norm(h, true, vc.layer_norm_eps),
-                    fc1: (&l / "mlp" / "fc1").linear(h, vc.intermediate_size, true),
-                    fc2: (&l / "mlp" / "fc2").linear(vc.intermediate_size, h, true),
-                    ln2: (&l / "layer_norm2").layer_norm(h, true, vc.layer_norm_eps),
-                }
-            })
-            .collect();
-        // Declared for checkpoint fidelity; the `default` LLaVA path never uses it.
-        (&vm / "post_layernorm").layer_norm(h, true, vc.layer_norm_eps);
-        let vision = Vision { class_embedding, patch_embedding, position_embedding, pre_layrnorm, layers };
-
+        let (vc, tc) = (&config.vision, &config.text);
+        let vision = declare_vision(&root, vc);
         let proj = &root / "multi_modal_projector";
-        let feat = h * config.vision_feature_layers.len() as i64;
+        let feat = vc.hidden_size * config.vision_feature_layers.len() as i64;
         let bias = config.multimodal_projector_bias;
         let projector =
             ((&proj / "linear_1").linear(feat, tc.hidden_size, bias), (&proj / "linear_2").linear(tc.hidden_size, tc.hidden_size, bias));
-
-        let lm = &root / "language_model";
-        let m = &lm / "model";
-        let (d, hd) = (tc.hidden_size, tc.head_dim());
-        let embed_tokens = (&m / "embed_tokens").embedding(tc.vocab_size, d);
-        let layers = (0..tc.num_hidden_layers)
-            .map(|i| {
-                let l = &m / "layers" / i;
-                let a = &l / "self_attn";
-                let mlp = &l / "mlp";
-                LlamaLayer {
-                    q: (&a / "q_proj").linear(d, tc.num_attention_heads * hd, tc.attention_bias),
-                    k: (&a / "k_proj").linear(d, tc.kv_heads() * hd, tc.attention_bias),
-                    v: (&a / "v_proj").linear(d, tc.kv_heads() * hd, tc.attention_bias),
-                    o: (&a / "o_proj").linear(tc.num_attention_heads * hd, d, tc.attention_bias),
-                    gate: (&mlp / "gate_proj").linear(d, tc.intermediate_size, tc.mlp_bias),
-                    up: (&mlp / "up_proj").linear(d, tc.intermediate_size, tc.mlp_bias),
-                    down: (&mlp / "down_proj").linear(tc.intermediate_size, d, tc.mlp_bias),
-                    input_norm: (&l / "input_layernorm").rms_norm(d, tc.rms_norm_eps),
-                    post_norm: (&l / "post_attention_layernorm").rms_norm(d, tc.rms_norm_eps),
-                }
-            })
-            .collect();
-        let norm = (&m / "norm").rms_norm(d, tc.rms_norm_eps);
-        let lm_head = if config.tie_word_embeddings {
-            (&lm / "lm_head").linear_tied(d, tc.vocab_size, "language_model.model.embed_tokens.weight")
-        } else {
-            (&lm / "lm_head").linear(d, tc.vocab_size, false)
-        };
-        let text = Text { embed_tokens, layers, norm, lm_head };
-
-        let spec = b.build(
-            "llava",
-            vec![
-                role_rule(Role::Vision, &["vision_tower.**"], &[], "vision_tower.vision_model.encoder.layers.*"),
-                role_rule(Role::Projector, &["multi_modal_projector.**"], &[], ""),
-                role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
-            ],
-            vec![
-                // transformers >= 4.52 (in memory and in files it writes with save_original_format=False)
-                key_rule("model.language_model.", "language_model.model."),
-                key_rule("lm_head.", "language_model.lm_head."),
-                key_rule("model.multi_modal_projector.", "multi_modal_projector."),
-                key_rule("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-                key_rule("model.vision_tower.", "vision_tower.vision_model."),
-                // the hub layout, kept as it is
-                key_rule("vision_tower.vision_model.", "vision_tower.vision_model."),
-                // transformers 5 save_original_format: no `vision_model.` segment
-                key_rule("vision_tower.", "vision_tower.vision_model."),
-            ],
-            vec!["**.position_ids".into()],
-            true,
-        );
-        let mut spec = spec;
-        // transformers 5 in memory (LlavaForConditionalGeneration): what PEFT names.
-        spec.transformers_names = vec![
-            key_rule("language_model.model.", "model.language_model."),
-            key_rule("language_model.lm_head.", "lm_head."),
-            key_rule("multi_modal_projector.", "model.multi_modal_projector."),
-            key_rule("vision_tower.vision_model.", "model.vision_tower."),
-        ]
-        .into();
-        Llava { config, spec, vision, projector, text }
+        let text = declare_text(&root, tc, config.tie_word_embeddings);
+        Llava { spec: build_spec(b), config, vision, projector, text }
     }
 
     /// CLIP hidden states 0..=needed (0: embeddings after pre_layrnorm).
@@ -231,76 +210,35 @@ impl Llava {
         Ok(y.f_reshape([-1, hidden])?)
     }
 
-    /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
-        Ok(self.decode(host, batch, None)?.0)
+}
+
+impl Architecture for Llava {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 
-    /// Incremental decoding: logits of the new tokens and the cache (keys and
-    /// values per layer, `[batch, kv_heads, seq, head_dim]`).
-    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
-        self.decode(host, batch, Some(past))
-    }
-
-    /// The forward pass, with a cache when `past` is given (empty: the first call).
+    /// The forward pass, with a cache when `past` is given (empty: the first
+    /// call): logits and the cache (keys and values per layer,
+    /// `[batch, kv_heads, seq, head_dim]`).
     fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let tc = &self.config.text;
         let ids = &batch.input_ids;
-        let past_len = past.and_then(|p| p.first()).map_or(0, |k| k.size()[2]);
-        let embed = host.param(self.text.embed_tokens)?;
-        let mut x = Tensor::f_embedding(&embed, ids, -1, false, false)?;
-        let image_mask = ids.f_eq(self.config.image_token_index)?;
+        let past_len = past_len(past);
+        let x = self.text.embed(host, ids)?;
+        let (image_mask, n_image_tokens) = image_tokens(ids, self.config.image_token_index)?;
         // Images belong to the prompt: later decoding steps carry none.
-        let n_image_tokens = if past_len > 0 { 0 } else { image_mask.f_sum(Kind::Int64)?.int64_value(&[]) };
-        match batch.get("pixel_values") {
+        let n_image_tokens = if past_len > 0 { 0 } else { n_image_tokens };
+        let x = match batch.get("pixel_values") {
             Some(pv) if pv.size()[0] > 0 => {
                 let features = self.image_features(host, pv)?.f_to_kind(x.kind())?;
-                if features.size()[0] != n_image_tokens {
-                    return Err(PluginError::invalid(
-                        "batch",
-                        format!(
-                            "{} image tokens in the text but {} image features ({} images)",
-                            n_image_tokens,
-                            features.size()[0],
-                            pv.size()[0]
-                        ),
-                    ));
-                }
-                x = x.f_masked_scatter(&image_mask.f_unsqueeze(-1)?, &features)?;
+                merge_image_features(&x, &image_mask, n_image_tokens, &features, &format!(" ({} images)", pv.size()[0]))?
             }
-            _ if n_image_tokens > 0 => {
-                return Err(PluginError::invalid("batch", format!("{n_image_tokens} image tokens but no pixel_values")))
-            }
-            _ => {}
-        }
-        let (b, l) = (ids.size()[0], ids.size()[1]);
-        let (heads, kv, hd) = (tc.num_attention_heads, tc.kv_heads(), tc.head_dim());
-        let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, self.config.rope_theta, x.device())?;
-        let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
-        let mask = match past {
-            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
-            None => ops::causal_padding_mask(&batch.attention_mask)?,
+            _ if n_image_tokens > 0 => return Err(batch_error(format!("{n_image_tokens} image tokens but no pixel_values"))),
+            _ => x,
         };
-        let mut cache = Vec::new();
-        for (i, layer) in self.text.layers.iter().enumerate() {
-            let residual = x.shallow_clone();
-            let y = ops::rms_norm(host, &layer.input_norm, &x)?;
-            let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
-            let k = host.linear(layer.k, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
-            let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
-            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
-            let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
-            let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
-            x = residual.f_add(&host.linear(layer.o, &att)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::rms_norm(host, &layer.post_norm, &x)?;
-            let gate = activation(&tc.hidden_act, &host.linear(layer.gate, &y)?)?;
-            let y = gate.f_mul(&host.linear(layer.up, &y)?)?;
-            x = residual.f_add(&host.linear(layer.down, &y)?)?;
-        }
-        let x = ops::rms_norm(host, &self.text.norm, &x)?;
-        Ok((host.linear(self.text.lm_head, &x)?, cache))
+        let l = ids.size()[1];
+        let rope = Rope::at(past_len, l, tc.head_dim(), self.config.rope_theta, x.device())?;
+        let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
+        self.text.run(host, x, &rope, &mask, past, |mlp, y| mlp.forward(host, &tc.hidden_act, y))
     }
 }

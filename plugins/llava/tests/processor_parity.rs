@@ -6,20 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use vlmhost_plugin_api::sample::parse_line;
+use vlmhost_plugin_api::sample::{Message, Part, Speaker as Role};
 use vlmhost_plugin_llava::processor::*;
+use vlmhost_plugin_sdk::labels::role_name;
+use vlmhost_imaging::ImageError;
 use safetensors::{Dtype, SafeTensors};
 
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VLMHOST_LLAVA_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/llava"));
-    assert!(
-        dir.join("reference/samples.json").is_file(),
-        "LLaVA fixture not found at {} (set VLMHOST_LLAVA_FIXTURE or run \
-         scripts/fixtures/make_llava_fixture.py)",
-        dir.display()
-    );
-    dir
+    vlmhost_plugin_sdk::fixture_dir("VLMHOST_LLAVA_FIXTURE", "target/fixtures/llava", "reference/samples.json", "run scripts/fixtures.sh")
 }
 
 /// The reference tensors of one sample.
@@ -87,7 +81,7 @@ fn fixture() -> Fixture {
         .unwrap()
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| vlmhost_plugin_llava::to_messages(&parse_line(l, data.parent().unwrap()).unwrap()))
+        .map(|l| parse_line(l, data.parent().unwrap()).unwrap().messages)
         .collect();
     assert_eq!(conversations.len(), samples.len());
     let processor = LlavaProcessor::from_dir(&dir.join("model")).unwrap();
@@ -117,9 +111,9 @@ fn config_is_read_from_the_nested_processor_config() {
     assert_eq!(c.size, ResizeTarget::ShortestEdge(30));
     assert_eq!(c.crop_size, (30, 30));
     assert_eq!(c.resample, ResampleFilter::Bicubic);
-    assert!(c.do_resize && c.do_center_crop && c.do_rescale && c.do_normalize);
+    assert!(c.do_resize && c.do_center_crop && c.pixels.do_rescale && c.pixels.do_normalize);
     assert!(!c.pad_to_square);
-    assert_eq!(c.image_mean, [0.48145466, 0.4578275, 0.40821073]);
+    assert_eq!(c.pixels.image_mean, [0.48145466, 0.4578275, 0.40821073]);
     assert_eq!(p.image_token_id, 456);
     assert_eq!(p.num_image_tokens(30, 30), 25);
     assert_eq!(p.eos_token, "</s>");
@@ -132,14 +126,14 @@ fn data_lines_become_the_reference_conversations() {
         let reference = sample["conversation"].as_array().unwrap();
         assert_eq!(conv.len(), reference.len(), "sample {i}");
         for (m, r) in conv.iter().zip(reference) {
-            assert_eq!(m.role.as_str(), r["role"].as_str().unwrap(), "sample {i}");
+            assert_eq!(role_name(m.role), r["role"].as_str().unwrap(), "sample {i}");
             let parts: Vec<Part> = r["content"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|p| match p["type"].as_str().unwrap() {
-                    "text" => Part::Text(p["text"].as_str().unwrap().to_string()),
-                    "image" => Part::Image(f.dir.join("samples").join(p["path"].as_str().unwrap())),
+                    "text" => Part::Text { text: p["text"].as_str().unwrap().to_string() },
+                    "image" => Part::Image { path: f.dir.join("samples").join(p["path"].as_str().unwrap()) },
                     other => panic!("part type {other}"),
                 })
                 .collect();
@@ -312,7 +306,7 @@ fn user_assistant(user: Vec<Part>, answer: &str) -> Vec<Message> {
         },
         Message {
             role: Role::Assistant,
-            content: vec![Part::Text(answer.into())],
+            content: vec![Part::Text { text: answer.into() }],
         },
     ]
 }
@@ -322,12 +316,12 @@ fn missing_image_names_the_path() {
     let f = fixture();
     let path = f.dir.join("samples/does_not_exist.png");
     let conv = user_assistant(
-        vec![Part::Image(path.clone()), Part::Text("Hi".into())],
+        vec![Part::Image { path: path.clone() }, Part::Text { text: "Hi".into() }],
         "Yes.",
     );
     let err = f.processor.process(&conv).unwrap_err();
     assert!(
-        matches!(&err, ProcessorError::ImageMissing { path: p } if *p == path),
+        matches!(&err, ProcessorError::Image(ImageError::Missing { path: p }) if *p == path),
         "{err}"
     );
     assert!(err.to_string().contains("does_not_exist.png"), "{err}");
@@ -339,10 +333,10 @@ fn undecodable_image_names_the_path() {
     let dir = scratch("undecodable");
     let path = dir.join("broken.png");
     std::fs::write(&path, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
-    let conv = user_assistant(vec![Part::Image(path.clone())], "Yes.");
+    let conv = user_assistant(vec![Part::Image { path: path.clone() }], "Yes.");
     let err = f.processor.process(&conv).unwrap_err();
     assert!(
-        matches!(&err, ProcessorError::ImageDecode { path: p, .. } if *p == path),
+        matches!(&err, ProcessorError::Image(ImageError::Decode { path: p, .. }) if *p == path),
         "{err}"
     );
     assert!(err.to_string().contains("broken.png"), "{err}");
@@ -353,17 +347,10 @@ fn undecodable_image_names_the_path() {
 fn a_literal_placeholder_in_a_text_part_is_caught() {
     // A literal `<image>` inside a typed text part is caught at processing time.
     let f = fixture();
-    let conv = user_assistant(vec![Part::Text("What is <image>?".into())], "Yes.");
+    let conv = user_assistant(vec![Part::Text { text: "What is <image>?".into() }], "Yes.");
     let err = f.processor.process(&conv).unwrap_err();
     assert!(
-        matches!(
-            err,
-            ProcessorError::PlaceholderMismatch {
-                placeholders: 1,
-                images: 0,
-                ..
-            }
-        ),
+        err.to_string().starts_with("1 `<image>` placeholder(s) but 0 image(s)"),
         "{err}"
     );
 }
@@ -373,7 +360,7 @@ fn empty_or_missing_answers_are_rejected() {
     let f = fixture();
     let err = f
         .processor
-        .process(&user_assistant(vec![Part::Text("Hi".into())], "  "))
+        .process(&user_assistant(vec![Part::Text { text: "Hi".into() }], "  "))
         .unwrap_err();
     assert!(
         matches!(err, ProcessorError::EmptyAnswer { index: 1 }),
@@ -383,14 +370,14 @@ fn empty_or_missing_answers_are_rejected() {
     // generation prompt is rendered and nothing is labelled.
     let only_user = vec![Message {
         role: Role::User,
-        content: vec![Part::Text("Hi".into())],
+        content: vec![Part::Text { text: "Hi".into() }],
     }];
     let p = f.processor.process(&only_user).unwrap();
     assert!(p.labels.iter().all(|&l| l == -100));
     let text = f.processor.tokenizer().decode(&p.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
     assert!(text.trim_end().ends_with("ASSISTANT:"), "{text}");
     // Ending with a system message is neither an answer nor a prompt.
-    let only_system = vec![Message { role: Role::System, content: vec![Part::Text("Be brief.".into())] }];
+    let only_system = vec![Message { role: Role::System, content: vec![Part::Text { text: "Be brief.".into() }] }];
     let err = f.processor.process(&only_system).unwrap_err();
     assert!(matches!(err, ProcessorError::NoAnswer), "{err}");
 }

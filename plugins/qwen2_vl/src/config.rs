@@ -5,12 +5,15 @@
 //! transformers 5.23 `models/qwen2_vl/configuration_qwen2_vl.py`
 //! (`Qwen2VLConfig`, `Qwen2VLTextConfig`, `Qwen2VLVisionConfig`).
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::files::{check_activations, check_sizes, config_section, object, parse_config, read_config_text, rope_kind};
 
 /// The vision tower (`Qwen2VLVisionConfig`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct VisionConfig {
     pub depth: i64,
     pub embed_dim: i64,
@@ -19,12 +22,36 @@ pub struct VisionConfig {
     pub hidden_act: String,
     pub mlp_ratio: f64,
     pub num_heads: i64,
+    /// `in_channels` (transformers 5) or `in_chans` (the hub's).
+    #[serde(alias = "in_chans")]
     pub in_channels: i64,
     pub patch_size: i64,
     pub spatial_merge_size: i64,
     pub temporal_patch_size: i64,
     /// Base of the 2-D vision RoPE (`rope_parameters.rope_theta`, 10000).
     pub rope_theta: f64,
+    /// transformers 5's RoPE settings (`rope_type` axial, `rope_theta`); read into `rope_theta`.
+    #[serde(skip_serializing)]
+    pub rope_parameters: Option<Value>,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        VisionConfig {
+            depth: 32,
+            embed_dim: 1280,
+            hidden_size: 3584,
+            hidden_act: "quick_gelu".into(),
+            mlp_ratio: 4.0,
+            num_heads: 16,
+            in_channels: 3,
+            patch_size: 14,
+            spatial_merge_size: 2,
+            temporal_patch_size: 2,
+            rope_theta: 10000.0,
+            rope_parameters: None,
+        }
+    }
 }
 
 impl VisionConfig {
@@ -43,10 +70,26 @@ impl VisionConfig {
     pub fn merged_dim(&self) -> i64 {
         self.embed_dim * self.spatial_merge_size * self.spatial_merge_size
     }
+
+    /// `rope_parameters` (axial, transformers 5) over `rope_theta`.
+    fn resolve_rope(&mut self) -> Result<(), PluginError> {
+        if let Some(p) = self.rope_parameters.as_ref().filter(|p| p.is_object()) {
+            let kind = p.get("rope_type").and_then(Value::as_str).unwrap_or("axial");
+            if kind != "axial" && kind != "default" {
+                return Err(invalid("vision_config.rope_parameters.rope_type", format!("{kind:?} is not supported (only \"axial\")")));
+            }
+            self.rope_theta = match p.get("rope_theta") {
+                None => 10000.0,
+                Some(t) => t.as_f64().ok_or_else(|| invalid("vision_config.rope_parameters.rope_theta", format!("expected a number, got {t}")))?,
+            };
+        }
+        Ok(())
+    }
 }
 
 /// The Qwen2 language model (`Qwen2VLTextConfig`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct TextConfig {
     pub vocab_size: i64,
     pub hidden_size: i64,
@@ -56,14 +99,60 @@ pub struct TextConfig {
     pub num_key_value_heads: i64,
     pub hidden_act: String,
     pub rms_norm_eps: f64,
+    /// Resolved from `rope_theta` and `rope_parameters` / `rope_scaling` ([`text_rope`]).
+    #[serde(skip)]
     pub rope_theta: f64,
     /// How the rotary frequencies (head_dim / 2) split over the t, h, w axes.
+    #[serde(skip)]
     pub mrope_section: Vec<i64>,
+    #[serde(skip_serializing)]
+    pub use_sliding_window: bool,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            vocab_size: 152064,
+            hidden_size: 8192,
+            intermediate_size: 29568,
+            num_hidden_layers: 80,
+            num_attention_heads: 64,
+            num_key_value_heads: 8,
+            hidden_act: "silu".into(),
+            rms_norm_eps: 1e-5,
+            rope_theta: 1_000_000.0,
+            mrope_section: vec![16, 24, 24],
+            use_sliding_window: false,
+        }
+    }
 }
 
 impl TextConfig {
     pub fn head_dim(&self) -> i64 {
         self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// The top-level keys of `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+struct Top {
+    image_token_id: i64,
+    video_token_id: i64,
+    vision_start_token_id: i64,
+    vision_end_token_id: i64,
+    tie_word_embeddings: bool,
+}
+
+impl Default for Top {
+    fn default() -> Self {
+        Top {
+            image_token_id: 151655,
+            video_token_id: 151656,
+            vision_start_token_id: 151652,
+            vision_end_token_id: 151653,
+            tie_word_embeddings: false,
+        }
     }
 }
 
@@ -87,55 +176,9 @@ fn invalid(key: &str, message: impl Into<String>) -> PluginError {
     )
 }
 
-/// Typed access to one JSON object, errors naming the key.
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    prefix: &'static str,
-}
-
-impl Obj<'_> {
-    fn key(&self, k: &str) -> String {
-        format!("{}{k}", self.prefix)
-    }
-    fn int(&self, k: &str, default: i64) -> Result<i64, PluginError> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_i64()
-                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                .ok_or_else(|| invalid(&self.key(k), format!("expected an integer, got {v}"))),
-        }
-    }
-    fn float(&self, k: &str, default: f64) -> Result<f64, PluginError> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| invalid(&self.key(k), format!("expected a number, got {v}"))),
-        }
-    }
-    fn string(&self, k: &str, default: &str) -> Result<String, PluginError> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(default.to_owned()),
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => Err(invalid(&self.key(k), format!("expected a string, got {v}"))),
-        }
-    }
-    fn bool(&self, k: &str) -> Result<Option<bool>, PluginError> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(invalid(&self.key(k), format!("expected true or false, got {v}"))),
-        }
-    }
-}
-
 impl Qwen2VlConfig {
     pub fn from_dir(dir: &Path) -> Result<Self, PluginError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| PluginError::Io {
-            path: path.display().to_string().into(),
-            message: format!("{e} (the model folder needs the checkpoint's config.json)").into(),
-        })?;
-        Self::from_json(&text).map_err(|e| match e {
+        Self::from_json(&read_config_text(dir)?).map_err(|e| match e {
             PluginError::InvalidInput { location, message, hint } => PluginError::InvalidInput {
                 location: format!("{}/{location}", dir.display()).into(),
                 message,
@@ -146,99 +189,46 @@ impl Qwen2VlConfig {
     }
 
     pub fn from_json(text: &str) -> Result<Self, PluginError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| invalid("", format!("not valid JSON: {e}")))?;
-        let top = v.as_object().ok_or_else(|| invalid("", "expected a JSON object"))?;
-        let empty = Map::new();
-        let sub = |k: &str| -> Result<Option<&Map<String, Value>>, PluginError> {
-            match top.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Object(m)) => Ok(Some(m)),
-                Some(other) => Err(invalid(k, format!("expected an object, got {other}"))),
-            }
-        };
-        let root = Obj { map: top, prefix: "" };
+        let v = parse_config(text)?;
+        if !v.is_object() {
+            return Err(invalid("", "expected a JSON object"));
+        }
+        let section = |key: &str| object(&v, key).map_err(|m| invalid(key, m));
         // Hub configs keep the text settings at the top level; transformers 5 nests them.
-        let text_obj = match sub("text_config")? {
-            Some(m) => Obj { map: m, prefix: "text_config." },
-            None => Obj { map: top, prefix: "" },
-        };
-        let vis = Obj { map: sub("vision_config")?.unwrap_or(&empty), prefix: "vision_config." };
-
-        let (rope_theta, mrope_section) = text_rope(&text_obj, &root)?;
-        let vision_rope_theta = match vis.map.get("rope_parameters") {
-            Some(Value::Object(p)) => {
-                let p = Obj { map: p, prefix: "vision_config.rope_parameters." };
-                let kind = p.string("rope_type", "axial")?;
-                if kind != "axial" && kind != "default" {
-                    return Err(invalid("vision_config.rope_parameters.rope_type", format!("{kind:?} is not supported (only \"axial\")")));
-                }
-                p.float("rope_theta", 10000.0)?
-            }
-            _ => vis.float("rope_theta", 10000.0)?,
-        };
-        let in_channels = match vis.map.get("in_channels") {
-            Some(Value::Number(_)) => vis.int("in_channels", 3)?,
-            _ => vis.int("in_chans", 3)?,
-        };
-        let vision = VisionConfig {
-            depth: vis.int("depth", 32)?,
-            embed_dim: vis.int("embed_dim", 1280)?,
-            hidden_size: vis.int("hidden_size", 3584)?,
-            hidden_act: vis.string("hidden_act", "quick_gelu")?,
-            mlp_ratio: vis.float("mlp_ratio", 4.0)?,
-            num_heads: vis.int("num_heads", 16)?,
-            in_channels,
-            patch_size: vis.int("patch_size", 14)?,
-            spatial_merge_size: vis.int("spatial_merge_size", 2)?,
-            temporal_patch_size: vis.int("temporal_patch_size", 2)?,
-            rope_theta: vision_rope_theta,
-        };
-        let num_attention_heads = text_obj.int("num_attention_heads", 64)?;
-        let text = TextConfig {
-            vocab_size: text_obj.int("vocab_size", 152064)?,
-            hidden_size: text_obj.int("hidden_size", 8192)?,
-            intermediate_size: text_obj.int("intermediate_size", 29568)?,
-            num_hidden_layers: text_obj.int("num_hidden_layers", 80)?,
-            num_attention_heads,
-            num_key_value_heads: match text_obj.map.get("num_key_value_heads") {
-                Some(Value::Null) => num_attention_heads,
-                _ => text_obj.int("num_key_value_heads", 8)?,
-            },
-            hidden_act: text_obj.string("hidden_act", "silu")?,
-            rms_norm_eps: text_obj.float("rms_norm_eps", 1e-5)?,
-            rope_theta,
-            mrope_section,
-        };
-        if text_obj.bool("use_sliding_window")?.unwrap_or(false) {
+        let nested = section("text_config")?.is_object();
+        let (text_v, prefix) = if nested { (&v["text_config"], "text_config.") } else { (&v, "") };
+        let mut text: TextConfig = config_section(text_v, prefix)?;
+        if text_v.get("num_key_value_heads").is_some_and(Value::is_null) {
+            text.num_key_value_heads = text.num_attention_heads;
+        }
+        (text.rope_theta, text.mrope_section) = text_rope(text_v, prefix, &v)?;
+        if text.use_sliding_window {
             return Err(invalid(
-                &text_obj.key("use_sliding_window"),
+                &format!("{prefix}use_sliding_window"),
                 "sliding-window attention is not supported (transformers applies it only with flash-attention)",
             ));
         }
+        let mut vision: VisionConfig = config_section(section("vision_config")?, "vision_config.")?;
+        vision.resolve_rope()?;
+        let top: Top = config_section(&v, "")?;
         // transformers 5 reads tie_word_embeddings at the top level; pre-v5 saves put it in text_config.
-        let tie = root.bool("tie_word_embeddings")?.unwrap_or(false)
-            || (text_obj.prefix != "" && text_obj.bool("tie_word_embeddings")?.unwrap_or(false));
+        let text_tie = nested && text_v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
         let cfg = Qwen2VlConfig {
             vision,
             text,
-            image_token_id: root.int("image_token_id", 151655)?,
-            video_token_id: root.int("video_token_id", 151656)?,
-            vision_start_token_id: root.int("vision_start_token_id", 151652)?,
-            vision_end_token_id: root.int("vision_end_token_id", 151653)?,
-            tie_word_embeddings: tie,
+            image_token_id: top.image_token_id,
+            video_token_id: top.video_token_id,
+            vision_start_token_id: top.vision_start_token_id,
+            vision_end_token_id: top.vision_end_token_id,
+            tie_word_embeddings: top.tie_word_embeddings || text_tie,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), PluginError> {
-        use vlmhost_plugin_api::ops::known_activation;
         let (v, t) = (&self.vision, &self.text);
-        for (key, act) in [("vision_config.hidden_act", &v.hidden_act), ("text_config.hidden_act", &t.hidden_act)] {
-            if !known_activation(act) {
-                return Err(invalid(key, format!("activation {act:?} is not supported")));
-            }
-        }
+        check_activations(&[("vision_config.hidden_act", &v.hidden_act), ("text_config.hidden_act", &t.hidden_act)])?;
         let positive = [
             ("vision_config.depth", v.depth),
             ("vision_config.embed_dim", v.embed_dim),
@@ -255,7 +245,7 @@ impl Qwen2VlConfig {
             ("text_config.intermediate_size", t.intermediate_size),
             ("vision_config.hidden_size", v.hidden_size),
         ];
-        vlmhost_plugin_api::limits::check_sizes(&positive).map_err(|(key, m)| invalid(key, m))?;
+        check_sizes("", &positive)?;
         if v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
             return Err(invalid(
                 "vision_config.embed_dim",
@@ -299,16 +289,21 @@ impl Qwen2VlConfig {
 }
 
 /// The text RoPE: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (hub),
-/// in `text_config` or at the top level. Only the default (M-RoPE) kind is supported.
-fn text_rope(text: &Obj<'_>, root: &Obj<'_>) -> Result<(f64, Vec<i64>), PluginError> {
-    let mut theta = text.float("rope_theta", root.float("rope_theta", 1_000_000.0)?)?;
+/// in `text_config` (`text` under `prefix`) or at the top level (`root`). Only the default
+/// (M-RoPE) kind is supported.
+fn text_rope(text: &Value, prefix: &str, root: &Value) -> Result<(f64, Vec<i64>), PluginError> {
+    let number = |v: &Value, key: &str| v.get(key).filter(|x| !x.is_null()).map(|x| x.as_f64().ok_or_else(|| invalid(key, format!("expected a number, got {x}")))).transpose();
+    let mut theta = match number(text, "rope_theta")? {
+        Some(t) => t,
+        None => number(root, "rope_theta")?.unwrap_or(1_000_000.0),
+    };
     let mut section = vec![16, 24, 24];
-    for obj in [root, text] {
+    for (obj, at) in [(root, ""), (text, prefix)] {
         for key in ["rope_scaling", "rope_parameters"] {
-            let Some(p) = obj.map.get(key).filter(|p| !p.is_null()) else { continue };
-            let full = obj.key(key);
+            let Some(p) = obj.get(key).filter(|p| !p.is_null()) else { continue };
+            let full = format!("{at}{key}");
             let p = p.as_object().ok_or_else(|| invalid(&full, "expected an object"))?;
-            let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let kind = rope_kind(&Value::Object(p.clone())).to_owned();
             if kind != "default" && kind != "mrope" {
                 return Err(invalid(&full, format!("RoPE type {kind:?} is not supported by the qwen2_vl plugin (only M-RoPE)")));
             }

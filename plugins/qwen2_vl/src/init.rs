@@ -18,10 +18,10 @@
 //! image is enlarged, a larger one shrunk, to a multiple of 16 pixels per
 //! side); `--processor max_pixels=N` overrides it.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
-use vlmhost_plugin_api::init::{unknown_preset, write_json, write_text};
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::init::{choose, write_files, File};
 
 /// The byte-level tokenizer (see the module doc for its ids).
 pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
@@ -33,11 +33,12 @@ const ENDOFTEXT: i64 = 256;
 const IM_END: i64 = 258;
 const VISION_START: i64 = 259;
 const VISION_END: i64 = 260;
-const IMAGE_PAD: i64 = 262;
+pub(crate) const IMAGE_PAD: i64 = 262;
 const VIDEO_PAD: i64 = 263;
 const PATCH: i64 = 8;
 const MERGE: i64 = 2;
 
+#[derive(Clone)]
 struct Preset {
     /// (width, depth, heads)
     vision: (i64, i64, i64),
@@ -47,30 +48,19 @@ struct Preset {
     llm: (i64, i64, i64, i64, i64),
 }
 
-fn preset(name: &str) -> Result<Preset, PluginError> {
-    Ok(match name {
-        "tiny" => Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: (128, 4, 4, 2, 384) },
-        "small" => Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: (384, 6, 6, 2, 1024) },
-        other => {
-            return Err(unknown_preset(other, &["tiny", "small"]))
-        }
-    })
-}
+const PRESETS: [(&str, Preset); 2] = [
+    ("tiny", Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: (128, 4, 4, 2, 384) }),
+    ("small", Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: (384, 6, 6, 2, 1024) }),
+];
 
-
-
-/// Write config.json, the tokenizer files, preprocessor_config.json (the
-/// pixel budget), processor_config.json, chat_template.jinja and
-/// generation_config.json into `dir`.
-pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
-    let p = preset(preset_name)?;
+/// config.json of preset `p`.
+fn config(preset_name: &str, p: &Preset) -> Value {
     let (vw, depth, vheads) = p.vision;
-    let (min_pixels, max_pixels) = p.pixels;
     let (hidden, layers, heads, kv, inter) = p.llm;
     // M-RoPE splits head_dim / 2 frequencies over (t, h, w) as Qwen2-VL's 16/24/24 of 64.
     let half = hidden / heads / 2;
     let mrope = [half / 4, half * 3 / 8, half - half / 4 - half * 3 / 8];
-    let config = json!({
+    json!({
         "_name_or_path": format!("vlmhost-init-qwen2_vl-{preset_name}"),
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "model_type": "qwen2_vl",
@@ -113,7 +103,15 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
             "temporal_patch_size": 2,
             "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
         },
-    });
+    })
+}
+
+/// Write config.json, the tokenizer files, preprocessor_config.json (the
+/// pixel budget), processor_config.json, chat_template.jinja and
+/// generation_config.json into `dir`.
+pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    let p = choose(preset_name, &PRESETS)?;
+    let (min_pixels, max_pixels) = p.pixels;
     let preprocessor = json!({
         "image_processor_type": "Qwen2VLImageProcessor",
         "min_pixels": min_pixels,
@@ -143,49 +141,18 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     });
     // Qwen2-VL-Instruct stops at <|im_end|> or <|endoftext|>.
     let generation = json!({"bos_token_id": ENDOFTEXT, "eos_token_id": [IM_END, ENDOFTEXT], "pad_token_id": ENDOFTEXT});
-    write_json(&dir.join("config.json"), &config)?;
-    write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
-    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
-    write_json(&dir.join("preprocessor_config.json"), &preprocessor)?;
-    write_json(&dir.join("processor_config.json"), &json!({"processor_class": "Qwen2VLProcessor"}))?;
-    write_text(&dir.join("chat_template.jinja"), CHAT_TEMPLATE)?;
-    write_json(&dir.join("generation_config.json"), &generation)?;
-    // The folder must be one this plugin opens: its config parser, processor and their agreement.
-    let invalid = |m: String| PluginError::invalid("init", format!("preset {preset_name}: {m}"));
-    crate::config::Qwen2VlConfig::from_json(&config.to_string()).map_err(|e| invalid(e.to_string()))?;
-    crate::Qwen2VlModel::open(dir, Default::default()).map_err(|e| invalid(e.to_string()))?;
+    write_files(
+        dir,
+        &[
+            File::Json("config.json", &config(preset_name, &p)),
+            File::Text("tokenizer.json", BYTE_TOKENIZER),
+            File::Json("tokenizer_config.json", &tokenizer_config),
+            File::Json("preprocessor_config.json", &preprocessor),
+            File::Json("processor_config.json", &json!({"processor_class": "Qwen2VLProcessor"})),
+            File::Text("chat_template.jinja", CHAT_TEMPLATE),
+            File::Json("generation_config.json", &generation),
+        ],
+    )?;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fresh_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("vlmhost-init-qwen2_vl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[test]
-    fn every_preset_writes_a_folder_the_plugin_opens() {
-        for name in ["tiny", "small"] {
-            let dir = fresh_dir(name);
-            init(name, &dir).unwrap();
-            let m = crate::Qwen2VlModel::open(&dir, Default::default()).unwrap();
-            assert_eq!(m.processor.image_token_id, IMAGE_PAD, "{name}");
-            assert!(!m.model.spec.params.is_empty(), "{name}");
-            std::fs::remove_dir_all(&dir).unwrap();
-        }
-    }
-
-    #[test]
-    fn an_unknown_preset_names_the_known_ones() {
-        let dir = fresh_dir("huge");
-        let e = init("huge", &dir).unwrap_err().to_string();
-        assert!(e.contains("\"huge\"") && e.contains("tiny or small"), "{e}");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}

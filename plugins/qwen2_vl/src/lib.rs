@@ -22,31 +22,12 @@ use config::Qwen2VlConfig;
 use model::Qwen2Vl;
 use processor::{PixelOptions, Qwen2VlProcessor};
 use std::path::Path;
-use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
-};
+use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
+use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
 
-pub struct Qwen2VlPlugin;
-
-impl Plugin for Qwen2VlPlugin {
-    fn families() -> Vec<FamilyInfo> {
-        vec![FamilyInfo::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE")
-            .model_types(["qwen2_vl"])
-            .architectures(["Qwen2VLForConditionalGeneration"])]
-    }
-
-    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
-        Ok(Box::new(Qwen2VlModel::open(dir, pixel_options(options)?)?))
-    }
-
-    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-}
-
-export_plugin!(Qwen2VlPlugin);
+vlmhost_plugin_api::export_plugin!(FamilyPlugin<Qwen2VlModel>);
 
 /// The processor options this family accepts.
 pub fn pixel_options(options: &ModelOptions) -> Result<PixelOptions, PluginError> {
@@ -54,8 +35,8 @@ pub fn pixel_options(options: &ModelOptions) -> Result<PixelOptions, PluginError
     Ok(PixelOptions { min_pixels: options.usize("min_pixels")?, max_pixels: options.usize("max_pixels")? })
 }
 
-fn processor_err(e: processor::ProcessorError) -> PluginError {
-    PluginError::invalid("qwen2_vl processor", e.to_string())
+fn processor_err(e: ProcessorError) -> PluginError {
+    e.into_plugin("qwen2_vl")
 }
 
 /// A Qwen2-VL checkpoint folder, opened.
@@ -101,18 +82,33 @@ impl Qwen2VlModel {
     }
 }
 
-impl FamilyModel for Qwen2VlModel {
-    fn spec(&self) -> ModelSpec {
-        self.model.spec.clone()
+impl Family for Qwen2VlModel {
+    type Arch = Qwen2Vl;
+
+    fn info() -> FamilyInfo {
+        FamilyInfo::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE")
+            .model_types(["qwen2_vl"])
+            .architectures(["Qwen2VLForConditionalGeneration"])
+    }
+
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
+        Qwen2VlModel::open(dir, pixel_options(options)?)
+    }
+
+    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
+        init::init(preset, dir)
+    }
+
+    fn arch(&self) -> &Qwen2Vl {
+        &self.model
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
         let p = self.processor.process(&sample.messages).map_err(processor_err)?;
         let dim = self.processor.image_config.patch_dim() as i64;
-        let rows = p.pixel_values.len() as i64 / dim;
-        let pixel_values = Tensor::f_from_slice(&p.pixel_values)?.f_view([rows, dim])?;
+        let pixel_values = tensor_f32(&p.pixel_values, &[p.pixel_values.len() as i64 / dim, dim])?;
         let flat: Vec<i64> = p.grids.iter().flatten().copied().collect();
-        let grids = Tensor::f_from_slice(&flat)?.f_view([p.grids.len() as i64, 3])?;
+        let grids = tensor_i64(&flat, &[p.grids.len() as i64, 3])?;
         let image = self.processor.image_token_id;
         Ok(PreparedSample {
             image_token_mask: p.input_ids.iter().map(|&t| t == image).collect(),
@@ -121,12 +117,16 @@ impl FamilyModel for Qwen2VlModel {
             tensors: vec![("pixel_values".into(), pixel_values), ("image_grid_thw".into(), grids)],
         })
     }
+}
 
-    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
-        self.model.forward(host, batch)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
-        self.model.forward_cached(host, batch, past)
+    #[test]
+    fn every_preset_writes_a_folder_the_plugin_opens() {
+        vlmhost_plugin_sdk::init::check_presets::<Qwen2VlModel>("qwen2_vl", &["tiny", "small"], |name, m| {
+            assert_eq!(m.processor.image_token_id, init::IMAGE_PAD, "{name}");
+        });
     }
 }

@@ -15,12 +15,11 @@ use crate::config::Qwen2VlConfig;
 use crate::rope::{rope_index, Grid};
 use crate::text::Text;
 use crate::vision::Vision;
+use vlmhost_plugin_sdk::Architecture;
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::builder::{key_rule, role_rule};
-use vlmhost_plugin_api::ops;
-use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, PluginError, Role, SpecBuilder};
-
-type R<T = Tensor> = Result<T, PluginError>;
+use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, Role, SpecBuilder};
+use vlmhost_plugin_sdk::decoder::{attention_mask, batch_error as batch_err, image_tokens, merge_image_features, R};
 
 /// The model: the spec and typed handles into it.
 pub struct Qwen2Vl {
@@ -28,10 +27,6 @@ pub struct Qwen2Vl {
     pub spec: ModelSpec,
     vision: Vision,
     text: Text,
-}
-
-fn batch_err(message: impl Into<String>) -> PluginError {
-    PluginError::invalid("batch", message)
 }
 
 /// `[n, 3]` int64 grids as a list (on any device).
@@ -111,21 +106,39 @@ impl Qwen2Vl {
         Ok((Tensor::f_from_slice(&pos)?.f_view([3, b, l])?.f_to_device(input_ids.device())?, deltas))
     }
 
-    /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
-        Ok(self.decode(host, batch, None)?.0)
+    /// Positions of a prompt (the first call) and the next position of each row.
+    fn prompt_positions(&self, ids: &Tensor, mask: &Tensor, grids: &[Grid]) -> R<(Tensor, Tensor)> {
+        let (pos, deltas) = self.positions(ids, mask, grids)?;
+        let real = to_vec(&mask.f_ne(0)?.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+        let next: Vec<i64> = real.iter().zip(&deltas).map(|(n, d)| n + d).collect();
+        Ok((pos, Tensor::f_from_slice(&next)?.f_to_device(ids.device())?))
     }
 
-    /// Incremental decoding: logits of the new tokens and the cache: keys and
-    /// values per layer (`[batch, kv_heads, seq, head_dim]`), then the next
-    /// M-RoPE position of each row (`[batch]` int64). A prompt's images make
-    /// its positions advance slower than its tokens; the tokens after it
-    /// continue from the prompt's largest position + 1, as transformers'
-    /// `rope_deltas` do.
-    pub fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> R<(Tensor, Vec<Tensor>)> {
-        self.decode(host, batch, Some(past))
+}
+
+/// Positions `[3, batch, new]` of tokens after a cached prefix whose next
+/// position per row is `start` `[batch]`, and the next positions after them.
+fn continued_positions(start: &Tensor, mask: &Tensor, past_len: i64, new: i64) -> R<(Tensor, Tensor)> {
+    let b = mask.size()[0];
+    let start = start.f_to_kind(Kind::Int64)?;
+    let new_mask = mask.f_narrow(1, past_len, new)?.f_ne(0)?.f_to_kind(Kind::Int64)?;
+    // [b, l]: the next position plus the real tokens before this one.
+    let pos = start.f_unsqueeze(1)?.f_add(&new_mask.f_cumsum(1, Kind::Int64)?)?.f_sub_scalar(1)?;
+    let next = start.f_add(&new_mask.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+    Ok((pos.f_unsqueeze(0)?.f_expand([3, b, new], false)?, next))
+}
+
+impl Architecture for Qwen2Vl {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 
+    /// The forward pass: logits, and with `past` (empty on the first call)
+    /// the cache: keys and values per layer (`[batch, kv_heads, seq,
+    /// head_dim]`), then the next M-RoPE position of each row (`[batch]`
+    /// int64). A prompt's images make its positions advance slower than its
+    /// tokens; the tokens after it continue from the prompt's largest
+    /// position + 1, as transformers' `rope_deltas` do.
     fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let ids = &batch.input_ids;
@@ -143,28 +156,21 @@ impl Qwen2Vl {
                 )))
             }
         };
-        let mut x = self.text.embed(host, ids)?;
-        let image_mask = ids.f_eq(c.image_token_id)?;
-        let n_image_tokens = image_mask.f_sum(Kind::Int64)?.int64_value(&[]);
+        let x = self.text.embed(host, ids)?;
+        let (image_mask, n_image_tokens) = image_tokens(ids, c.image_token_id)?;
         let grids = grids_of(batch.get("image_grid_thw"))?;
         if past_len > 0 && n_image_tokens > 0 {
             return Err(batch_err("images belong to the prompt: a later decoding step cannot carry image tokens"));
         }
-        match batch.get("pixel_values") {
+        let x = match batch.get("pixel_values") {
             Some(pv) if pv.size()[0] > 0 && past_len == 0 => {
                 let features = self.vision.features(host, pv, &grids)?.f_to_kind(x.kind())?;
-                if features.size()[0] != n_image_tokens {
-                    return Err(batch_err(format!(
-                        "{n_image_tokens} image tokens in the text but {} image features ({} images, grids {grids:?})",
-                        features.size()[0],
-                        grids.len()
-                    )));
-                }
-                x = x.f_masked_scatter(&image_mask.f_unsqueeze(-1)?, &features)?;
+                let detail = format!(" ({} images, grids {grids:?})", grids.len());
+                merge_image_features(&x, &image_mask, n_image_tokens, &features, &detail)?
             }
             _ if n_image_tokens > 0 => return Err(batch_err(format!("{n_image_tokens} image tokens but no pixel_values"))),
-            _ => {}
-        }
+            _ => x,
+        };
         let mask = &batch.attention_mask;
         if mask.size() != [b, past_len + l] {
             return Err(batch_err(format!(
@@ -175,22 +181,12 @@ impl Qwen2Vl {
         }
         let (positions, next) = if past_len == 0 {
             let grids = if n_image_tokens > 0 { grids } else { Vec::new() };
-            let (pos, deltas) = self.positions(ids, mask, &grids)?;
-            let real = to_vec(&mask.f_ne(0)?.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
-            let next: Vec<i64> = real.iter().zip(&deltas).map(|(n, d)| n + d).collect();
-            (pos, Tensor::f_from_slice(&next)?.f_to_device(ids.device())?)
+            self.prompt_positions(ids, mask, &grids)?
         } else {
-            let start = past.and_then(|p| p.last()).expect("checked above").f_to_kind(Kind::Int64)?;
-            let new_mask = mask.f_narrow(1, past_len, l)?.f_ne(0)?.f_to_kind(Kind::Int64)?;
-            // [b, l]: the next position plus the real tokens before this one.
-            let pos = start.f_unsqueeze(1)?.f_add(&new_mask.f_cumsum(1, Kind::Int64)?)?.f_sub_scalar(1)?;
-            let next = start.f_add(&new_mask.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
-            (pos.f_unsqueeze(0)?.f_expand([3, b, l], false)?, next)
+            let start = past.and_then(|p| p.last()).expect("checked above");
+            continued_positions(start, mask, past_len, l)?
         };
-        let attention = match past {
-            Some(_) => ops::causal_padding_mask_cached(mask, l)?,
-            None => ops::causal_padding_mask(mask)?,
-        };
+        let attention = attention_mask(mask, past.is_some(), l)?;
         let kv = past.map(|p| if p.is_empty() { p } else { &p[..2 * layers] });
         let (logits, mut cache) = self.text.decode(host, x, &positions, &attention, kv)?;
         if past.is_some() {

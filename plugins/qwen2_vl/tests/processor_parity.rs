@@ -5,7 +5,7 @@
 //! (made by scripts/fixtures.sh).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 use vlmhost_plugin_api::sample::{parse_line, Message, Part, Speaker};
@@ -14,15 +14,7 @@ use vlmhost_plugin_qwen2_vl::processor::*;
 use vlmhost_plugin_qwen2_vl::rope::rope_index;
 
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VLMHOST_QWEN2_VL_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/qwen2_vl"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "Qwen2-VL fixture not found at {}: run scripts/fixtures.sh (or set VLMHOST_QWEN2_VL_FIXTURE)",
-        dir.display()
-    );
-    dir
+    vlmhost_plugin_sdk::fixture_dir("VLMHOST_QWEN2_VL_FIXTURE", "target/fixtures/qwen2_vl", "manifest.json", "run scripts/fixtures.sh")
 }
 
 /// Reference tensors of one file, as (dtype, shape, little-endian bytes).
@@ -199,7 +191,7 @@ fn bad_samples_are_explained() {
     // An extreme aspect ratio is refused with the file and what to do.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("strip.png");
-    image::RgbImage::new(250, 1).save(&path).unwrap();
+    ::image::RgbImage::new(250, 1).save(&path).unwrap();
     let e = err(vec![user(vec![Part::Image { path: path.clone() }]), answer("A line.")]);
     assert!(e.contains("strip.png (250x1): absolute aspect ratio must be smaller than 200") && e.contains("crop or pad"), "{e}");
 }

@@ -1,0 +1,1 @@
+fn main() { vlmhost_build::link_libtorch(); }

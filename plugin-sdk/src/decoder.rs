@@ -1,0 +1,251 @@
+//! Llama-style decoder blocks, as transformers' `modeling_llama.py` computes
+//! them and the families that reuse them (LLaVA's Llama, Qwen2-VL's Qwen2,
+//! DeepSeek-OCR's DeepSeek-V2 with `use_mla: false`): pre-norm layers of
+//! grouped-query self-attention with rotary embeddings and the key/value
+//! cache, then a feed-forward block (the SwiGLU MLP, or the family's own),
+//! RMSNorm, a final norm and the head; and the plumbing of their forward
+//! passes (masks, default RoPE positions, image features in place of the
+//! image tokens). Every op is the one the families ran before, in the same
+//! order, so the numbers are the same to the bit.
+
+use tch::{Device, Kind, Tensor};
+use vlmhost_plugin_api::builder::{RmsNormParams, SpecPath};
+use vlmhost_plugin_api::ops::{self, activation};
+use vlmhost_plugin_api::{Host, LinearId, ParamId, PluginError};
+
+pub type R<T = Tensor> = Result<T, PluginError>;
+
+/// An error about the batch the host passed.
+pub fn batch_error(message: impl Into<String>) -> PluginError {
+    PluginError::invalid("batch", message)
+}
+
+/// Rotary `cos` / `sin` `[seq, rot_dim]` of the positions a forward pass runs at.
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// Default RoPE at positions `past..past + len`.
+    pub fn at(past: i64, len: i64, rot_dim: i64, theta: f64, device: Device) -> R<Rope> {
+        let (cos, sin) = ops::rope_cos_sin(past + len, rot_dim, theta, device)?;
+        Ok(Rope { cos: cos.f_narrow(0, past, len)?, sin: sin.f_narrow(0, past, len)? })
+    }
+
+    /// Rotate `x` `[batch, heads, seq, dim]` (rotate-half convention).
+    pub fn apply(&self, x: &Tensor) -> R {
+        ops::apply_rope(x, &self.cos, &self.sin)
+    }
+}
+
+/// The key/value cache of one forward pass: what the previous call returned
+/// (`past`: keys and values per layer, `[batch, kv_heads, seq, head_dim]`;
+/// `None` without caching, empty on the first call) and what this one returns.
+pub struct KvCache<'a> {
+    past: Option<&'a [Tensor]>,
+    layer: usize,
+    next: Vec<Tensor>,
+}
+
+impl<'a> KvCache<'a> {
+    pub fn new(past: Option<&'a [Tensor]>) -> Self {
+        KvCache { past, layer: 0, next: Vec::new() }
+    }
+
+    /// How many tokens the cache already holds.
+    pub fn past_len(&self) -> i64 {
+        past_len(self.past)
+    }
+
+    /// The next layer's keys and values with the cached ones prepended.
+    pub fn append(&mut self, k: Tensor, v: Tensor) -> R<(Tensor, Tensor)> {
+        let kv = ops::cached_kv(self.past, self.layer, k, v, &mut self.next)?;
+        self.layer += 1;
+        Ok(kv)
+    }
+
+    /// The cache for the next call.
+    pub fn into_next(self) -> Vec<Tensor> {
+        self.next
+    }
+}
+
+/// Tokens held by a cache `past` (0 without one, or on the first call).
+pub fn past_len(past: Option<&[Tensor]>) -> i64 {
+    past.and_then(|p| p.first()).map_or(0, |k| k.size()[2])
+}
+
+/// The boolean attention mask for `new` tokens: causal and hiding padding,
+/// offset by the cached tokens when decoding with a cache.
+pub fn attention_mask(attention_mask: &Tensor, cached: bool, new: i64) -> R {
+    if cached {
+        ops::causal_padding_mask_cached(attention_mask, new)
+    } else {
+        ops::causal_padding_mask(attention_mask)
+    }
+}
+
+/// Token embeddings `[batch, seq, hidden]` from table `table`.
+pub fn embed(host: Host<'_, '_>, table: ParamId, ids: &Tensor) -> R {
+    Ok(Tensor::f_embedding(&host.param(table)?, ids, -1, false, false)?)
+}
+
+/// The image tokens of `ids` (`[batch, seq]` bool) and how many there are.
+pub fn image_tokens(ids: &Tensor, image_token_id: i64) -> R<(Tensor, i64)> {
+    let mask = ids.f_eq(image_token_id)?;
+    let n = mask.f_sum(Kind::Int64)?.int64_value(&[]);
+    Ok((mask, n))
+}
+
+/// `x` with `features` (`[n_tokens, hidden]`, in order) in place of the image
+/// tokens `mask` (`masked_scatter`, as transformers merges them); an error when
+/// the counts differ, `detail` saying more about the images.
+pub fn merge_image_features(x: &Tensor, mask: &Tensor, n_tokens: i64, features: &Tensor, detail: &str) -> R {
+    let n = features.size()[0];
+    if n != n_tokens {
+        return Err(batch_error(format!("{n_tokens} image tokens in the text but {n} image features{detail}")));
+    }
+    Ok(x.f_masked_scatter(&mask.f_unsqueeze(-1)?, &features.f_to_kind(x.kind())?)?)
+}
+
+/// Self-attention with grouped-query heads, rotary embeddings and the cache
+/// (`LlamaAttention` with `q_proj`, `k_proj`, `v_proj`, `o_proj`).
+pub struct Attention {
+    pub q: LinearId,
+    pub k: LinearId,
+    pub v: LinearId,
+    pub o: LinearId,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+}
+
+impl Attention {
+    /// Declare `q_proj`, `k_proj`, `v_proj`, `o_proj` under `p`.
+    pub fn declare(p: &SpecPath, hidden: i64, heads: i64, kv_heads: i64, head_dim: i64, qkv_bias: bool, o_bias: bool) -> Self {
+        Attention {
+            q: (p / "q_proj").linear(hidden, heads * head_dim, qkv_bias),
+            k: (p / "k_proj").linear(hidden, kv_heads * head_dim, qkv_bias),
+            v: (p / "v_proj").linear(hidden, kv_heads * head_dim, qkv_bias),
+            o: (p / "o_proj").linear(heads * head_dim, hidden, o_bias),
+            heads,
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Causal attention of `y` `[batch, seq, hidden]` under `mask`, keys and values through `cache`.
+    pub fn forward(&self, host: Host<'_, '_>, y: &Tensor, rope: &Rope, mask: &Tensor, cache: &mut KvCache<'_>) -> R {
+        let (b, l) = (y.size()[0], y.size()[1]);
+        let (heads, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let q = host.linear(self.q, y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
+        let k = host.linear(self.k, y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
+        let v = host.linear(self.v, y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let (k, v) = cache.append(k, v)?;
+        let att = ops::attention(&q, &k, &v, Some(mask), true, (hd as f64).powf(-0.5))?;
+        let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
+        host.linear(self.o, &att)
+    }
+}
+
+/// The SwiGLU MLP: `down(act(gate(x)) * up(x))`.
+pub struct SwiGlu {
+    pub gate: LinearId,
+    pub up: LinearId,
+    pub down: LinearId,
+}
+
+impl SwiGlu {
+    /// Declare `gate_proj`, `up_proj`, `down_proj` under `p`.
+    pub fn declare(p: &SpecPath, hidden: i64, inner: i64, bias: bool) -> Self {
+        SwiGlu {
+            gate: (p / "gate_proj").linear(hidden, inner, bias),
+            up: (p / "up_proj").linear(hidden, inner, bias),
+            down: (p / "down_proj").linear(inner, hidden, bias),
+        }
+    }
+
+    pub fn forward(&self, host: Host<'_, '_>, act: &str, x: &Tensor) -> R {
+        let gate = activation(act, &host.linear(self.gate, x)?)?;
+        host.linear(self.down, &gate.f_mul(&host.linear(self.up, x)?)?)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
+pub struct LlamaLayer<F = SwiGlu> {
+    pub attn: Attention,
+    pub ffn: F,
+    pub input_norm: RmsNormParams,
+    pub post_norm: RmsNormParams,
+}
+
+/// Embeddings, decoder layers, final norm and head of a Llama-style language model.
+pub struct LlamaText<F = SwiGlu> {
+    pub embed_tokens: ParamId,
+    pub layers: Vec<LlamaLayer<F>>,
+    pub norm: RmsNormParams,
+    pub lm_head: LinearId,
+}
+
+/// Where a language model's parts are and how large it is.
+pub struct TextLayout<'a> {
+    /// `…model` (holding `embed_tokens`, `layers`, `norm`).
+    pub model: &'a SpecPath,
+    /// `…lm_head`.
+    pub head: &'a SpecPath,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub rms_norm_eps: f64,
+    /// Tie the head to the embeddings.
+    pub tie: bool,
+}
+
+impl<F> LlamaText<F> {
+    /// Declare `embed_tokens`, the layers (`layer(path, index)`), `norm` and the head.
+    pub fn declare(t: &TextLayout<'_>, mut layer: impl FnMut(&SpecPath, i64) -> LlamaLayer<F>) -> Self {
+        let (m, d) = (t.model, t.hidden_size);
+        let embed_tokens = (m / "embed_tokens").embedding(t.vocab_size, d);
+        let layers = (0..t.num_layers).map(|i| layer(&(m / "layers" / i), i)).collect();
+        let norm = (m / "norm").rms_norm(d, t.rms_norm_eps);
+        let lm_head = if t.tie {
+            let tied = format!("{}.weight", (m / "embed_tokens").path());
+            t.head.linear_tied(d, t.vocab_size, &tied)
+        } else {
+            t.head.linear(d, t.vocab_size, false)
+        };
+        LlamaText { embed_tokens, layers, norm, lm_head }
+    }
+
+    /// Token embeddings `[batch, seq, hidden]`.
+    pub fn embed(&self, host: Host<'_, '_>, ids: &Tensor) -> R {
+        embed(host, self.embed_tokens, ids)
+    }
+
+    /// The layers on `x` `[batch, seq, hidden]`, then the final norm and the
+    /// head: logits and the next cache. `ffn` runs a layer's feed-forward block.
+    pub fn run(
+        &self,
+        host: Host<'_, '_>,
+        mut x: Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        past: Option<&[Tensor]>,
+        ffn: impl Fn(&F, &Tensor) -> R,
+    ) -> R<(Tensor, Vec<Tensor>)> {
+        let mut cache = KvCache::new(past);
+        for layer in &self.layers {
+            let residual = x.shallow_clone();
+            let y = ops::rms_norm(host, &layer.input_norm, &x)?;
+            x = residual.f_add(&layer.attn.forward(host, &y, rope, mask, &mut cache)?)?;
+            let residual = x.shallow_clone();
+            let y = ops::rms_norm(host, &layer.post_norm, &x)?;
+            x = residual.f_add(&ffn(&layer.ffn, &y)?)?;
+        }
+        let x = ops::rms_norm(host, &self.norm, &x)?;
+        Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
+    }
+}

@@ -1,0 +1,97 @@
+//! The glue between a family crate and the ABI: a family implements
+//! [`Family`] (open a folder, write a new one, prepare a sample, run the
+//! decoder with or without a cache) and exports itself with
+//!
+//! ```text
+//! vlmhost_plugin_api::export_plugin!(vlmhost_plugin_sdk::FamilyPlugin<MyModel>);
+//! ```
+
+use std::marker::PhantomData;
+use std::path::Path;
+use tch::Tensor;
+use vlmhost_plugin_api::sample::Sample;
+use vlmhost_plugin_api::{
+    BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
+};
+
+/// An architecture: its spec and its forward pass.
+pub trait Architecture: Send + Sync + 'static {
+    /// Parameters, modules, roles and key layouts.
+    fn spec(&self) -> &ModelSpec;
+
+    /// The forward pass: logits, and with `past` (empty on the first call) the
+    /// cache for the next call.
+    fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>)
+        -> Result<(Tensor, Vec<Tensor>), PluginError>;
+}
+
+/// One model family served by a plugin: an opened checkpoint folder.
+pub trait Family: Sized + Send + Sync + 'static {
+    /// The architecture it runs.
+    type Arch: Architecture;
+
+    /// Who the family is and which checkpoints it serves.
+    fn info() -> FamilyInfo;
+
+    /// Open the checkpoint in `dir` with the user's processor `options`.
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError>;
+
+    /// Write a new checkpoint's files for `preset` into the empty folder `dir`
+    /// ([`FamilyPlugin`] then checks that the family opens them).
+    fn init(preset: &str, dir: &Path) -> Result<(), PluginError>;
+
+    /// The opened architecture.
+    fn arch(&self) -> &Self::Arch;
+
+    /// One sample as model inputs.
+    fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError>;
+}
+
+/// The ABI plugin serving family `F`.
+pub struct FamilyPlugin<F>(PhantomData<F>);
+
+/// An opened `F` as the ABI's model.
+struct Served<F>(F);
+
+impl<F: Family> Plugin for FamilyPlugin<F> {
+    fn families() -> Vec<FamilyInfo> {
+        vec![F::info()]
+    }
+
+    fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
+        Ok(Box::new(Served(F::open(dir, options)?)))
+    }
+
+    fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
+        F::init(preset, dir)?;
+        crate::init::check_opens::<F>(preset, dir).map(drop)
+    }
+}
+
+impl<F: Family> FamilyModel for Served<F> {
+    fn spec(&self) -> ModelSpec {
+        self.0.arch().spec().clone()
+    }
+
+    fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
+        self.0.prepare(sample)
+    }
+
+    fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> Result<Tensor, PluginError> {
+        Ok(self.0.arch().decode(host, batch, None)?.0)
+    }
+
+    fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
+        self.0.arch().decode(host, batch, Some(past))
+    }
+}
+
+/// A `[rows, cols...]` float tensor from a flat vector.
+pub fn tensor_f32(values: &[f32], shape: &[i64]) -> Result<Tensor, PluginError> {
+    Ok(Tensor::f_from_slice(values)?.f_view(shape)?)
+}
+
+/// A `[rows, cols...]` int64 tensor from a flat vector.
+pub fn tensor_i64(values: &[i64], shape: &[i64]) -> Result<Tensor, PluginError> {
+    Ok(Tensor::f_from_slice(values)?.f_view(shape)?)
+}
