@@ -157,6 +157,7 @@ fn generation_spans_and_end_of_turn() {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)]
 fn token_mask_follows_transformers_rule() {
     // Tokens: "ab" "cd" "ef" "" (an added special token without offsets) "gh".
     let offsets = [(0, 2), (2, 4), (4, 6), (0, 0), (6, 8)];
