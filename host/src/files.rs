@@ -118,15 +118,28 @@ pub fn fsync(dir: &Path) {
     }
 }
 
-/// Write `data` to `path` atomically (temporary file, fsync, rename, fsync the folder).
+/// Write `data` to `path` atomically (temporary file, fsync, rename, fsync the
+/// folder). The file gets ordinary permissions (0666 less the umask, as
+/// `File::create` gives), not the temporary file's private 0600.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = temp_file_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     fsync(dir);
     Ok(())
+}
+
+#[cfg(unix)]
+fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o666)).tempfile_in(dir)
+}
+
+#[cfg(not(unix))]
+fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::NamedTempFile::new_in(dir)
 }
 
 /// Whether fault `name:step` is injected (`VLMHOST_FAULT`, comma-separated;
@@ -190,5 +203,19 @@ mod tests {
         publish_dir(&partial, &out).unwrap();
         assert!(out.join("new").is_file() && !out.join("old").exists());
         assert!(!partial.exists() && !dir.path().join("adapter.old").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_files_get_ordinary_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"{}").unwrap();
+        let created = dir.path().join("b.json");
+        std::fs::File::create(&created).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // Whatever the umask, the same as a file `File::create` makes (0644 under the usual 022).
+        assert_eq!(mode(&path), mode(&created));
     }
 }

@@ -191,6 +191,40 @@ fn bad_samples_are_reported_with_file_line_and_index() {
 }
 
 #[test]
+fn data_check_shows_samples_as_the_model_sees_them() {
+    let lines = [
+        r#"{"images": ["img0_rgb_40x30.png"], "messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A square."}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}"#,
+    ];
+    let dir = data_dir(&lines);
+    let run = check(dir.path(), &["--show", "2", "--json"]);
+    assert!(run.success(), "{}", run.all());
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let shown = v["shown"].as_array().unwrap();
+    assert_eq!(shown.len(), 2);
+    // The views count what training counts.
+    let sum = |key: &str| shown.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("tokens"), v["tokens"].as_u64().unwrap());
+    assert_eq!(sum("labelled_tokens"), v["supervised_tokens"].as_u64().unwrap());
+    let (first, second) = (&shown[0], &shown[1]);
+    assert!(first["image_tokens"].as_u64().unwrap() > 0 && second["image_tokens"] == 0, "{first} {second}");
+    // One collapsed run of image tokens; the answer (and only answers) between [[ and ]].
+    let text = first["text"].as_str().unwrap();
+    let n = first["image_tokens"].as_u64().unwrap();
+    assert!(text.contains(&format!("<image ×{n}>")), "{text}");
+    let labelled: Vec<&str> = text.split("[[").skip(1).map(|t| t.split("]]").next().unwrap()).collect();
+    assert_eq!(labelled.len(), 1, "{text}");
+    assert!(labelled[0].contains("A square."), "{text}");
+    assert!(!labelled[0].contains("What?"), "{text}");
+    assert!(second["text"].as_str().unwrap().contains("Yo."), "{second}");
+
+    let plain = check(dir.path(), &["--show", "1"]);
+    assert!(plain.success(), "{}", plain.all());
+    assert!(plain.stdout.contains("data.jsonl:1 (sample 0): ") && plain.stdout.contains(&format!("<image ×{n}>")), "{}", plain.all());
+    assert!(!plain.stdout.contains("(sample 1)"), "{}", plain.all());
+}
+
+#[test]
 fn long_samples_are_truncated_outside_images_or_skipped() {
     let long_answer = "word ".repeat(40);
     let long = format!(

@@ -280,6 +280,20 @@ fn the_adapter_a_run_leaves_loads_in_peft_with_equal_logits() {
     assert!(r.success(), "{}", r.all());
     let adapter = out.join("adapter");
     assert!(adapter.join("adapter_config.json").is_file() && adapter.join("adapter_model.safetensors").is_file(), "{}", r.all());
+    // The tokenizer, processor and chat template travel with it (the script loads them with AutoProcessor).
+    for f in ["tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"] {
+        assert!(adapter.join(f).is_file(), "the adapter lacks {f}");
+    }
+    assert!(!adapter.join("config.json").exists() && !adapter.join("model.safetensors").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Ordinary permissions, as `File::create` gives under this umask (not a temporary file's 0600).
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let probe = dir.path().join("probe");
+        std::fs::File::create(&probe).unwrap();
+        assert_eq!(mode(&adapter.join("adapter_model.safetensors")), mode(&probe));
+    }
 
     // PEFT's side: transformers + PeftModel.from_pretrained on the same inputs.
     let inputs = fixture().join("reference/sample_0.safetensors");
@@ -368,6 +382,17 @@ fn merged_checkpoints_load_in_transformers_with_equal_logits_even_with_a_trained
     assert!(r.success(), "{}", r.all());
     for f in ["config.json", "tokenizer.json", "processor_config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"] {
         assert!(merged.join(f).is_file(), "{f} missing from the merged checkpoint");
+    }
+    #[cfg(unix)]
+    {
+        // The weights get ordinary permissions, as `File::create` gives under this umask (they were 0600).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let probe = dir.path().join("probe");
+        std::fs::File::create(&probe).unwrap();
+        for f in ["model-00001-of-00001.safetensors", "model.safetensors.index.json"] {
+            assert_eq!(mode(&merged.join(f)), mode(&probe), "{f}");
+        }
     }
     let ours = vlmhost_logits(&ckpt);
     let theirs = transformers_logits(dir.path(), &merged, None);

@@ -5,6 +5,9 @@ use anyhow::{anyhow, Result};
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::PreparedSample;
 
+/// The label of a token that does not count in the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
 /// A padded batch.
 pub struct BatchTensors {
     pub input_ids: Tensor,
@@ -20,7 +23,7 @@ pub fn collate(samples: &[&PreparedSample], pad_id: i64, device: Device) -> Resu
     let b = samples.len();
     let mut ids = vec![pad_id; b * len];
     let mut mask = vec![0i64; b * len];
-    let mut labels = vec![-100i64; b * len];
+    let mut labels = vec![IGNORE_INDEX; b * len];
     for (i, s) in samples.iter().enumerate() {
         let n = s.input_ids.len();
         ids[i * len..i * len + n].copy_from_slice(&s.input_ids);
@@ -51,7 +54,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, i64)>
     let l = logits.size()[1];
     let shift_logits = logits.f_narrow(1, 0, l - 1)?.f_reshape([-1, v])?.f_to_kind(Kind::Float)?;
     let shift_labels = labels.f_narrow(1, 1, l - 1)?.f_reshape([-1])?;
-    let n = shift_labels.f_ne(-100)?.f_sum(Kind::Int64)?.int64_value(&[]);
-    let loss = shift_logits.f_cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Mean, -100, 0.0)?;
+    let n = shift_labels.f_ne(IGNORE_INDEX)?.f_sum(Kind::Int64)?.int64_value(&[]);
+    let loss = shift_logits.f_cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Mean, IGNORE_INDEX, 0.0)?;
     Ok((loss, n))
 }

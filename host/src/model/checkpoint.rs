@@ -102,6 +102,39 @@ pub fn open_family_model(
         .map_err(|e| plugin_err(family, &format!("opening {}", dir.display()), e))
 }
 
+/// Whether a checkpoint file is one of the files that turn text and images
+/// into inputs (tokenizer, image or video processor, chat template), which
+/// an adapter folder carries as a transformers Trainer's output folder does.
+pub fn is_processing_file(name: &str) -> bool {
+    const EXACT: [&str; 10] = [
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+    ];
+    EXACT.contains(&name) || name.starts_with("tokenizer") || name.ends_with(".model")
+}
+
+/// The processing files ([`is_processing_file`]) of checkpoint folder `dir`.
+pub fn processing_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.is_file() && is_processing_file(&name) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Turn a plugin error into an error with context.
 pub fn plugin_err(family: &str, what: &str, e: PluginError) -> anyhow::Error {
     anyhow!("{family} plugin, {what}: {e}")

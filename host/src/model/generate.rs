@@ -3,7 +3,7 @@
 //! one-turn request.
 
 use super::autocast;
-use super::batch::{collate, BatchTensors};
+use super::batch::{collate, BatchTensors, IGNORE_INDEX};
 use super::{HostModel, PreparedSample};
 use anyhow::Result;
 use serde::Serialize;
@@ -64,9 +64,18 @@ impl Detokenizer {
     /// Ids the tokenizer does not know (a model's vocabulary may be larger
     /// than its tokenizer's) decode to nothing.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        self.decode_ids(ids, true)
+    }
+
+    /// As [`Detokenizer::decode`], special tokens (a template's markers) included.
+    pub fn decode_with_special(&self, ids: &[i64]) -> Result<String> {
+        self.decode_ids(ids, false)
+    }
+
+    fn decode_ids(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> =
             ids.iter().map(|&i| i as u32).filter(|&i| self.tokenizer.id_to_token(i).is_some()).collect();
-        self.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding tokens: {e}"))
+        self.tokenizer.decode(&ids, skip_special).map_err(|e| anyhow::anyhow!("decoding tokens: {e}"))
     }
 }
 
@@ -112,7 +121,7 @@ pub fn greedy(
         batch = BatchTensors {
             input_ids: Tensor::from_slice(&[next]).view([1, 1]).to_device(device),
             attention_mask: Tensor::ones([1, total], (Kind::Int64, device)),
-            labels: Tensor::from_slice(&[-100i64]).view([1, 1]).to_device(device),
+            labels: Tensor::from_slice(&[IGNORE_INDEX]).view([1, 1]).to_device(device),
             tensors: Vec::new(),
         };
     }

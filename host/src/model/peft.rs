@@ -208,6 +208,12 @@ pub fn save(model: &super::HostModel, dir: &Path) -> Result<()> {
     });
     super::weights::save_safetensors(&partial.join("adapter_model.safetensors"), &tensors, Some(HashMap::from([("format".to_owned(), "pt".to_owned())])))?;
     crate::files::fault_point("adapter", 0);
+    // The tokenizer, processor and chat template, so that the folder alone
+    // prepares inputs (`AutoProcessor.from_pretrained(adapter)`).
+    for file in super::checkpoint::processing_files(model.model_dir())? {
+        let name = file.file_name().expect("a listed file has a name");
+        std::fs::copy(&file, partial.join(name)).with_context(|| format!("cannot copy {}", file.display()))?;
+    }
     crate::files::write_atomic(&partial.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     crate::files::publish_dir(&partial, dir)
 }

@@ -9,6 +9,7 @@
 //! the first offenders); `fail` stops at the summary.
 
 use crate::config::{BadSamplePolicy, TooLongPolicy, TrainSettings};
+use crate::model::batch::IGNORE_INDEX;
 use crate::model::HostModel;
 use serde::Serialize;
 use std::fmt;
@@ -295,7 +296,7 @@ pub fn load(path: &Path, model: &HostModel, opts: &DatasetOptions) -> Result<Dat
         if n > opts.max_length {
             let last_image = prepared.image_token_mask.iter().rposition(|&b| b);
             let cut_into_images = last_image.is_some_and(|i| i >= opts.max_length);
-            let supervised_left = prepared.labels[..opts.max_length].iter().skip(1).filter(|&&l| l != -100).count();
+            let supervised_left = prepared.labels[..opts.max_length].iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
             let reason = if opts.too_long == TooLongPolicy::Skip {
                 Some(format!("{n} tokens, more than max_length {}", opts.max_length))
             } else if cut_into_images {
@@ -313,7 +314,7 @@ pub fn load(path: &Path, model: &HostModel, opts: &DatasetOptions) -> Result<Dat
             ds.truncated += 1;
         }
         let length = truncate_to.unwrap_or(n);
-        let supervised = prepared.labels[..length].iter().skip(1).filter(|&&l| l != -100).count();
+        let supervised = prepared.labels[..length].iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
         ds.records.push(Record { origin, sample, length, supervised, truncate_to });
     }
     if opts.on_bad_sample == BadSamplePolicy::Fail && !ds.problems.is_empty() {
