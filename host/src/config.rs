@@ -340,6 +340,11 @@ pub struct TrainConfig {
     /// overrides): DeepSeek-OCR's `mode`, say. The plugin refuses keys it
     /// does not know.
     pub processor: serde_json::Map<String, serde_json::Value>,
+    /// A chat template to render conversations with instead of the
+    /// checkpoint's (`--chat-template` overrides): a Jinja file, or a JSON
+    /// file holding `chat_template`. It is written into the run's adapter and
+    /// merged checkpoints as `chat_template.jinja`, so inference renders the same.
+    pub chat_template: Option<PathBuf>,
 }
 
 

@@ -5,7 +5,7 @@ use crate::config::{BadSamplePolicy, TooLongPolicy, TrainConfig, DEFAULT_MAX_LEN
 use crate::model::{HostModel, OpenOptions};
 use crate::train::dataset::DatasetOptions;
 use anyhow::{anyhow, bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the model comes from and which rules apply.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,6 +32,11 @@ pub struct ModelArgs {
     /// overrides the config file's `processor:`), e.g. `--processor mode=tiny`.
     #[arg(long = "processor", value_name = "KEY=VALUE")]
     pub processor: Vec<String>,
+    /// Render conversations with this chat template instead of the
+    /// checkpoint's [default: the config file's `chat_template`]: a Jinja
+    /// file, or a JSON file holding `chat_template`.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -39,7 +44,7 @@ impl ModelArgs {
     /// precedence flags > environment > file > defaults.
     pub fn resolve(&self) -> Result<(TrainConfig, OpenOptions)> {
         let default_cfg = PathBuf::from("config/train_config.yaml");
-        let cfg = match &self.config {
+        let mut cfg = match &self.config {
             Some(p) => TrainConfig::from_file(p)?,
             None if default_cfg.is_file() => TrainConfig::from_file(&default_cfg)?,
             None => TrainConfig::default(),
@@ -57,6 +62,11 @@ impl ModelArgs {
         for s in &self.processor {
             let (k, v) = parse_processor_option(s)?;
             processor.insert(k, v);
+        }
+        if let Some(file) = self.chat_template.clone().or_else(|| cfg.chat_template.clone()) {
+            let file = chat_template_file(&file)?;
+            processor.insert(CHAT_TEMPLATE_OPTION.to_owned(), file.display().to_string().into());
+            cfg.chat_template = Some(file);
         }
         let opts = OpenOptions {
             plugin,
@@ -121,6 +131,19 @@ impl DataArgs {
     }
 }
 
+/// The processor option that carries a chat template override to the plugin:
+/// the template file's absolute path.
+pub const CHAT_TEMPLATE_OPTION: &str = "chat_template";
+
+/// A chat template override, checked (it must exist and compile) and made absolute.
+fn chat_template_file(file: &Path) -> Result<PathBuf> {
+    if !file.is_file() {
+        bail!("--chat-template {}: no such file", file.display());
+    }
+    vlmhost_chat_template::ChatTemplate::from_file(file).map_err(|e| anyhow!("--chat-template {}: {e}", file.display()))?;
+    Ok(std::path::absolute(file)?)
+}
+
 /// Parse `--processor KEY=VALUE`: the value as JSON when it parses (numbers,
 /// booleans), else as a string.
 pub fn parse_processor_option(s: &str) -> Result<(String, serde_json::Value)> {
@@ -150,4 +173,46 @@ pub fn parse_device(s: &str) -> Result<tch::Device> {
         }
     }
     Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(chat_template: Option<PathBuf>) -> ModelArgs {
+        ModelArgs {
+            plugin: Some("llava".into()),
+            model: Some("/models/llava".into()),
+            config: None,
+            mode: None,
+            allow_missing: false,
+            device: "cpu".into(),
+            processor: vec!["size=4".into()],
+            chat_template,
+        }
+    }
+
+    #[test]
+    fn a_chat_template_override_reaches_the_plugin_as_an_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mine.jinja");
+        std::fs::write(&file, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}").unwrap();
+        let (cfg, opts) = args(Some(file.clone())).resolve().unwrap();
+        assert_eq!(opts.processor[CHAT_TEMPLATE_OPTION], serde_json::json!(std::path::absolute(&file).unwrap().display().to_string()));
+        assert_eq!(opts.processor["size"], serde_json::json!(4));
+        assert_eq!(cfg.chat_template.as_deref(), Some(std::path::absolute(&file).unwrap().as_path()));
+        let (cfg, opts) = args(None).resolve().unwrap();
+        assert!(!opts.processor.contains_key(CHAT_TEMPLATE_OPTION) && cfg.chat_template.is_none());
+    }
+
+    #[test]
+    fn a_broken_or_missing_chat_template_is_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broken.jinja");
+        std::fs::write(&file, "line one\n{% for m in messages %}{{ m }").unwrap();
+        let e = args(Some(file.clone())).resolve().unwrap_err().to_string();
+        assert!(e.starts_with(&format!("--chat-template {}: ", file.display())) && e.contains("line 2"), "{e}");
+        let e = args(Some(dir.path().join("nope.jinja"))).resolve().unwrap_err().to_string();
+        assert!(e.contains("nope.jinja: no such file"), "{e}");
+    }
 }

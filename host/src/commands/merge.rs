@@ -126,5 +126,9 @@ fn write_merged(model: &HostModel, output: &Path, max_shard_bytes: usize) -> Res
             std::fs::copy(&path, output.join(&fname)).with_context(|| format!("cannot copy {}", path.display()))?;
         }
     }
+    // The template the run trained with, when it was not the checkpoint's.
+    if let Some(template) = &model.config().chat_template {
+        crate::model::checkpoint::write_chat_template(output, template)?;
+    }
     Ok(written)
 }

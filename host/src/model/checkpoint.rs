@@ -135,6 +135,21 @@ pub fn processing_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
+/// Write the chat template of `file` (a Jinja file, or a JSON file holding
+/// `chat_template`) into the model or adapter folder `dir` as
+/// `chat_template.jinja`, the file transformers and vlmhost read first; a
+/// `chat_template.json` copied there from the base is removed, so that the
+/// folder holds one template.
+pub fn write_chat_template(dir: &Path, file: &Path) -> Result<()> {
+    let template = vlmhost_chat_template::ChatTemplate::from_file(file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    crate::files::write_atomic(&dir.join("chat_template.jinja"), template.source().as_bytes())?;
+    let json = dir.join("chat_template.json");
+    if json.is_file() {
+        std::fs::remove_file(&json).with_context(|| format!("cannot remove {}", json.display()))?;
+    }
+    Ok(())
+}
+
 /// Turn a plugin error into an error with context.
 pub fn plugin_err(family: &str, what: &str, e: PluginError) -> anyhow::Error {
     anyhow!("{family} plugin, {what}: {e}")

@@ -214,6 +214,9 @@ pub fn save(model: &super::HostModel, dir: &Path) -> Result<()> {
         let name = file.file_name().expect("a listed file has a name");
         std::fs::copy(&file, partial.join(name)).with_context(|| format!("cannot copy {}", file.display()))?;
     }
+    if let Some(template) = &model.config().chat_template {
+        super::checkpoint::write_chat_template(&partial, template)?;
+    }
     crate::files::write_atomic(&partial.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     crate::files::publish_dir(&partial, dir)
 }
