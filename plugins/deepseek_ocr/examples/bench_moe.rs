@@ -8,7 +8,7 @@
 //! two-layer DeepSeek-OCR-shaped checkpoint with random weights, written to a
 //! temporary folder and opened through the plugin library like any other.
 //!
-//!     cargo run --release -p vlmhost --example bench_moe -- [--tokens 512] [--runs 3] [--device cpu|cuda]
+//!     cargo run --release -p vlmhost-plugin-deepseek-ocr --example bench_moe -- [--tokens 512] [--runs 3] [--device cpu|cuda]
 //!
 //! Prints the median time of each and the ratio, and checks both give the
 //! same output.
