@@ -77,16 +77,16 @@ fn declare_text(root: &SpecPath, tc: &TextConfig, tie: bool) -> LlamaText {
     let layout = TextLayout {
         model: &(&lm / "model"),
         head: &(&lm / "lm_head"),
-        vocab_size: tc.vocab_size,
-        hidden_size: tc.hidden_size,
-        num_layers: tc.num_hidden_layers,
+        vocab_size: tc.sizes.vocab_size,
+        hidden_size: tc.sizes.hidden_size,
+        num_layers: tc.sizes.num_hidden_layers,
         rms_norm_eps: tc.rms_norm_eps,
         tie,
     };
-    let (d, hd, bias) = (tc.hidden_size, tc.head_dim(), tc.attention_bias);
+    let (d, hd, bias) = (tc.sizes.hidden_size, tc.head_dim(), tc.attention_bias);
     LlamaText::declare(&layout, |l, _| LlamaLayer {
-        attn: Attention::declare(&(l / "self_attn"), d, tc.num_attention_heads, tc.kv_heads(), hd, bias, bias),
-        ffn: SwiGlu::declare(&(l / "mlp"), d, tc.intermediate_size, tc.mlp_bias),
+        attn: Attention::declare(&(l / "self_attn"), d, tc.sizes.num_attention_heads, tc.kv_heads(), hd, bias, bias),
+        ffn: SwiGlu::declare(&(l / "mlp"), d, tc.sizes.intermediate_size, tc.mlp_bias),
         input_norm: (l / "input_layernorm").rms_norm(d, tc.rms_norm_eps),
         post_norm: (l / "post_attention_layernorm").rms_norm(d, tc.rms_norm_eps),
     })
@@ -137,7 +137,7 @@ impl Llava {
         let feat = vc.hidden_size * config.vision_feature_layers.len() as i64;
         let bias = config.multimodal_projector_bias;
         let projector =
-            ((&proj / "linear_1").linear(feat, tc.hidden_size, bias), (&proj / "linear_2").linear(tc.hidden_size, tc.hidden_size, bias));
+            ((&proj / "linear_1").linear(feat, tc.sizes.hidden_size, bias), (&proj / "linear_2").linear(tc.sizes.hidden_size, tc.sizes.hidden_size, bias));
         let text = declare_text(&root, tc, config.tie_word_embeddings);
         Llava { spec: build_spec(b), config, vision, projector, text }
     }
