@@ -11,10 +11,11 @@
 use crate::config::FuyuConfig;
 use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
-use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams};
+use vlmhost_plugin_api::builder::{role_rule, LayerNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
 
+use vlmhost_plugin_sdk::keys::KeyRules;
 use vlmhost_plugin_sdk::decoder::{attention_mask, embed, image_tokens, KvCache, Rope, R};
 
 struct Layer {
@@ -76,29 +77,18 @@ impl Fuyu {
             (&lm / "lm_head").linear(d, t.sizes.vocab_size, false)
         };
 
-        let mut spec = b.build(
-            "fuyu",
-            vec![
-                role_rule(Role::Projector, &["vision_embed_tokens.**"], &[], ""),
-                role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
-            ],
-            vec![
-                // transformers 5 in memory (and save_pretrained with save_original_format=False)
-                key_rule("model.language_model.", "language_model.model."),
-                key_rule("lm_head.", "language_model.lm_head."),
-                key_rule("model.vision_embed_tokens.", "vision_embed_tokens."),
-            ],
-            // Non-persistent in transformers; ignored should a checkpoint carry it.
-            vec!["**.rotary_emb.inv_freq".into()],
-            false,
-        );
-        // transformers 5 in memory (FuyuForCausalLM): what PEFT names.
-        spec.transformers_names = vec![
-            key_rule("language_model.model.", "model.language_model."),
-            key_rule("language_model.lm_head.", "lm_head."),
-            key_rule("vision_embed_tokens.", "model.vision_embed_tokens."),
-        ]
-        .into();
+        // transformers 5 in memory (FuyuForCausalLM, what PEFT names; and
+        // save_pretrained with save_original_format=False).
+        let keys = KeyRules::new()
+            .in_memory("model.language_model.", "language_model.model.")
+            .in_memory("lm_head.", "language_model.lm_head.")
+            .in_memory("model.vision_embed_tokens.", "vision_embed_tokens.");
+        let roles = vec![
+            role_rule(Role::Projector, &["vision_embed_tokens.**"], &[], ""),
+            role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
+        ];
+        // The rotary buffer is non-persistent in transformers; ignored should a checkpoint carry it.
+        let spec = keys.spec(b, "fuyu", roles, &["**.rotary_emb.inv_freq"], false);
         Fuyu { config, spec, vision_embed_tokens, embed_tokens, layers, final_norm, lm_head }
     }
 
