@@ -7,7 +7,8 @@
 //! Errors name the file and the key ([`from_value`]).
 
 use crate::ProcessorError;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
@@ -120,6 +121,78 @@ pub fn check_activations(acts: &[(&str, &str)]) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// The sizes every decoder-only language model's config gives under the same
+/// keys (transformers' `LlamaConfig`, `Qwen2Config`, `PersimmonConfig`,
+/// `DeepseekV2Config`): vocabulary, width, MLP width, depth and heads. A
+/// family's text config flattens them in, with its config class's defaults
+/// ([`TextDefaults`]) for the keys a file leaves out:
+///
+/// ```ignore
+/// #[derive(Deserialize)]
+/// #[serde(default)]
+/// pub struct TextConfig {
+///     #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+///     pub sizes: TextSizes,
+///     // the family's own keys
+/// }
+///
+/// impl TextDefaults for TextConfig {
+///     const SIZES: TextSizes = TextSizes::new(32000, 4096, 11008, 32, 32);
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextSizes {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+}
+
+impl TextSizes {
+    /// The sizes, in the order of their fields.
+    pub const fn new(vocab_size: i64, hidden_size: i64, intermediate_size: i64, num_hidden_layers: i64, num_attention_heads: i64) -> Self {
+        TextSizes { vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads }
+    }
+
+    /// The sizes among the keys `deserializer` gives, `C::SIZES` for those
+    /// absent (the `deserialize_with` of a flattened `sizes`); a present key
+    /// must be an integer (serde's error otherwise).
+    pub fn deserialize_for<'de, C: TextDefaults, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let defaults = C::SIZES;
+        let keys = Map::<String, Value>::deserialize(deserializer)?;
+        let size = |key: &str, default: i64| keys.get(key).map_or(Ok(default), |v| i64::deserialize(v).map_err(D::Error::custom));
+        Ok(TextSizes {
+            vocab_size: size("vocab_size", defaults.vocab_size)?,
+            hidden_size: size("hidden_size", defaults.hidden_size)?,
+            intermediate_size: size("intermediate_size", defaults.intermediate_size)?,
+            num_hidden_layers: size("num_hidden_layers", defaults.num_hidden_layers)?,
+            num_attention_heads: size("num_attention_heads", defaults.num_attention_heads)?,
+        })
+    }
+
+    /// The sizes under their keys, for [`check_sizes`] and the limits.
+    pub fn named(&self) -> [(&'static str, i64); 5] {
+        [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ]
+    }
+
+    /// `hidden_size / num_attention_heads`, the head width when the config does not give one.
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// A text config with [`TextSizes`]: its config class's defaults for them.
+pub trait TextDefaults {
+    const SIZES: TextSizes;
+}
+
 /// The RoPE kind of a `rope_parameters` / `rope_scaling` object (`rope_type` or `type`).
 pub fn rope_kind(params: &Value) -> &str {
     params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default")
@@ -146,5 +219,35 @@ mod tests {
         let (key, message) = from_value::<Sizes>(&v).unwrap_err();
         assert_eq!(key, "hidden_size");
         assert!(message.contains("expected i64"), "{message}");
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Text {
+        #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<Text, _>")]
+        sizes: TextSizes,
+        hidden_act: String,
+    }
+
+    impl TextDefaults for Text {
+        const SIZES: TextSizes = TextSizes::new(10, 8, 16, 2, 2);
+    }
+
+    impl Default for Text {
+        fn default() -> Self {
+            Text { sizes: Self::SIZES, hidden_act: String::new() }
+        }
+    }
+
+    #[test]
+    fn text_sizes_take_the_family_defaults_and_errors_name_the_key() {
+        let v = serde_json::json!({"hidden_size": 64.0, "num_hidden_layers": null, "hidden_act": "silu"});
+        let t = from_value::<Text>(&v).unwrap();
+        assert_eq!(t.sizes, TextSizes { hidden_size: 64, ..Text::SIZES });
+        assert_eq!(t.hidden_act, "silu");
+        let v = serde_json::json!({"hidden_act": "silu", "vocab_size": "big"});
+        let (key, message) = from_value::<Text>(&v).unwrap_err();
+        assert_eq!(key, "vocab_size");
+        assert_eq!(message, "invalid type: string \"big\", expected i64");
     }
 }

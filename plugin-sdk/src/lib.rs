@@ -15,6 +15,8 @@
 //! * [`pixels`]: rescale / normalise settings shared by the image processors.
 //! * [`labels`]: chat spans, placeholder expansion and span labelling.
 //! * [`init`]: writing a new checkpoint's files, and the tests every preset passes.
+//! * [`keys`]: the checkpoint key layouts a family reads and transformers 5's
+//!   in-memory names, stated once.
 //! * [`decoder`]: the Llama-style decoder blocks (GQA attention with the KV
 //!   cache and rotary embeddings, SwiGLU MLP) and the forward-pass plumbing
 //!   (masks, positions, image-feature merging) the families share.
@@ -24,6 +26,7 @@ pub mod error;
 pub mod family;
 pub mod files;
 pub mod init;
+pub mod keys;
 pub mod labels;
 pub mod pixels;
 pub mod tokens;

@@ -22,17 +22,15 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::files::{TextDefaults, TextSizes};
 
 /// The DeepSeek-V2 language model.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
-    pub vocab_size: i64,
-    pub hidden_size: i64,
-    pub intermediate_size: i64,
+    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+    pub sizes: TextSizes,
     pub moe_intermediate_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
     pub num_key_value_heads: Option<i64>,
     pub n_shared_experts: Option<i64>,
     pub n_routed_experts: Option<i64>,
@@ -56,15 +54,16 @@ pub struct TextConfig {
     pub eos_token_id: Option<i64>,
 }
 
+impl TextDefaults for TextConfig {
+    /// `DeepseekV2Config`'s vocabulary, widths, depth and heads.
+    const SIZES: TextSizes = TextSizes::new(102400, 4096, 11008, 30, 32);
+}
+
 impl Default for TextConfig {
     fn default() -> Self {
         TextConfig {
-            vocab_size: 102400,
-            hidden_size: 4096,
-            intermediate_size: 11008,
+            sizes: Self::SIZES,
             moe_intermediate_size: 1407,
-            num_hidden_layers: 30,
-            num_attention_heads: 32,
             num_key_value_heads: None,
             n_shared_experts: None,
             n_routed_experts: None,
@@ -91,11 +90,8 @@ impl Default for TextConfig {
 }
 
 impl TextConfig {
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_attention_heads
-    }
     pub fn kv_heads(&self) -> i64 {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+        self.num_key_value_heads.unwrap_or(self.sizes.num_attention_heads)
     }
     /// Whether decoder layer `i` has the MoE block (else the dense MLP).
     pub fn is_moe_layer(&self, i: i64) -> bool {
@@ -179,7 +175,7 @@ impl DeepseekOcrConfig {
         let text = text_config(v)?;
         let (sam, clip) = vision_configs(v)?;
         let projector_input = clip.width + sam.downsample_channels[1];
-        check_projector(v, projector_input, text.hidden_size)?;
+        check_projector(v, projector_input, text.sizes.hidden_size)?;
         Ok(DeepseekOcrConfig { text, sam, clip, projector_input })
     }
 }
@@ -196,21 +192,12 @@ fn text_config(v: &Value) -> Result<TextConfig, String> {
         }
     }
     let text: TextConfig = serde_json::from_value(merged).map_err(|e| format!("language model keys: {e}"))?;
-    sizes(&[
-        ("vocab_size", text.vocab_size),
-        ("hidden_size", text.hidden_size),
-        ("intermediate_size", text.intermediate_size),
-        ("num_hidden_layers", text.num_hidden_layers),
-        ("num_attention_heads", text.num_attention_heads),
-        ("num_key_value_heads", text.kv_heads()),
-        ("moe_layer_freq", text.moe_layer_freq),
-    ])?;
-    if text.hidden_size % text.num_attention_heads != 0 || text.num_attention_heads % text.kv_heads() != 0 {
+    sizes(&text.sizes.named())?;
+    sizes(&[("num_key_value_heads", text.kv_heads()), ("moe_layer_freq", text.moe_layer_freq)])?;
+    let (hidden, heads, kv) = (text.sizes.hidden_size, text.sizes.num_attention_heads, text.kv_heads());
+    if hidden % heads != 0 || heads % kv != 0 {
         return Err(format!(
-            "hidden_size {} must be a multiple of num_attention_heads {}, which must be a multiple of num_key_value_heads {}",
-            text.hidden_size,
-            text.num_attention_heads,
-            text.kv_heads()
+            "hidden_size {hidden} must be a multiple of num_attention_heads {heads}, which must be a multiple of num_key_value_heads {kv}"
         ));
     }
     if let Some(experts) = text.n_routed_experts {

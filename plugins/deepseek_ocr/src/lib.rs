@@ -82,12 +82,12 @@ impl DeepseekOcrModel {
         let config = DeepseekOcrConfig::from_dir(dir)?;
         let processor = DeepseekOcrProcessor::from_dir(dir, *options).map_err(processor_err)?;
         let image_token_id = processor.image_token_id();
-        if image_token_id >= config.text.vocab_size {
+        if image_token_id >= config.text.sizes.vocab_size {
             return Err(PluginError::invalid(
                 config_path.display().to_string(),
                 format!(
                     "the tokenizer's <image> is id {image_token_id}, outside the vocabulary of {} tokens",
-                    config.text.vocab_size
+                    config.text.sizes.vocab_size
                 ),
             ));
         }

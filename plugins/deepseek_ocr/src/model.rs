@@ -42,7 +42,7 @@ impl DeepseekOcr {
         let b = SpecBuilder::new();
         let m = b.root() / "model";
         let t = &config.text;
-        let d = t.hidden_size;
+        let d = t.sizes.hidden_size;
         let sam = declare_sam(&(&m / "sam_model"), &config.sam);
         let clip = declare_clip(&(&m / "vision_model"), &config.clip);
         let projector = (&m / "projector" / "layers").linear(config.projector_input, d, true);
@@ -51,9 +51,9 @@ impl DeepseekOcr {
         let layout = TextLayout {
             model: &m,
             head: &(b.root() / "lm_head"),
-            vocab_size: t.vocab_size,
+            vocab_size: t.sizes.vocab_size,
             hidden_size: d,
-            num_layers: t.num_hidden_layers,
+            num_layers: t.sizes.num_hidden_layers,
             rms_norm_eps: t.rms_norm_eps,
             tie: t.tie_word_embeddings,
         };
@@ -238,7 +238,7 @@ impl Architecture for DeepseekOcr {
         // Images belong to the prompt: later decoding steps carry none.
         let x = if past_len > 0 { embed(host, self.text.embed_tokens, &batch.input_ids)? } else { self.input_embeddings(host, batch)? };
         let l = x.size()[1];
-        let rope = Rope::at(past_len, l, t.head_dim(), t.rope_theta, x.device())?;
+        let rope = Rope::at(past_len, l, t.sizes.head_dim(), t.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
         self.text.run(host, x, &rope, &mask, past, |ffn, y| ffn.forward(t, host, y))
     }

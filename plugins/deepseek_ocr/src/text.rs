@@ -34,7 +34,7 @@ fn declare_mlp(p: &SpecPath, hidden: i64, inner: i64) -> Mlp {
 
 /// Declare decoder layer `i` under `p`, its feed-forward block first (the checkpoint's order).
 pub(crate) fn declare_layer(p: &SpecPath, t: &TextConfig, i: i64) -> Layer {
-    let (d, hd) = (t.hidden_size, t.head_dim());
+    let (d, hd) = (t.sizes.hidden_size, t.sizes.head_dim());
     let mlp = p / "mlp";
     LlamaLayer {
         ffn: if t.is_moe_layer(i) {
@@ -48,9 +48,9 @@ pub(crate) fn declare_layer(p: &SpecPath, t: &TextConfig, i: i64) -> Layer {
                     .map(|s| declare_mlp(&(&mlp / "shared_experts"), d, t.moe_intermediate_size * s)),
             })
         } else {
-            Ffn::Dense(declare_mlp(&mlp, d, t.intermediate_size))
+            Ffn::Dense(declare_mlp(&mlp, d, t.sizes.intermediate_size))
         },
-        attn: Attention::declare(&(p / "self_attn"), d, t.num_attention_heads, t.kv_heads(), hd, t.attention_bias, t.attention_bias),
+        attn: Attention::declare(&(p / "self_attn"), d, t.sizes.num_attention_heads, t.kv_heads(), hd, t.attention_bias, t.attention_bias),
         input_norm: (p / "input_layernorm").rms_norm(d, t.rms_norm_eps),
         post_norm: (p / "post_attention_layernorm").rms_norm(d, t.rms_norm_eps),
     }

@@ -17,17 +17,15 @@ use std::path::Path;
 use vlmhost_plugin_api::PluginError;
 use vlmhost_plugin_sdk::files::{
     check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
+    TextDefaults, TextSizes,
 };
 
 /// The Persimmon language model (`PersimmonConfig`, whose defaults are the fuyu-8b values).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
-    pub vocab_size: i64,
-    pub hidden_size: i64,
-    pub intermediate_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
+    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+    pub sizes: TextSizes,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
     pub qk_layernorm: bool,
@@ -43,14 +41,15 @@ pub struct TextConfig {
     pub rope_scaling: Option<Value>,
 }
 
+impl TextDefaults for TextConfig {
+    /// `PersimmonConfig`'s vocabulary, widths, depth and heads (fuyu-8b's).
+    const SIZES: TextSizes = TextSizes::new(262144, 4096, 16384, 36, 64);
+}
+
 impl Default for TextConfig {
     fn default() -> Self {
         TextConfig {
-            vocab_size: 262144,
-            hidden_size: 4096,
-            intermediate_size: 16384,
-            num_hidden_layers: 36,
-            num_attention_heads: 64,
+            sizes: Self::SIZES,
             hidden_act: "relu2".into(),
             layer_norm_eps: 1e-5,
             qk_layernorm: true,
@@ -65,12 +64,9 @@ impl Default for TextConfig {
 }
 
 impl TextConfig {
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_attention_heads
-    }
     /// Rotary dimensions per head: `int(head_dim * partial_rotary_factor)`.
     pub fn rotary_dim(&self) -> i64 {
-        (self.head_dim() as f64 * self.partial_rotary_factor) as i64
+        (self.sizes.head_dim() as f64 * self.partial_rotary_factor) as i64
     }
 }
 
@@ -179,26 +175,21 @@ impl FuyuConfig {
         let t = &self.text;
         let p = if self.form == "nested" { "text_config." } else { "" };
         check_activations(&[(&format!("{p}hidden_act"), &t.hidden_act)])?;
-        check_sizes(p, &[
-            ("vocab_size", t.vocab_size),
-            ("hidden_size", t.hidden_size),
-            ("intermediate_size", t.intermediate_size),
-            ("num_hidden_layers", t.num_hidden_layers),
-            ("num_attention_heads", t.num_attention_heads),
-        ])?;
+        check_sizes(p, &t.sizes.named())?;
         check_sizes("", &[("patch_size", self.patch_size), ("num_channels", self.num_channels)])?;
-        if t.hidden_size % t.num_attention_heads != 0 {
-            return Err(invalid(&format!("{p}hidden_size"), format!("{} is not divisible by num_attention_heads {}", t.hidden_size, t.num_attention_heads)));
+        let TextSizes { hidden_size, num_attention_heads, vocab_size, .. } = t.sizes;
+        if hidden_size % num_attention_heads != 0 {
+            return Err(invalid(&format!("{p}hidden_size"), format!("{hidden_size} is not divisible by num_attention_heads {num_attention_heads}")));
         }
         let rd = t.rotary_dim();
         if !(0.0..=1.0).contains(&t.partial_rotary_factor) || rd % 2 != 0 {
             return Err(invalid(
                 &format!("{p}partial_rotary_factor"),
-                format!("{} gives {rd} rotary dimensions of {}; need an even number within the head", t.partial_rotary_factor, t.head_dim()),
+                format!("{} gives {rd} rotary dimensions of {}; need an even number within the head", t.partial_rotary_factor, t.sizes.head_dim()),
             ));
         }
-        if self.image_token_id < 0 || self.image_token_id >= t.vocab_size {
-            return Err(invalid("image_token_id", format!("{} is outside the vocabulary ({})", self.image_token_id, t.vocab_size)));
+        if self.image_token_id < 0 || self.image_token_id >= vocab_size {
+            return Err(invalid("image_token_id", format!("{} is outside the vocabulary ({vocab_size})", self.image_token_id)));
         }
         Ok(())
     }
@@ -215,8 +206,8 @@ mod tests {
         let c = FuyuConfig::from_json(FUYU_8B).unwrap();
         assert_eq!(c.form, "flat");
         let t = &c.text;
-        assert_eq!((t.vocab_size, t.hidden_size, t.intermediate_size), (262144, 4096, 16384));
-        assert_eq!((t.num_hidden_layers, t.num_attention_heads, t.head_dim(), t.rotary_dim()), (36, 64, 64, 32));
+        assert_eq!(t.sizes, TextSizes::new(262144, 4096, 16384, 36, 64));
+        assert_eq!((t.sizes.head_dim(), t.rotary_dim()), (64, 32));
         assert_eq!(t.rope_theta, 25000.0);
         assert!(t.qk_layernorm);
         assert_eq!(c.patch_features(), 2700);
@@ -232,7 +223,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.form, c.text.rope_theta, c.text.rotary_dim()), ("nested", 25000.0, 4));
-        assert_eq!(c.text.num_hidden_layers, 36);
+        assert_eq!(c.text.sizes.num_hidden_layers, 36);
     }
 
     #[test]

@@ -11,10 +11,11 @@
 use crate::config::FuyuConfig;
 use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
-use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams};
+use vlmhost_plugin_api::builder::{role_rule, LayerNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
 
+use vlmhost_plugin_sdk::keys::KeyRules;
 use vlmhost_plugin_sdk::decoder::{attention_mask, embed, image_tokens, KvCache, Rope, R};
 
 struct Layer {
@@ -44,15 +45,15 @@ impl Fuyu {
         let b = SpecBuilder::new();
         let root = b.root();
         let t = &config.text;
-        let (d, hd, eps) = (t.hidden_size, t.head_dim(), t.layer_norm_eps);
+        let (d, hd, eps) = (t.sizes.hidden_size, t.sizes.head_dim(), t.layer_norm_eps);
 
         // [patches, p*p*C] -> [patches, hidden]
         let vision_embed_tokens = (&root / "vision_embed_tokens").linear(config.patch_features(), d, true);
 
         let lm = &root / "language_model";
         let m = &lm / "model";
-        let embed_tokens = (&m / "embed_tokens").embedding(t.vocab_size, d);
-        let layers = (0..t.num_hidden_layers)
+        let embed_tokens = (&m / "embed_tokens").embedding(t.sizes.vocab_size, d);
+        let layers = (0..t.sizes.num_hidden_layers)
             .map(|i| {
                 let l = &m / "layers" / i;
                 let a = &l / "self_attn";
@@ -62,8 +63,8 @@ impl Fuyu {
                     dense: (&a / "dense").linear(d, d, true),
                     q_norm: t.qk_layernorm.then(|| (&a / "q_layernorm").layer_norm(hd, true, eps)),
                     k_norm: t.qk_layernorm.then(|| (&a / "k_layernorm").layer_norm(hd, true, eps)),
-                    h_to_4h: (&mlp / "dense_h_to_4h").linear(d, t.intermediate_size, true),
-                    four_h_to_h: (&mlp / "dense_4h_to_h").linear(t.intermediate_size, d, true),
+                    h_to_4h: (&mlp / "dense_h_to_4h").linear(d, t.sizes.intermediate_size, true),
+                    four_h_to_h: (&mlp / "dense_4h_to_h").linear(t.sizes.intermediate_size, d, true),
                     input_norm: (&l / "input_layernorm").layer_norm(d, true, eps),
                     post_norm: (&l / "post_attention_layernorm").layer_norm(d, true, eps),
                 }
@@ -71,34 +72,23 @@ impl Fuyu {
             .collect();
         let final_norm = (&m / "final_layernorm").layer_norm(d, true, eps);
         let lm_head = if config.tie_word_embeddings {
-            (&lm / "lm_head").linear_tied(d, t.vocab_size, "language_model.model.embed_tokens.weight")
+            (&lm / "lm_head").linear_tied(d, t.sizes.vocab_size, "language_model.model.embed_tokens.weight")
         } else {
-            (&lm / "lm_head").linear(d, t.vocab_size, false)
+            (&lm / "lm_head").linear(d, t.sizes.vocab_size, false)
         };
 
-        let mut spec = b.build(
-            "fuyu",
-            vec![
-                role_rule(Role::Projector, &["vision_embed_tokens.**"], &[], ""),
-                role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
-            ],
-            vec![
-                // transformers 5 in memory (and save_pretrained with save_original_format=False)
-                key_rule("model.language_model.", "language_model.model."),
-                key_rule("lm_head.", "language_model.lm_head."),
-                key_rule("model.vision_embed_tokens.", "vision_embed_tokens."),
-            ],
-            // Non-persistent in transformers; ignored should a checkpoint carry it.
-            vec!["**.rotary_emb.inv_freq".into()],
-            false,
-        );
-        // transformers 5 in memory (FuyuForCausalLM): what PEFT names.
-        spec.transformers_names = vec![
-            key_rule("language_model.model.", "model.language_model."),
-            key_rule("language_model.lm_head.", "lm_head."),
-            key_rule("vision_embed_tokens.", "model.vision_embed_tokens."),
-        ]
-        .into();
+        // transformers 5 in memory (FuyuForCausalLM, what PEFT names; and
+        // save_pretrained with save_original_format=False).
+        let keys = KeyRules::new()
+            .in_memory("model.language_model.", "language_model.model.")
+            .in_memory("lm_head.", "language_model.lm_head.")
+            .in_memory("model.vision_embed_tokens.", "vision_embed_tokens.");
+        let roles = vec![
+            role_rule(Role::Projector, &["vision_embed_tokens.**"], &[], ""),
+            role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
+        ];
+        // The rotary buffer is non-persistent in transformers; ignored should a checkpoint carry it.
+        let spec = keys.spec(b, "fuyu", roles, &["**.rotary_emb.inv_freq"], false);
         Fuyu { config, spec, vision_embed_tokens, embed_tokens, layers, final_norm, lm_head }
     }
 
@@ -147,7 +137,7 @@ impl Fuyu {
     fn attention(&self, host: Host<'_, '_>, layer: &Layer, y: &Tensor, rope: &Rope, mask: &Tensor, cache: &mut KvCache<'_>) -> R {
         let t = &self.config.text;
         let (b, l) = (y.size()[0], y.size()[1]);
-        let (heads, hd, rd) = (t.num_attention_heads, t.head_dim(), t.rotary_dim());
+        let (heads, hd, rd) = (t.sizes.num_attention_heads, t.sizes.head_dim(), t.rotary_dim());
         // Rotate the first `rd` dimensions of each head, pass the rest through.
         let partial = |v: &Tensor| -> R {
             let rotated = rope.apply(&v.f_narrow(-1, 0, rd)?)?;

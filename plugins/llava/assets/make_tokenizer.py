@@ -13,24 +13,13 @@ Run it with the project's virtualenv (tokenizers 0.23):
 The output is deterministic; plugins/llava/src/init.rs embeds it with include_str!.
 """
 
+import sys
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 
-VOCAB_SIZE = 320
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which the ByteLevel pre-tokenizer uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugin-sdk" / "assets"))
+from byte_level import byte_level_bpe, bytes_to_unicode, save  # noqa: E402
 
 
 def main() -> None:
@@ -40,17 +29,10 @@ def main() -> None:
         vocab[byte_char[b]] = b + 3
     vocab["<image>"] = 259
     vocab["<pad>"] = 260
-    for i in range(len(vocab), VOCAB_SIZE):
-        vocab[f"<|vlmhost_unused_{i}|>"] = i
-    assert len(vocab) == VOCAB_SIZE and sorted(vocab.values()) == list(range(VOCAB_SIZE))
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
-    tok.post_processor = processors.TemplateProcessing(
+    post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", 1)]
     )
+    tok = byte_level_bpe(vocab, ["<unk>", "<s>", "</s>", "<image>", "<pad>"], post_processor)
 
     # Any text is covered, one token per byte; the special tokens are single tokens.
     text = "USER: <image><image>\nFree OCR. ASSISTANT: Grüße 42</s>"
@@ -58,9 +40,7 @@ def main() -> None:
     assert enc.ids[0] == 1 and enc.ids[7:9] == [259, 259] and enc.ids[-1] == 2, enc.ids
     assert tok.decode(enc.ids) == "USER: \nFree OCR. ASSISTANT: Grüße 42", tok.decode(enc.ids)
 
-    out = Path(__file__).with_name("byte_tokenizer.json")
-    tok.save(str(out), pretty=True)
-    print(f"wrote {out} ({tok.get_vocab_size()} tokens)")
+    save(tok, __file__)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ use std::path::Path;
 use vlmhost_plugin_api::PluginError;
 use vlmhost_plugin_sdk::files::{
     check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
+    TextDefaults, TextSizes,
 };
 
 /// The CLIP vision tower.
@@ -59,11 +60,8 @@ impl VisionConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
-    pub vocab_size: i64,
-    pub hidden_size: i64,
-    pub intermediate_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
+    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+    pub sizes: TextSizes,
     pub num_key_value_heads: Option<i64>,
     pub head_dim: Option<i64>,
     pub hidden_act: String,
@@ -77,14 +75,15 @@ pub struct TextConfig {
     pub pad_token_id: Option<i64>,
 }
 
+impl TextDefaults for TextConfig {
+    /// `LlamaConfig`'s vocabulary, widths, depth and heads.
+    const SIZES: TextSizes = TextSizes::new(32000, 4096, 11008, 32, 32);
+}
+
 impl Default for TextConfig {
     fn default() -> Self {
         TextConfig {
-            vocab_size: 32000,
-            hidden_size: 4096,
-            intermediate_size: 11008,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
+            sizes: Self::SIZES,
             num_key_value_heads: None,
             head_dim: None,
             hidden_act: "silu".into(),
@@ -102,10 +101,10 @@ impl Default for TextConfig {
 
 impl TextConfig {
     pub fn kv_heads(&self) -> i64 {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+        self.num_key_value_heads.unwrap_or(self.sizes.num_attention_heads)
     }
     pub fn head_dim(&self) -> i64 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.sizes.head_dim())
     }
 }
 
@@ -187,13 +186,9 @@ impl LlavaConfig {
             ("vision_config.num_channels", v.num_channels),
             ("vision_config.image_size", v.image_size),
             ("vision_config.patch_size", v.patch_size),
-            ("text_config.vocab_size", t.vocab_size),
-            ("text_config.hidden_size", t.hidden_size),
-            ("text_config.intermediate_size", t.intermediate_size),
-            ("text_config.num_hidden_layers", t.num_hidden_layers),
-            ("text_config.num_attention_heads", t.num_attention_heads),
-            ("text_config.num_key_value_heads", t.kv_heads()),
         ])?;
+        check_sizes("text_config.", &t.sizes.named())?;
+        check_sizes("text_config.", &[("num_key_value_heads", t.kv_heads())])?;
         let n = self.vision.num_hidden_layers;
         for &l in &self.vision_feature_layers {
             if l < -(n + 1) || l > n {
@@ -203,11 +198,11 @@ impl LlavaConfig {
         if self.vision.hidden_size % self.vision.num_attention_heads != 0 {
             return Err(invalid("vision_config.hidden_size", "not divisible by num_attention_heads"));
         }
-        if self.text.num_attention_heads % self.text.kv_heads() != 0 {
+        if t.sizes.num_attention_heads % t.kv_heads() != 0 {
             return Err(invalid("text_config.num_key_value_heads", "must divide num_attention_heads"));
         }
-        if self.image_token_index < 0 || self.image_token_index >= self.text.vocab_size {
-            return Err(invalid("image_token_index", format!("{} is outside the vocabulary ({})", self.image_token_index, self.text.vocab_size)));
+        if self.image_token_index < 0 || self.image_token_index >= t.sizes.vocab_size {
+            return Err(invalid("image_token_index", format!("{} is outside the vocabulary ({})", self.image_token_index, t.sizes.vocab_size)));
         }
         Ok(())
     }
@@ -252,8 +247,8 @@ mod tests {
         assert_eq!(c.vision.hidden_size, 1024);
         assert_eq!(c.vision.grid(), 24);
         assert_eq!(c.vision.hidden_act, "quick_gelu");
-        assert_eq!(c.text.hidden_size, 4096);
-        assert_eq!(c.text.vocab_size, 32064);
+        assert_eq!(c.text.sizes.hidden_size, 4096);
+        assert_eq!(c.text.sizes.vocab_size, 32064);
         assert_eq!(c.text.kv_heads(), 32);
         assert_eq!(c.image_token_index, 32000);
         assert_eq!(c.vision_feature_layers, [-2]);

@@ -7,9 +7,10 @@
 use crate::config::{LlavaConfig, TextConfig, VisionConfig};
 use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
-use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams, SpecPath};
+use vlmhost_plugin_api::builder::{role_rule, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
 use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, Role, SpecBuilder};
+use vlmhost_plugin_sdk::keys::KeyRules;
 use vlmhost_plugin_sdk::decoder::{
     attention_mask, batch_error, image_tokens, merge_image_features, past_len, Attention, LlamaLayer,
     LlamaText, Rope, SwiGlu, TextLayout, R,
@@ -77,16 +78,16 @@ fn declare_text(root: &SpecPath, tc: &TextConfig, tie: bool) -> LlamaText {
     let layout = TextLayout {
         model: &(&lm / "model"),
         head: &(&lm / "lm_head"),
-        vocab_size: tc.vocab_size,
-        hidden_size: tc.hidden_size,
-        num_layers: tc.num_hidden_layers,
+        vocab_size: tc.sizes.vocab_size,
+        hidden_size: tc.sizes.hidden_size,
+        num_layers: tc.sizes.num_hidden_layers,
         rms_norm_eps: tc.rms_norm_eps,
         tie,
     };
-    let (d, hd, bias) = (tc.hidden_size, tc.head_dim(), tc.attention_bias);
+    let (d, hd, bias) = (tc.sizes.hidden_size, tc.head_dim(), tc.attention_bias);
     LlamaText::declare(&layout, |l, _| LlamaLayer {
-        attn: Attention::declare(&(l / "self_attn"), d, tc.num_attention_heads, tc.kv_heads(), hd, bias, bias),
-        ffn: SwiGlu::declare(&(l / "mlp"), d, tc.intermediate_size, tc.mlp_bias),
+        attn: Attention::declare(&(l / "self_attn"), d, tc.sizes.num_attention_heads, tc.kv_heads(), hd, bias, bias),
+        ffn: SwiGlu::declare(&(l / "mlp"), d, tc.sizes.intermediate_size, tc.mlp_bias),
         input_norm: (l / "input_layernorm").rms_norm(d, tc.rms_norm_eps),
         post_norm: (l / "post_attention_layernorm").rms_norm(d, tc.rms_norm_eps),
     })
@@ -94,37 +95,25 @@ fn declare_text(root: &SpecPath, tc: &TextConfig, tie: bool) -> LlamaText {
 
 /// The spec: roles, the key layouts accepted, the names transformers 5 uses in memory.
 fn build_spec(b: SpecBuilder) -> ModelSpec {
-    let mut spec = b.build(
-        "llava",
-        vec![
-            role_rule(Role::Vision, &["vision_tower.**"], &[], "vision_tower.vision_model.encoder.layers.*"),
-            role_rule(Role::Projector, &["multi_modal_projector.**"], &[], ""),
-            role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
-        ],
-        vec![
-            // transformers >= 4.52 (in memory and in files it writes with save_original_format=False)
-            key_rule("model.language_model.", "language_model.model."),
-            key_rule("lm_head.", "language_model.lm_head."),
-            key_rule("model.multi_modal_projector.", "multi_modal_projector."),
-            key_rule("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-            key_rule("model.vision_tower.", "vision_tower.vision_model."),
-            // the hub layout, kept as it is
-            key_rule("vision_tower.vision_model.", "vision_tower.vision_model."),
-            // transformers 5 save_original_format: no `vision_model.` segment
-            key_rule("vision_tower.", "vision_tower.vision_model."),
-        ],
-        vec!["**.position_ids".into()],
-        true,
-    );
-    // transformers 5 in memory (LlavaForConditionalGeneration): what PEFT names.
-    spec.transformers_names = vec![
-        key_rule("language_model.model.", "model.language_model."),
-        key_rule("language_model.lm_head.", "lm_head."),
-        key_rule("multi_modal_projector.", "model.multi_modal_projector."),
-        key_rule("vision_tower.vision_model.", "model.vision_tower."),
-    ]
-    .into();
-    spec
+    // transformers >= 4.52 (in memory and in files it writes with
+    // save_original_format=False); transformers 5's in-memory names
+    // (LlavaForConditionalGeneration, what PEFT names) are the `in_memory` ones.
+    let keys = KeyRules::new()
+        .in_memory("model.language_model.", "language_model.model.")
+        .in_memory("lm_head.", "language_model.lm_head.")
+        .in_memory("model.multi_modal_projector.", "multi_modal_projector.")
+        .also("model.vision_tower.vision_model.", "vision_tower.vision_model.")
+        .in_memory("model.vision_tower.", "vision_tower.vision_model.")
+        // the hub layout, kept as it is
+        .also("vision_tower.vision_model.", "vision_tower.vision_model.")
+        // transformers 5 save_original_format: no `vision_model.` segment
+        .also("vision_tower.", "vision_tower.vision_model.");
+    let roles = vec![
+        role_rule(Role::Vision, &["vision_tower.**"], &[], "vision_tower.vision_model.encoder.layers.*"),
+        role_rule(Role::Projector, &["multi_modal_projector.**"], &[], ""),
+        role_rule(Role::Llm, &["language_model.**"], &[], "language_model.model.layers.*"),
+    ];
+    keys.spec(b, "llava", roles, &["**.position_ids"], true)
 }
 
 impl Llava {
@@ -137,7 +126,7 @@ impl Llava {
         let feat = vc.hidden_size * config.vision_feature_layers.len() as i64;
         let bias = config.multimodal_projector_bias;
         let projector =
-            ((&proj / "linear_1").linear(feat, tc.hidden_size, bias), (&proj / "linear_2").linear(tc.hidden_size, tc.hidden_size, bias));
+            ((&proj / "linear_1").linear(feat, tc.sizes.hidden_size, bias), (&proj / "linear_2").linear(tc.sizes.hidden_size, tc.sizes.hidden_size, bias));
         let text = declare_text(&root, tc, config.tie_word_embeddings);
         Llava { spec: build_spec(b), config, vision, projector, text }
     }

@@ -15,26 +15,16 @@ No BOS is added (Qwen2's post-processor adds nothing). Run it with the project's
 The output is deterministic; plugins/qwen2_vl/src/init.rs embeds it with include_str!.
 """
 
+import sys
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 
-VOCAB_SIZE = 320
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugin-sdk" / "assets"))
+from byte_level import byte_level_bpe, bytes_to_unicode, save  # noqa: E402
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which the ByteLevel pre-tokenizer uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def main() -> None:
@@ -42,15 +32,8 @@ def main() -> None:
     vocab = {byte_char[b]: b for b in range(256)}
     for t in SPECIAL:
         vocab[t] = len(vocab)
-    for i in range(len(vocab), VOCAB_SIZE):
-        vocab[f"<|vlmhost_unused_{i}|>"] = i
-    assert len(vocab) == VOCAB_SIZE and sorted(vocab.values()) == list(range(VOCAB_SIZE))
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL])
-    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    tok = byte_level_bpe(vocab, SPECIAL, post_processor)
 
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>Free OCR.<|im_end|>\n"
     enc = tok.encode(text)
@@ -58,9 +41,7 @@ def main() -> None:
     assert enc.ids[-2:] == [258, ord("\n")], enc.ids
     assert tok.decode(tok.encode("Grüße 42").ids) == "Grüße 42"
 
-    out = Path(__file__).with_name("byte_tokenizer.json")
-    tok.save(str(out), pretty=True)
-    print(f"wrote {out} ({tok.get_vocab_size()} tokens)")
+    save(tok, __file__)
 
 
 if __name__ == "__main__":

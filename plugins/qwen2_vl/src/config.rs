@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
-use vlmhost_plugin_sdk::files::{check_activations, check_sizes, config_section, object, parse_config, read_config_text, rope_kind};
+use vlmhost_plugin_sdk::files::{
+    check_activations, check_sizes, config_section, object, parse_config, read_config_text, rope_kind, TextDefaults, TextSizes,
+};
 
 /// The vision tower (`Qwen2VLVisionConfig`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -91,11 +93,8 @@ impl VisionConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
-    pub vocab_size: i64,
-    pub hidden_size: i64,
-    pub intermediate_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
+    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+    pub sizes: TextSizes,
     pub num_key_value_heads: i64,
     pub hidden_act: String,
     pub rms_norm_eps: f64,
@@ -109,14 +108,15 @@ pub struct TextConfig {
     pub use_sliding_window: bool,
 }
 
+impl TextDefaults for TextConfig {
+    /// `Qwen2VLTextConfig`'s vocabulary, widths, depth and heads.
+    const SIZES: TextSizes = TextSizes::new(152064, 8192, 29568, 80, 64);
+}
+
 impl Default for TextConfig {
     fn default() -> Self {
         TextConfig {
-            vocab_size: 152064,
-            hidden_size: 8192,
-            intermediate_size: 29568,
-            num_hidden_layers: 80,
-            num_attention_heads: 64,
+            sizes: Self::SIZES,
             num_key_value_heads: 8,
             hidden_act: "silu".into(),
             rms_norm_eps: 1e-5,
@@ -124,12 +124,6 @@ impl Default for TextConfig {
             mrope_section: vec![16, 24, 24],
             use_sliding_window: false,
         }
-    }
-}
-
-impl TextConfig {
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_attention_heads
     }
 }
 
@@ -199,7 +193,7 @@ impl Qwen2VlConfig {
         let (text_v, prefix) = if nested { (&v["text_config"], "text_config.") } else { (&v, "") };
         let mut text: TextConfig = config_section(text_v, prefix)?;
         if text_v.get("num_key_value_heads").is_some_and(Value::is_null) {
-            text.num_key_value_heads = text.num_attention_heads;
+            text.num_key_value_heads = text.sizes.num_attention_heads;
         }
         (text.rope_theta, text.mrope_section) = text_rope(text_v, prefix, &v)?;
         if text.use_sliding_window {
@@ -237,41 +231,37 @@ impl Qwen2VlConfig {
             ("vision_config.spatial_merge_size", v.spatial_merge_size),
             ("vision_config.temporal_patch_size", v.temporal_patch_size),
             ("vision_config.in_channels", v.in_channels),
-            ("text_config.num_attention_heads", t.num_attention_heads),
-            ("text_config.num_key_value_heads", t.num_key_value_heads),
-            ("text_config.hidden_size", t.hidden_size),
-            ("text_config.vocab_size", t.vocab_size),
-            ("text_config.num_hidden_layers", t.num_hidden_layers),
-            ("text_config.intermediate_size", t.intermediate_size),
             ("vision_config.hidden_size", v.hidden_size),
         ];
         check_sizes("", &positive)?;
+        check_sizes("text_config.", &t.sizes.named())?;
+        check_sizes("text_config.", &[("num_key_value_heads", t.num_key_value_heads)])?;
         if v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
             return Err(invalid(
                 "vision_config.embed_dim",
                 format!("{} / num_heads {} must be a multiple of 4 (2-D rotary embedding)", v.embed_dim, v.num_heads),
             ));
         }
-        if v.hidden_size != t.hidden_size {
+        if v.hidden_size != t.sizes.hidden_size {
             return Err(invalid(
                 "vision_config.hidden_size",
-                format!("the merger's output ({}) must equal the LLM's hidden_size ({})", v.hidden_size, t.hidden_size),
+                format!("the merger's output ({}) must equal the LLM's hidden_size ({})", v.hidden_size, t.sizes.hidden_size),
             ));
         }
-        if t.hidden_size % t.num_attention_heads != 0 || t.head_dim() % 2 != 0 {
+        if t.sizes.hidden_size % t.sizes.num_attention_heads != 0 || t.sizes.head_dim() % 2 != 0 {
             return Err(invalid("text_config.hidden_size", "must be an even multiple of num_attention_heads"));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if t.sizes.num_attention_heads % t.num_key_value_heads != 0 {
             return Err(invalid("text_config.num_key_value_heads", "must divide num_attention_heads"));
         }
         let sum: i64 = t.mrope_section.iter().sum();
-        if t.mrope_section.len() != 3 || t.mrope_section.iter().any(|&s| s < 0) || sum != t.head_dim() / 2 {
+        if t.mrope_section.len() != 3 || t.mrope_section.iter().any(|&s| s < 0) || sum != t.sizes.head_dim() / 2 {
             return Err(invalid(
                 "text_config.rope_scaling.mrope_section",
                 format!(
                     "{:?} must be three non-negative sizes summing to head_dim / 2 = {}",
                     t.mrope_section,
-                    t.head_dim() / 2
+                    t.sizes.head_dim() / 2
                 ),
             ));
         }
@@ -280,8 +270,8 @@ impl Qwen2VlConfig {
             ("vision_start_token_id", self.vision_start_token_id),
             ("vision_end_token_id", self.vision_end_token_id),
         ] {
-            if id < 0 || id >= t.vocab_size {
-                return Err(invalid(key, format!("{id} is outside the vocabulary ({} tokens)", t.vocab_size)));
+            if id < 0 || id >= t.sizes.vocab_size {
+                return Err(invalid(key, format!("{id} is outside the vocabulary ({} tokens)", t.sizes.vocab_size)));
             }
         }
         Ok(())
@@ -338,14 +328,14 @@ mod tests {
         assert_eq!(c.vision.patch_dim(), 1176);
         assert_eq!(c.vision.head_dim(), 80);
         assert_eq!(c.vision.rope_theta, 10000.0);
-        assert_eq!(c.text.hidden_size, 1536);
-        assert_eq!(c.text.num_hidden_layers, 28);
+        assert_eq!(c.text.sizes.hidden_size, 1536);
+        assert_eq!(c.text.sizes.num_hidden_layers, 28);
         assert_eq!(c.text.num_key_value_heads, 2);
-        assert_eq!(c.text.head_dim(), 128);
+        assert_eq!(c.text.sizes.head_dim(), 128);
         assert_eq!(c.text.rms_norm_eps, 1e-6);
         assert_eq!(c.text.rope_theta, 1_000_000.0);
         assert_eq!(c.text.mrope_section, [16, 24, 24]);
-        assert_eq!(c.text.vocab_size, 151936);
+        assert_eq!(c.text.sizes.vocab_size, 151936);
         assert!(c.tie_word_embeddings);
         assert_eq!((c.image_token_id, c.vision_start_token_id, c.vision_end_token_id), (151655, 151652, 151653));
     }

@@ -17,7 +17,8 @@ use crate::text::Text;
 use crate::vision::Vision;
 use vlmhost_plugin_sdk::Architecture;
 use tch::{Device, Kind, Tensor};
-use vlmhost_plugin_api::builder::{key_rule, role_rule};
+use vlmhost_plugin_api::builder::role_rule;
+use vlmhost_plugin_sdk::keys::KeyRules;
 use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, Role, SpecBuilder};
 use vlmhost_plugin_sdk::decoder::{attention_mask, batch_error as batch_err, image_tokens, merge_image_features, R};
 
@@ -50,34 +51,22 @@ impl Qwen2Vl {
         let root = b.root();
         let vision = Vision::declare(&(&root / "visual"), &config.vision);
         let text = Text::declare(&root, &config.text, config.tie_word_embeddings);
-        let mut spec = b.build(
-            "qwen2_vl",
-            vec![
-                // The merger sits inside visual.*: it is the projector, carved out of the vision role.
-                role_rule(Role::Vision, &["visual.**"], &["visual.merger.**"], "visual.blocks.*"),
-                role_rule(Role::Projector, &["visual.merger.**"], &[], ""),
-                role_rule(Role::Llm, &["model.**", "lm_head.**"], &[], "model.layers.*"),
-            ],
-            vec![
-                // transformers >= 4.52 in memory / save_original_format=False
-                key_rule("model.visual.", "visual."),
-                key_rule("model.language_model.", "model."),
-                // the hub layout, kept as it is
-                key_rule("visual.", "visual."),
-                key_rule("model.", "model."),
-                key_rule("lm_head.", "lm_head."),
-            ],
-            // Non-persistent rotary buffers, should an old save contain them.
-            vec!["**.inv_freq".into()],
-            true,
-        );
-        // transformers 5 in memory (Qwen2VLForConditionalGeneration): what PEFT names.
-        spec.transformers_names = vec![
-            key_rule("visual.", "model.visual."),
-            key_rule("model.", "model.language_model."),
-            key_rule("lm_head.", "lm_head."),
-        ]
-        .into();
+        // transformers >= 4.52 in memory (Qwen2VLForConditionalGeneration, what
+        // PEFT names) / save_original_format=False, then the hub layout, kept as it is.
+        let keys = KeyRules::new()
+            .in_memory("model.visual.", "visual.")
+            .in_memory("model.language_model.", "model.")
+            .also("visual.", "visual.")
+            .also("model.", "model.")
+            .in_memory("lm_head.", "lm_head.");
+        let roles = vec![
+            // The merger sits inside visual.*: it is the projector, carved out of the vision role.
+            role_rule(Role::Vision, &["visual.**"], &["visual.merger.**"], "visual.blocks.*"),
+            role_rule(Role::Projector, &["visual.merger.**"], &[], ""),
+            role_rule(Role::Llm, &["model.**", "lm_head.**"], &[], "model.layers.*"),
+        ];
+        // Non-persistent rotary buffers, should an old save contain them.
+        let spec = keys.spec(b, "qwen2_vl", roles, &["**.inv_freq"], true);
         Qwen2Vl { config, spec, vision, text }
     }
 

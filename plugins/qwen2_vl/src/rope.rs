@@ -188,37 +188,36 @@ mod tests {
         assert_eq!(d, [0]);
     }
 
+    /// One unpadded row of `ids` with images `grids` (merge 2): its t, h, w
+    /// positions and the rope delta must be `expected`.
+    fn check_row(ids: &[i64], grids: &[Grid], expected: [&[i64]; 3], delta: i64) {
+        let (pos, d) = rope_index(ids, None, 1, IMG, grids, 2).unwrap();
+        assert_eq!(axes(&pos, 1, 0), expected.map(<[i64]>::to_vec));
+        assert_eq!(d, [delta]);
+    }
+
     #[test]
     fn one_image() {
         let ids = [T, T, IMG, IMG, IMG, IMG, IMG, IMG, T, T, T];
-        let (pos, d) = rope_index(&ids, None, 1, IMG, &[[1, 4, 6]], 2).unwrap();
-        let [t, h, w] = axes(&pos, 1, 0);
-        assert_eq!(t, [0, 1, 2, 2, 2, 2, 2, 2, 5, 6, 7]);
-        assert_eq!(h, [0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 7]);
-        assert_eq!(w, [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(d, [-3]);
+        let t = [0, 1, 2, 2, 2, 2, 2, 2, 5, 6, 7];
+        let h = [0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 7];
+        check_row(&ids, &[[1, 4, 6]], [&t, &h, &[0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]], -3);
     }
 
     #[test]
     fn two_images() {
         let ids = [T, IMG, IMG, IMG, IMG, T, IMG, IMG, T, T];
-        let (pos, d) = rope_index(&ids, None, 1, IMG, &[[1, 4, 4], [1, 2, 4]], 2).unwrap();
-        let [t, h, w] = axes(&pos, 1, 0);
-        assert_eq!(t, [0, 1, 1, 1, 1, 3, 4, 4, 6, 7]);
-        assert_eq!(h, [0, 1, 1, 2, 2, 3, 4, 4, 6, 7]);
-        assert_eq!(w, [0, 1, 2, 1, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(d, [-2]);
+        let t = [0, 1, 1, 1, 1, 3, 4, 4, 6, 7];
+        let h = [0, 1, 1, 2, 2, 3, 4, 4, 6, 7];
+        check_row(&ids, &[[1, 4, 4], [1, 2, 4]], [&t, &h, &[0, 1, 2, 1, 2, 3, 4, 5, 6, 7]], -2);
     }
 
     #[test]
     fn text_after_images() {
         let ids = [T, T, T, IMG, IMG, IMG, T, T, T, T, T];
-        let (pos, d) = rope_index(&ids, None, 1, IMG, &[[1, 6, 2]], 2).unwrap();
-        let [t, h, w] = axes(&pos, 1, 0);
-        assert_eq!(t, [0, 1, 2, 3, 3, 3, 6, 7, 8, 9, 10]);
-        assert_eq!(h, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
-        assert_eq!(w, [0, 1, 2, 3, 3, 3, 6, 7, 8, 9, 10]);
-        assert_eq!(d, [0]);
+        let t = [0, 1, 2, 3, 3, 3, 6, 7, 8, 9, 10];
+        let h = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        check_row(&ids, &[[1, 6, 2]], [&t, &h, &t], 0);
     }
 
     #[test]

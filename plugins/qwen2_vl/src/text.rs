@@ -24,16 +24,16 @@ impl Text {
         let layout = TextLayout {
             model: &(root / "model"),
             head: &(root / "lm_head"),
-            vocab_size: c.vocab_size,
-            hidden_size: c.hidden_size,
-            num_layers: c.num_hidden_layers,
+            vocab_size: c.sizes.vocab_size,
+            hidden_size: c.sizes.hidden_size,
+            num_layers: c.sizes.num_hidden_layers,
             rms_norm_eps: c.rms_norm_eps,
             tie,
         };
-        let (d, hd) = (c.hidden_size, c.head_dim());
+        let (d, hd) = (c.sizes.hidden_size, c.sizes.head_dim());
         let llama = LlamaText::declare(&layout, |l, _| LlamaLayer {
-            attn: Attention::declare(&(l / "self_attn"), d, c.num_attention_heads, c.num_key_value_heads, hd, true, false),
-            ffn: SwiGlu::declare(&(l / "mlp"), d, c.intermediate_size, false),
+            attn: Attention::declare(&(l / "self_attn"), d, c.sizes.num_attention_heads, c.num_key_value_heads, hd, true, false),
+            ffn: SwiGlu::declare(&(l / "mlp"), d, c.sizes.intermediate_size, false),
             input_norm: (l / "input_layernorm").rms_norm(d, c.rms_norm_eps),
             post_norm: (l / "post_attention_layernorm").rms_norm(d, c.rms_norm_eps),
         });
@@ -52,7 +52,7 @@ impl Text {
     /// Returns the logits `[batch, seq, vocab]`.
     pub fn decode(&self, host: Host<'_, '_>, x: Tensor, positions: &Tensor, mask: &Tensor, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
-        let (cos, sin) = mrope_cos_sin(positions, c.head_dim(), c.rope_theta, &c.mrope_section)?;
+        let (cos, sin) = mrope_cos_sin(positions, c.sizes.head_dim(), c.rope_theta, &c.mrope_section)?;
         let rope = Rope { cos, sin };
         self.llama.run(host, x, &rope, mask, past, |mlp, y| mlp.forward(host, &c.hidden_act, y))
     }
