@@ -13,12 +13,16 @@
 //! * [`error`]: [`ProcessorError`], what every processor returns.
 //! * [`tokens`]: loading `tokenizer.json` as transformers does, special tokens.
 //! * [`pixels`]: rescale / normalise settings shared by the image processors.
+//! * [`chat`]: the chat template (the checkpoint's or the user's, issue #17) rendered with
+//!   `vlmhost-chat-template`, answers closed by the end-of-turn token, and the common
+//!   processor option `chat_template`.
 //! * [`labels`]: chat spans, placeholder expansion and span labelling.
 //! * [`init`]: writing a new checkpoint's files, and the tests every preset passes.
 //! * [`decoder`]: the Llama-style decoder blocks (GQA attention with the KV
 //!   cache and rotary embeddings, SwiGLU MLP) and the forward-pass plumbing
 //!   (masks, positions, image-feature merging) the families share.
 
+pub mod chat;
 pub mod decoder;
 pub mod error;
 pub mod family;
@@ -29,6 +33,7 @@ pub mod pixels;
 pub mod tokens;
 
 pub use error::ProcessorError;
+pub use chat::CommonOptions;
 pub use family::{Architecture, Family, FamilyPlugin};
 
 /// Label value of positions that do not count in the loss (PyTorch's `ignore_index`).
