@@ -39,6 +39,9 @@ pub enum ProcessorError {
     Tokenize { message: String },
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The chat template cannot be loaded or rendered (names its file and line).
+    #[error(transparent)]
+    ChatTemplate(#[from] vlmhost_chat_template::ChatTemplateError),
     #[error("message {index} (assistant) has an empty answer: nothing to train on")]
     EmptyAnswer { index: usize },
     #[error("the conversation has no assistant message: no token would be labelled")]

@@ -6,6 +6,7 @@
 //! vlmhost_plugin_api::export_plugin!(vlmhost_plugin_sdk::FamilyPlugin<MyModel>);
 //! ```
 
+use crate::chat::CommonOptions;
 use std::marker::PhantomData;
 use std::path::Path;
 use tch::Tensor;
@@ -33,8 +34,20 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// Who the family is and which checkpoints it serves.
     fn info() -> FamilyInfo;
 
-    /// Open the checkpoint in `dir` with the user's processor `options`.
+    /// Open the checkpoint in `dir` with the user's processor `options` (the family's own:
+    /// the common ones, [`CommonOptions`], are taken out).
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError>;
+
+    /// Open with the common processor options too. The default is for a family whose processor
+    /// writes conversations in a fixed layout: it refuses a `chat_template`, then [`open`]s.
+    /// Families that render a Jinja chat template override it and hand the template on
+    /// ([`crate::chat`]).
+    ///
+    /// [`open`]: Family::open
+    fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
+        common.refuse_chat_template(Self::info().name.as_str())?;
+        Self::open(dir, options)
+    }
 
     /// Write a new checkpoint's files for `preset` into the empty folder `dir`
     /// ([`FamilyPlugin`] then checks that the family opens them).
@@ -59,7 +72,8 @@ impl<F: Family> Plugin for FamilyPlugin<F> {
     }
 
     fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
-        Ok(Box::new(Served(F::open(dir, options)?)))
+        let (common, own) = CommonOptions::split(options)?;
+        Ok(Box::new(Served(F::open_with(dir, &own, &common)?)))
     }
 
     fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {

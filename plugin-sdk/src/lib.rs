@@ -13,6 +13,9 @@
 //! * [`error`]: [`ProcessorError`], what every processor returns.
 //! * [`tokens`]: loading `tokenizer.json` as transformers does, special tokens.
 //! * [`pixels`]: rescale / normalise settings shared by the image processors.
+//! * [`chat`]: the chat template (the checkpoint's or the user's, issue #17) rendered with
+//!   `vlmhost-chat-template`, answers closed by the end-of-turn token, and the common
+//!   processor option `chat_template`.
 //! * [`labels`]: chat spans, placeholder expansion and span labelling.
 //! * [`init`]: writing a new checkpoint's files, and the tests every preset passes.
 //! * [`keys`]: the checkpoint key layouts a family reads and transformers 5's
@@ -21,6 +24,7 @@
 //!   cache and rotary embeddings, SwiGLU MLP) and the forward-pass plumbing
 //!   (masks, positions, image-feature merging) the families share.
 
+pub mod chat;
 pub mod decoder;
 pub mod error;
 pub mod family;
@@ -32,6 +36,7 @@ pub mod pixels;
 pub mod tokens;
 
 pub use error::ProcessorError;
+pub use chat::CommonOptions;
 pub use family::{Architecture, Family, FamilyPlugin};
 
 /// Label value of positions that do not count in the loss (PyTorch's `ignore_index`).

@@ -20,7 +20,7 @@ use std::path::Path;
 use vlmhost_plugin_api::sample::Sample;
 use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::tensor_f32;
-use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{CommonOptions, Family, FamilyPlugin, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<LlavaModel>);
 
@@ -36,8 +36,13 @@ fn processor_err(e: ProcessorError) -> PluginError {
 
 impl LlavaModel {
     pub fn open(dir: &Path) -> Result<Self, PluginError> {
+        Self::open_with_template(dir, None)
+    }
+
+    /// [`open`](Self::open) with the user's chat template file instead of the checkpoint's.
+    pub fn open_with_template(dir: &Path, chat_template: Option<&Path>) -> Result<Self, PluginError> {
         let config = LlavaConfig::from_dir(dir)?;
-        let processor = LlavaProcessor::from_dir(dir).map_err(processor_err)?;
+        let processor = LlavaProcessor::from_dir_with(dir, chat_template).map_err(processor_err)?;
         if processor.image_token_id as i64 != config.image_token_index {
             return Err(PluginError::invalid(
                 dir.join("config.json").display().to_string(),
@@ -64,6 +69,12 @@ impl Family for LlavaModel {
         // The CLIP processor's settings come from the checkpoint's files.
         options.check_keys(&[])?;
         LlavaModel::open(dir)
+    }
+
+    fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
+        // The chat template (common option `chat_template`) is rendered by the SDK.
+        options.check_keys(&[])?;
+        LlavaModel::open_with_template(dir, common.chat_template.as_deref())
     }
 
     fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {

@@ -146,7 +146,7 @@ fn data_lines_become_the_reference_conversations() {
 fn chat_template_renders_the_reference_text() {
     let f = fixture();
     for (i, conv) in f.conversations.iter().enumerate() {
-        let chat = f.processor.render(conv);
+        let chat = f.processor.render(conv).unwrap();
         assert_eq!(
             chat.text,
             f.samples[i]["rendered_text"].as_str().unwrap(),

@@ -25,7 +25,7 @@ use std::path::Path;
 use vlmhost_plugin_api::sample::Sample;
 use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
-use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{CommonOptions, Family, FamilyPlugin, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<Qwen2VlModel>);
 
@@ -47,8 +47,13 @@ pub struct Qwen2VlModel {
 
 impl Qwen2VlModel {
     pub fn open(dir: &Path, options: PixelOptions) -> Result<Self, PluginError> {
+        Self::open_with_template(dir, options, None)
+    }
+
+    /// [`open`](Self::open) with the user's chat template file instead of the checkpoint's.
+    pub fn open_with_template(dir: &Path, options: PixelOptions, chat_template: Option<&Path>) -> Result<Self, PluginError> {
         let config = Qwen2VlConfig::from_dir(dir)?;
-        let processor = Qwen2VlProcessor::from_dir(dir, options).map_err(processor_err)?;
+        let processor = Qwen2VlProcessor::from_dir_with(dir, options, chat_template).map_err(processor_err)?;
         let config_path = dir.join("config.json").display().to_string();
         for (key, in_config, in_tokenizer) in [
             ("image_token_id", config.image_token_id, processor.image_token_id),
@@ -93,6 +98,11 @@ impl Family for Qwen2VlModel {
 
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
         Qwen2VlModel::open(dir, pixel_options(options)?)
+    }
+
+    fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
+        // The chat template (common option `chat_template`) is rendered by the SDK.
+        Qwen2VlModel::open_with_template(dir, pixel_options(options)?, common.chat_template.as_deref())
     }
 
     fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {

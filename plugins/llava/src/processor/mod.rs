@@ -12,8 +12,11 @@
 //!   the number of image tokens per image.
 //! * `transformers/processing_utils.py` `ProcessorMixin.apply_chat_template` and
 //!   `_adjust_assistant_masks_indices`: BOS handling and the assistant (label) mask.
-//! * the llava-1.5-hf `chat_template.jinja`, with the assistant answer and `</s>` inside
-//!   `{% generation %}`: rendered natively by [`render_chat`].
+//! * the chat template: the checkpoint's (`chat_template.jinja`, `chat_template.json`,
+//!   `tokenizer_config.json`) or the user's (processor option `chat_template`), rendered by
+//!   `vlmhost_plugin_sdk::chat` (minijinja, as transformers renders it), each answer closed by
+//!   `</s>`; a checkpoint without one gets [`render_chat`], the llava-1.5-hf template with the
+//!   answer and `</s>` inside `{% generation %}`, rendered natively (see [`prompt`]).
 //!
 //! Outputs are plain `Vec<f32>` / `Vec<i64>`; nothing here depends on libtorch.
 //!
@@ -30,6 +33,7 @@ use serde::Deserialize;
 use std::path::Path;
 use tokenizers::Tokenizer;
 use vlmhost_plugin_api::sample::Message;
+use vlmhost_plugin_sdk::chat::{self, ChatTemplate};
 use vlmhost_plugin_sdk::files::read_json_or_default;
 use vlmhost_plugin_sdk::labels::{expand_placeholders, is_prompt, span_labels, RenderedChat};
 use vlmhost_plugin_sdk::tokens::{special_token, tokenizer_config, Tokens};
@@ -74,6 +78,8 @@ pub struct LlavaProcessor {
     pub num_additional_image_tokens: usize,
     pub bos_token: Option<String>,
     pub eos_token: String,
+    /// The chat template (the user's or the checkpoint's); `None`: [`render_chat`].
+    pub template: Option<ChatTemplate>,
 }
 
 /// Fallback for folders without processor_config.json: `config.json`'s vision settings.
@@ -94,8 +100,14 @@ impl LlavaProcessor {
     /// Loads the processor of a model folder: image-processor config (see
     /// [`ImageProcessorConfig::from_dir`]), `processor_config.json` (patch size, feature
     /// strategy, extra tokens; falling back to `config.json`), `tokenizer.json` and the special
-    /// tokens of `tokenizer_config.json`.
+    /// tokens of `tokenizer_config.json`, and the checkpoint's chat template.
     pub fn from_dir(model_dir: &Path) -> Result<Self> {
+        Self::from_dir_with(model_dir, None)
+    }
+
+    /// [`from_dir`](Self::from_dir), with the user's chat template file (processor option
+    /// `chat_template`) instead of the checkpoint's when given.
+    pub fn from_dir_with(model_dir: &Path, chat_template: Option<&Path>) -> Result<Self> {
         let image_config = ImageProcessorConfig::from_dir(model_dir)?;
         let processor_path = model_dir.join("processor_config.json");
         let proc_cfg: RawProcessorConfig = read_json_or_default(&processor_path)?;
@@ -130,6 +142,7 @@ impl LlavaProcessor {
             // Llama's special tokens when tokenizer_config.json does not name them.
             bos_token: special_token(&tok_cfg, "bos_token").or_else(|| Some("<s>".into())),
             eos_token: special_token(&tok_cfg, "eos_token").unwrap_or_else(|| "</s>".into()),
+            template: chat::load_template(model_dir, chat_template)?,
         })
     }
 
@@ -148,12 +161,16 @@ impl LlavaProcessor {
         n
     }
 
-    /// Renders a conversation with this checkpoint's eos token. A
-    /// conversation that ends with a user message is a prompt to generate
-    /// from: it gets the generation prompt (`ASSISTANT:`), as
+    /// Renders a conversation with the chat template (see [`chat::render`]: answers by its
+    /// `{% generation %}` blocks or the prefix rule, each closed by the eos token `</s>`), or
+    /// without one by [`render_chat`]. A conversation that ends with a user message is a prompt
+    /// to generate from: it gets the generation prompt, as
     /// `apply_chat_template(add_generation_prompt=True)` renders it.
-    pub fn render(&self, messages: &[Message]) -> RenderedChat {
-        render_chat(messages, &self.eos_token, is_prompt(messages))
+    pub fn render(&self, messages: &[Message]) -> Result<RenderedChat> {
+        match &self.template {
+            Some(template) => chat::render(template, messages, is_prompt(messages), &self.eos_token),
+            None => Ok(render_chat(messages, &self.eos_token, is_prompt(messages))),
+        }
     }
 
     /// Tokenises a rendered text as `apply_chat_template` does ([`tokenize`]).
@@ -164,7 +181,7 @@ impl LlavaProcessor {
     /// Processes one training conversation into model inputs.
     pub fn process(&self, messages: &[Message]) -> Result<Processed> {
         labels::check(messages)?;
-        let chat = self.render(messages);
+        let chat = self.render(messages)?;
         // As transformers checks: every image token in the prompt takes one image. A text part
         // that itself contains `<image>` would otherwise shift all images by one.
         let placeholders = chat.text.matches(self.image_token.as_str()).count();

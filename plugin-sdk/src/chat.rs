@@ -1,0 +1,210 @@
+//! Chat templates (issue #17): the families with a Jinja chat template (LLaVA, Qwen2-VL) render
+//! the checkpoint's template, or the user's, with one engine, the crate
+//! [`vlmhost_chat_template`], and label what the template says. See docs/plugin-guide.md,
+//! "Chat templates and labels".
+//!
+//! * [`CommonOptions`]: the processor options every family understands (`chat_template`), taken
+//!   out of the family's own by [`FamilyPlugin`](crate::FamilyPlugin) before
+//!   [`Family::open_with`](crate::Family::open_with); families without a template refuse it.
+//! * [`load_template`]: the template of a checkpoint folder, or the override.
+//! * [`render`]: a conversation rendered by it, as a [`RenderedChat`]: the text, the answer spans
+//!   (by the template's `{% generation %}` blocks, or by the prefix rule when it has none), each
+//!   answer closed by the family's end-of-turn token, and the images in order.
+//!
+//! What stays with the family: expanding each image placeholder of the text into its image
+//! tokens, tokenising, and its default layout when a checkpoint has no template.
+
+use crate::labels::{role_name, RenderedChat};
+use crate::ProcessorError;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use vlmhost_chat_template::{RenderOptions, Value};
+use vlmhost_plugin_api::sample::{Message, Part};
+use vlmhost_plugin_api::{ModelOptions, PluginError};
+
+pub use vlmhost_chat_template::{ChatTemplate, ChatTemplateError, LabelRule};
+
+/// The processor option holding the user's chat template (`chat_template:` in the training
+/// config, `--chat-template FILE`): the path of a file, a `.json` config holding `chat_template`
+/// or, any other name, the template text. It wins over the checkpoint's own template.
+pub const CHAT_TEMPLATE_OPTION: &str = "chat_template";
+
+/// The processor options every family understands, besides its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommonOptions {
+    /// The user's chat template file ([`CHAT_TEMPLATE_OPTION`]).
+    pub chat_template: Option<PathBuf>,
+}
+
+impl CommonOptions {
+    /// Takes the common options out of `options`: them, and the family's own.
+    pub fn split(options: &ModelOptions) -> Result<(CommonOptions, ModelOptions), PluginError> {
+        let mut own = options.clone();
+        let chat_template = match own.0.remove(CHAT_TEMPLATE_OPTION) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(PathBuf::from(s)),
+            Some(other) => {
+                return Err(PluginError::invalid(
+                    format!("processor option {CHAT_TEMPLATE_OPTION}"),
+                    format!("expected the path of a chat template file, got {other}"),
+                ))
+            }
+        };
+        Ok((CommonOptions { chat_template }, own))
+    }
+
+    /// For a family that renders no Jinja chat template (its processor writes conversations in a
+    /// fixed layout): an error when the user gave one.
+    pub fn refuse_chat_template(&self, family: &str) -> Result<(), PluginError> {
+        match &self.chat_template {
+            None => Ok(()),
+            Some(file) => Err(PluginError::invalid_with_hint(
+                format!("processor option {CHAT_TEMPLATE_OPTION}"),
+                format!(
+                    "the {family} family takes no chat template ({} given): its processor writes every conversation \
+                     in its fixed layout",
+                    file.display()
+                ),
+                format!("remove `{CHAT_TEMPLATE_OPTION}` for {family}; its README describes the layout and the labels"),
+            )),
+        }
+    }
+}
+
+/// The chat template for a checkpoint folder: `override_file` when given (see
+/// [`CHAT_TEMPLATE_OPTION`]), else the folder's (`chat_template.jinja`, `chat_template.json`,
+/// `tokenizer_config.json`'s `chat_template`); the special tokens from the folder. `None`: the
+/// folder has none, the family's default applies.
+pub fn load_template(dir: &Path, override_file: Option<&Path>) -> Result<Option<ChatTemplate>, ProcessorError> {
+    Ok(ChatTemplate::resolve(dir, override_file)?)
+}
+
+/// A conversation as the template sees it (transformers' messages): `role`, and `content` as
+/// typed parts: `{"type": "text", "text": ...}` and `{"type": "image", "path": ...}`.
+pub fn message_values(messages: &[Message]) -> Vec<Value> {
+    let json: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            let content: Vec<serde_json::Value> = m
+                .content
+                .iter()
+                .map(|p| match p {
+                    Part::Text { text } => serde_json::json!({"type": "text", "text": text}),
+                    Part::Image { path } => serde_json::json!({"type": "image", "path": path.to_string_lossy()}),
+                })
+                .collect();
+            serde_json::json!({"role": role_name(m.role), "content": content})
+        })
+        .collect();
+    // Deserialized into minijinja values, which keep the keys' order (preserve_order), as Python's dicts do.
+    json.into_iter().map(|m| serde_json::from_value(m).expect("a JSON object is a template value")).collect()
+}
+
+/// Renders `messages` with `template` (with the generation prompt when `add_generation_prompt`)
+/// and finds the answers: the output of its `{% generation %}` blocks or, for a template without
+/// them, the prefix rule ([`ChatTemplate::answer_spans`]). Each answer is then closed by
+/// `end_of_turn` ([`close_answers`]). The images are the image parts in conversation order.
+pub fn render(
+    template: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    end_of_turn: &str,
+) -> Result<RenderedChat, ProcessorError> {
+    let values = message_values(messages);
+    let rendered = template.answer_spans(&values, &RenderOptions::generation_prompt(add_generation_prompt))?;
+    let (text, generation_spans) = close_answers(rendered.text, &rendered.spans, end_of_turn);
+    let images = messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .filter_map(|p| match p {
+            Part::Image { path } => Some(path.clone()),
+            Part::Text { .. } => None,
+        })
+        .collect();
+    Ok(RenderedChat { text, generation_spans, images })
+}
+
+/// Closes each answer with `end_of_turn` (`</s>`, `<|im_end|>`), which is learnt with it:
+/// spans that touch or overlap are one answer (llava-hf writes one block per text part; empty
+/// spans are dropped); an answer that, less trailing whitespace, ends with the token is kept; one
+/// that the template follows immediately with the token is extended over it; otherwise (a template
+/// that never writes it, such as llava-hf's) the token is inserted into the text right after the
+/// answer and the answer extended over it. Returns the text and the answers (byte ranges).
+pub fn close_answers(mut text: String, spans: &[Range<usize>], end_of_turn: &str) -> (String, Vec<Range<usize>>) {
+    let mut sorted: Vec<Range<usize>> = spans.iter().filter(|s| !s.is_empty()).cloned().collect();
+    sorted.sort_by_key(|s| (s.start, s.end));
+    let mut answers: Vec<Range<usize>> = Vec::with_capacity(sorted.len());
+    for s in sorted {
+        match answers.last_mut() {
+            Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
+            _ => answers.push(s),
+        }
+    }
+    if end_of_turn.is_empty() {
+        return (text, answers);
+    }
+    for i in (0..answers.len()).rev() {
+        let Range { start, end } = answers[i].clone();
+        if text[start..end].trim_end().ends_with(end_of_turn) {
+            continue;
+        }
+        answers[i].end = end + end_of_turn.len();
+        if text[end..].starts_with(end_of_turn) {
+            continue;
+        }
+        text.insert_str(end, end_of_turn);
+        for later in &mut answers[i + 1..] {
+            later.start += end_of_turn.len();
+            later.end += end_of_turn.len();
+        }
+    }
+    (text, answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vlmhost_plugin_api::sample::Speaker;
+
+    #[test]
+    fn answers_are_closed_by_the_end_token() {
+        // llava-hf: one block per text part, `text + ' '`, no `</s>`: merged, then `</s>` inserted.
+        let text = "USER: q ASSISTANT: a b USER: r ASSISTANT: c ".to_string();
+        let (t, spans) = close_answers(text, &[19..21, 21..23, 42..44], "</s>");
+        assert_eq!(t, "USER: q ASSISTANT: a b </s>USER: r ASSISTANT: c </s>");
+        assert_eq!(spans.iter().map(|s| &t[s.clone()]).collect::<Vec<_>>(), ["a b </s>", "c </s>"]);
+        // Written inside the block (less trailing whitespace): kept; right after it: extended.
+        let (t, spans) = close_answers("x a</s>\n y b</s>".into(), &[2..8, 11..12], "</s>");
+        assert_eq!(t, "x a</s>\n y b</s>");
+        assert_eq!(spans.iter().map(|s| &t[s.clone()]).collect::<Vec<_>>(), ["a</s>\n", "b</s>"]);
+        // Empty spans are no answers.
+        assert_eq!(close_answers("ab".into(), &[1..1], "</s>").1, Vec::<Range<usize>>::new());
+    }
+
+    #[test]
+    fn the_chat_template_option_is_common() {
+        let options = ModelOptions::from_json(r#"{"chat_template": "/t/x.jinja", "min_pixels": 4}"#).unwrap();
+        let (common, own) = CommonOptions::split(&options).unwrap();
+        assert_eq!(common.chat_template.as_deref(), Some(Path::new("/t/x.jinja")));
+        assert_eq!(own.to_json(), r#"{"min_pixels":4}"#);
+        let err = common.refuse_chat_template("fuyu").unwrap_err().to_string();
+        assert!(err.contains("fixed layout") && err.contains("fuyu") && err.contains("chat_template"), "{err}");
+        assert!(CommonOptions::split(&ModelOptions::from_json(r#"{"chat_template": 3}"#).unwrap()).is_err());
+    }
+
+    #[test]
+    fn messages_are_typed_parts() {
+        let m = vec![Message {
+            role: Speaker::User,
+            content: vec![Part::Image { path: "a.png".into() }, Part::Text { text: "Hi".into() }],
+        }];
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}{{ m.role }}:{% for p in m.content %}[{{ p.type }}{{ p.text }}]{% endfor %}{% endfor %}",
+            "<t>",
+        )
+        .unwrap();
+        let r = render(&t, &m, false, "</s>").unwrap();
+        assert_eq!(r.text, "user:[image][textHi]");
+        assert_eq!(r.images, vec![PathBuf::from("a.png")]);
+    }
+}
