@@ -417,3 +417,52 @@ fn merged_checkpoints_load_in_transformers_with_equal_logits_even_with_a_trained
     let r = vlmhost_env(&["merge", "--plugin", "llava", "--model", &m, "--adapter", &c, "--output", &o, "--force"], dir.path(), &[]);
     assert!(r.success(), "{}", r.all());
 }
+
+/// A template of the test's own: a system line, LLaVA's turns, the answers in generation blocks.
+const OWN_TEMPLATE: &str = "SYSTEM: Be brief.\n\
+{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n\
+{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n\
+{% elif m['role'] == 'assistant' %}ASSISTANT: {% generation %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endgeneration %}\n\
+{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}";
+
+#[test]
+fn a_chat_template_override_is_what_trains_and_travels_with_the_adapter() {
+    let dir = tempdir();
+    let template = dir.path().join("own.jinja");
+    std::fs::write(&template, OWN_TEMPLATE).unwrap();
+    let t = template.display().to_string();
+    let (m, d) = (model(), data());
+
+    // The samples as the model sees them: the template's system line, unlabelled; the answers labelled.
+    let r = vlmhost_env(&["data", "check", "--plugin", "llava", "--model", &m, "--dataset", &d, "--chat-template", &t, "--show", "1", "--json"], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let text = v["shown"][0]["text"].as_str().unwrap();
+    assert!(text.contains("SYSTEM: Be brief.\nUSER: <image ×"), "{text}");
+    let labelled: Vec<&str> = text.split("[[").skip(1).map(|t| t.split("]]").next().unwrap()).collect();
+    assert!(!labelled.is_empty() && labelled.iter().all(|l| !l.contains("SYSTEM") && !l.contains("USER")), "{text}");
+    let default = vlmhost_env(&["data", "check", "--plugin", "llava", "--model", &m, "--dataset", &d, "--show", "1", "--json"], dir.path(), &[]);
+    let v: serde_json::Value = serde_json::from_str(&default.stdout).unwrap();
+    assert!(!v["shown"][0]["text"].as_str().unwrap().contains("SYSTEM: Be brief."), "{}", default.all());
+
+    // Training renders it; the run records it; the adapter and a merge carry it.
+    let cfg = config(dir.path(), "lora:\n  r: 4\n");
+    let out = dir.path().join("run");
+    let r = run(train_cmd(dir.path(), &cfg, &out, &["--mode", "llm", "--max-steps", "2", "--chat-template", &t]));
+    assert!(r.success(), "{}", r.all());
+    assert!(std::fs::read_to_string(out.join("config.yaml")).unwrap().contains("own.jinja"));
+    assert_eq!(std::fs::read_to_string(out.join("adapter/chat_template.jinja")).unwrap(), OWN_TEMPLATE);
+    let merged = dir.path().join("merged");
+    let (c, o) = (out.join("checkpoints/step-00000002").display().to_string(), merged.display().to_string());
+    let r = vlmhost_env(&["merge", "--plugin", "llava", "--model", &m, "--adapter", &c, "--output", &o], dir.path(), &[]);
+    assert!(r.success(), "{}", r.all());
+    assert_eq!(std::fs::read_to_string(merged.join("chat_template.jinja")).unwrap(), OWN_TEMPLATE);
+
+    // A template that raises names the template, the line and the sample.
+    let raising = dir.path().join("raises.jinja");
+    std::fs::write(&raising, "{{ raise_exception('no system turns here') }}").unwrap();
+    let r = vlmhost_env(&["data", "check", "--plugin", "llava", "--model", &m, "--dataset", &d, "--chat-template", &raising.display().to_string()], dir.path(), &[]);
+    assert_eq!(r.code, 1, "no sample is usable: {}", r.all());
+    let want = format!("data.jsonl:1 (sample 0): llava processor: chat template {}, line 1 raised an exception: no system turns here", raising.display());
+    assert!(r.stderr.contains(&want), "{}", r.all());
+}
