@@ -208,3 +208,42 @@ mod tests {
         assert_eq!(r.images, vec![PathBuf::from("a.png")]);
     }
 }
+
+/// The template-labels fixture (`scripts/fixtures/make_template_labels_fixture.py`,
+/// `target/fixtures/template_labels` or `$VLMHOST_TEMPLATE_LABELS_FIXTURE`) that the
+/// families' chat-template tests compare with: transformers' ids and labels per family,
+/// template and sample.
+pub struct TemplateLabelsFixture {
+    /// The fixture folder.
+    pub dir: std::path::PathBuf,
+    family: &'static str,
+}
+
+impl TemplateLabelsFixture {
+    /// The fixture's part for `family` (panics with a hint when it was not generated).
+    pub fn of(family: &'static str) -> TemplateLabelsFixture {
+        let dir = crate::fixture_dir("VLMHOST_TEMPLATE_LABELS_FIXTURE", "target/fixtures/template_labels", "reference.json", "run scripts/fixtures.sh");
+        TemplateLabelsFixture { dir, family }
+    }
+
+    /// The family's references: `templates.<name>.samples[...]`.
+    pub fn reference(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dir.join("reference.json")).expect("reference.json is readable");
+        serde_json::from_str::<serde_json::Value>(&text).expect("reference.json is JSON")["families"][self.family].clone()
+    }
+
+    /// The family's samples, in the reference's order.
+    pub fn samples(&self) -> Vec<Vec<Message>> {
+        let dir = self.dir.join(self.family).join("samples");
+        std::fs::read_to_string(dir.join("data.jsonl"))
+            .expect("the samples are readable")
+            .lines()
+            .map(|l| vlmhost_plugin_api::sample::parse_line(l, &dir).expect("the samples parse").messages)
+            .collect()
+    }
+
+    /// A JSON array of integers.
+    pub fn i64s(v: &serde_json::Value) -> Vec<i64> {
+        v.as_array().expect("an array").iter().map(|x| x.as_i64().expect("an integer")).collect()
+    }
+}

@@ -13,46 +13,32 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vlmhost_plugin_api::sample::{parse_line, Message, Sample};
+use vlmhost_plugin_api::sample::{Message, Sample};
 use vlmhost_plugin_api::{ModelOptions, Plugin};
 use vlmhost_plugin_llava::processor::LlavaProcessor;
 use vlmhost_plugin_llava::LlavaModel;
-use vlmhost_plugin_sdk::chat::LabelRule;
+use vlmhost_plugin_sdk::chat::{LabelRule, TemplateLabelsFixture};
 use vlmhost_plugin_sdk::FamilyPlugin;
 
 const FAMILY: &str = "llava";
-
-fn fixture() -> PathBuf {
-    vlmhost_plugin_sdk::fixture_dir(
-        "VLMHOST_TEMPLATE_LABELS_FIXTURE",
-        "target/fixtures/template_labels",
-        "reference.json",
-        "run scripts/fixtures.sh",
-    )
-}
 
 fn model_dir() -> PathBuf {
     vlmhost_plugin_sdk::fixture_dir("VLMHOST_LLAVA_FIXTURE", "target/fixtures/llava", "model/config.json", "run scripts/fixtures.sh")
         .join("model")
 }
 
+fn fixture() -> TemplateLabelsFixture {
+    TemplateLabelsFixture::of(FAMILY)
+}
+
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()["families"][FAMILY].clone()
+    fixture().reference()
 }
 
 fn samples() -> Vec<Vec<Message>> {
-    let dir = fixture().join(FAMILY).join("samples");
-    std::fs::read_to_string(dir.join("data.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| parse_line(l, &dir).unwrap().messages)
-        .collect()
+    fixture().samples()
 }
 
-fn i64s(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
 
 /// Every sample of `template` (real, custom) processed by `processor` equals the reference.
 fn assert_matches(processor: &LlavaProcessor, template: &str) {
@@ -67,15 +53,15 @@ fn assert_matches(processor: &LlavaProcessor, template: &str) {
         let p = processor.process(messages).unwrap_or_else(|e| panic!("{template} sample {}: {e}", s["index"]));
         let chat = processor.render(messages).unwrap();
         assert_eq!(chat.text, s["text"].as_str().unwrap(), "{template} sample {}: text", s["index"]);
-        assert_eq!(p.input_ids, i64s(&s["input_ids"]), "{template} sample {}: input_ids", s["index"]);
-        assert_eq!(p.labels, i64s(&s["labels"]), "{template} sample {}: labels", s["index"]);
-        assert_eq!(p.attention_mask(), i64s(&s["attention_mask"]), "{template} sample {}: attention_mask", s["index"]);
+        assert_eq!(p.input_ids, TemplateLabelsFixture::i64s(&s["input_ids"]), "{template} sample {}: input_ids", s["index"]);
+        assert_eq!(p.labels, TemplateLabelsFixture::i64s(&s["labels"]), "{template} sample {}: labels", s["index"]);
+        assert_eq!(p.attention_mask(), TemplateLabelsFixture::i64s(&s["attention_mask"]), "{template} sample {}: attention_mask", s["index"]);
         if s["end_of_turn_inserted"] == 0 {
             // The template's own text: transformers' ids, and its mask plus the end token.
             let tf = &s["transformers"];
-            assert_eq!(p.input_ids, i64s(&tf["input_ids"]), "{template} sample {}", s["index"]);
+            assert_eq!(p.input_ids, TemplateLabelsFixture::i64s(&tf["input_ids"]), "{template} sample {}", s["index"]);
             let eos = processor.tokenizer().token_to_id("</s>").unwrap() as i64;
-            for (i, (&l, &m)) in p.labels.iter().zip(&i64s(&tf["assistant_masks"])).enumerate() {
+            for (i, (&l, &m)) in p.labels.iter().zip(&TemplateLabelsFixture::i64s(&tf["assistant_masks"])).enumerate() {
                 assert_eq!(l != -100, m == 1 || (l == eos && p.input_ids[i] == eos), "{template} sample {} token {i}", s["index"]);
             }
         }
@@ -83,7 +69,7 @@ fn assert_matches(processor: &LlavaProcessor, template: &str) {
 }
 
 fn template_file(name: &str) -> PathBuf {
-    fixture().join("templates").join(format!("{FAMILY}_{name}.jinja"))
+    fixture().dir.join("templates").join(format!("{FAMILY}_{name}.jinja"))
 }
 
 #[test]
@@ -131,7 +117,7 @@ fn the_checkpoint_template_is_rendered_and_the_override_wins() {
     let expected = reference()["templates"]["custom"]["samples"].clone();
     for (s, messages) in expected.as_array().unwrap().iter().zip(samples()) {
         let p = model.prepare(&Sample { messages }).unwrap();
-        assert_eq!((p.input_ids, p.labels), (i64s(&s["input_ids"]), i64s(&s["labels"])), "sample {}", s["index"]);
+        assert_eq!((p.input_ids, p.labels), (TemplateLabelsFixture::i64s(&s["input_ids"]), TemplateLabelsFixture::i64s(&s["labels"])), "sample {}", s["index"]);
     }
     let processor = LlavaProcessor::from_dir_with(&dir, Some(&template_file("custom"))).unwrap();
     assert_matches(&processor, "custom");
@@ -157,7 +143,7 @@ fn without_a_template_the_default_is_the_fixture_template() {
 #[test]
 fn a_raising_template_says_what_and_where() {
     let raises = reference()["raises"].clone();
-    let file = fixture().join(raises["file"].as_str().unwrap());
+    let file = fixture().dir.join(raises["file"].as_str().unwrap());
     let processor = LlavaProcessor::from_dir_with(&model_dir(), Some(&file)).unwrap();
     let sample = raises["sample"].as_u64().unwrap() as usize;
     let err = processor.process(&samples()[sample]).unwrap_err().to_string();

@@ -13,46 +13,32 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vlmhost_plugin_api::sample::{parse_line, Message, Sample};
+use vlmhost_plugin_api::sample::{Message, Sample};
 use vlmhost_plugin_api::{ModelOptions, Plugin};
 use vlmhost_plugin_qwen2_vl::processor::{PixelOptions, Qwen2VlProcessor};
 use vlmhost_plugin_qwen2_vl::Qwen2VlModel;
-use vlmhost_plugin_sdk::chat::LabelRule;
+use vlmhost_plugin_sdk::chat::{LabelRule, TemplateLabelsFixture};
 use vlmhost_plugin_sdk::FamilyPlugin;
 
 const FAMILY: &str = "qwen2_vl";
-
-fn fixture() -> PathBuf {
-    vlmhost_plugin_sdk::fixture_dir(
-        "VLMHOST_TEMPLATE_LABELS_FIXTURE",
-        "target/fixtures/template_labels",
-        "reference.json",
-        "run scripts/fixtures.sh",
-    )
-}
 
 fn model_dir() -> PathBuf {
     vlmhost_plugin_sdk::fixture_dir("VLMHOST_QWEN2_VL_FIXTURE", "target/fixtures/qwen2_vl", "model/config.json", "run scripts/fixtures.sh")
         .join("model")
 }
 
+fn fixture() -> TemplateLabelsFixture {
+    TemplateLabelsFixture::of(FAMILY)
+}
+
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()["families"][FAMILY].clone()
+    fixture().reference()
 }
 
 fn samples() -> Vec<Vec<Message>> {
-    let dir = fixture().join(FAMILY).join("samples");
-    std::fs::read_to_string(dir.join("data.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| parse_line(l, &dir).unwrap().messages)
-        .collect()
+    fixture().samples()
 }
 
-fn i64s(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
 
 fn processor(dir: &Path, template: Option<&Path>) -> Qwen2VlProcessor {
     Qwen2VlProcessor::from_dir_with(dir, PixelOptions::default(), template).unwrap()
@@ -73,12 +59,12 @@ fn assert_matches(processor: &Qwen2VlProcessor, template: &str) {
         let i = &s["index"];
         assert_eq!(s["end_of_turn_inserted"], 0);
         let p = processor.process(messages).unwrap_or_else(|e| panic!("{template} sample {i}: {e}"));
-        assert_eq!(p.input_ids, i64s(&s["transformers"]["input_ids"]), "{template} sample {i}: input_ids");
-        assert_eq!(p.labels, i64s(&s["labels"]), "{template} sample {i}: labels");
-        assert_eq!(vec![1; p.input_ids.len()], i64s(&s["attention_mask"]), "{template} sample {i}: attention_mask");
+        assert_eq!(p.input_ids, TemplateLabelsFixture::i64s(&s["transformers"]["input_ids"]), "{template} sample {i}: input_ids");
+        assert_eq!(p.labels, TemplateLabelsFixture::i64s(&s["labels"]), "{template} sample {i}: labels");
+        assert_eq!(vec![1; p.input_ids.len()], TemplateLabelsFixture::i64s(&s["attention_mask"]), "{template} sample {i}: attention_mask");
         if rule == LabelRule::Generation {
             // transformers' own mask, `<|im_end|>` inside the block.
-            let mask = i64s(&s["transformers"]["assistant_masks"]);
+            let mask = TemplateLabelsFixture::i64s(&s["transformers"]["assistant_masks"]);
             let from_mask: Vec<i64> = p.input_ids.iter().zip(&mask).map(|(&id, &m)| if m == 1 { id } else { -100 }).collect();
             assert_eq!(p.labels, from_mask, "{template} sample {i}");
         }
@@ -86,7 +72,7 @@ fn assert_matches(processor: &Qwen2VlProcessor, template: &str) {
 }
 
 fn template_file(name: &str) -> PathBuf {
-    fixture().join("templates").join(format!("{FAMILY}_{name}.jinja"))
+    fixture().dir.join("templates").join(format!("{FAMILY}_{name}.jinja"))
 }
 
 #[test]
@@ -133,7 +119,7 @@ fn the_checkpoint_template_is_rendered_and_the_override_wins() {
     let expected = reference()["templates"]["custom"]["samples"].clone();
     for (s, messages) in expected.as_array().unwrap().iter().zip(samples()) {
         let p = model.prepare(&Sample { messages }).unwrap();
-        assert_eq!((p.input_ids, p.labels), (i64s(&s["input_ids"]), i64s(&s["labels"])), "sample {}", s["index"]);
+        assert_eq!((p.input_ids, p.labels), (TemplateLabelsFixture::i64s(&s["input_ids"]), TemplateLabelsFixture::i64s(&s["labels"])), "sample {}", s["index"]);
     }
     assert_matches(&processor(&dir, Some(&template_file("custom"))), "custom");
     std::fs::remove_dir_all(dir).unwrap();
@@ -153,7 +139,7 @@ fn without_a_template_the_default_is_the_fixture_template() {
     for (i, messages) in samples().iter().enumerate() {
         let (a, b) = (default.process(messages).unwrap(), own.process(messages).unwrap());
         assert_eq!((&a.input_ids, &a.labels), (&b.input_ids, &b.labels), "sample {i}");
-        assert_eq!((a.input_ids, a.labels), (i64s(&real[i]["input_ids"]), i64s(&real[i]["labels"])), "sample {i}");
+        assert_eq!((a.input_ids, a.labels), (TemplateLabelsFixture::i64s(&real[i]["input_ids"]), TemplateLabelsFixture::i64s(&real[i]["labels"])), "sample {i}");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -161,7 +147,7 @@ fn without_a_template_the_default_is_the_fixture_template() {
 #[test]
 fn a_raising_template_says_what_and_where() {
     let raises = reference()["raises"].clone();
-    let file = fixture().join(raises["file"].as_str().unwrap());
+    let file = fixture().dir.join(raises["file"].as_str().unwrap());
     let p = processor(&model_dir(), Some(&file));
     let sample = raises["sample"].as_u64().unwrap() as usize;
     let err = p.process(&samples()[sample]).unwrap_err().to_string();
