@@ -65,7 +65,7 @@ impl ModelArgs {
         }
         if let Some(file) = self.chat_template.clone().or_else(|| cfg.chat_template.clone()) {
             let file = chat_template_file(&file)?;
-            processor.insert(CHAT_TEMPLATE_OPTION.to_owned(), file.display().to_string().into());
+            set_chat_template(&mut processor, &file);
             cfg.chat_template = Some(file);
         }
         let opts = OpenOptions {
@@ -134,6 +134,11 @@ impl DataArgs {
 /// The processor option that carries a chat template override to the plugin:
 /// the template file's absolute path.
 pub const CHAT_TEMPLATE_OPTION: &str = "chat_template";
+
+/// Pass the chat template `file` to the plugin ([`CHAT_TEMPLATE_OPTION`]).
+pub fn set_chat_template(processor: &mut serde_json::Map<String, serde_json::Value>, file: &Path) {
+    processor.insert(CHAT_TEMPLATE_OPTION.to_owned(), file.display().to_string().into());
+}
 
 /// A chat template override, checked (it must exist and compile) and made absolute.
 fn chat_template_file(file: &Path) -> Result<PathBuf> {

@@ -32,7 +32,12 @@ pub fn check(args: CheckArgs) -> Result<ExitCode> {
     let (cfg, opts) = args.model.resolve()?;
     let m = crate::model::open(&opts, &cfg)?;
     let ds = dataset::load(&args.data.dataset, &m, &args.data.options())?;
-    let shown = ds.records.iter().take(args.show).map(|r| SampleView::of(&m, r)).collect::<Result<Vec<_>>>()?;
+    let shown = if args.show == 0 {
+        Vec::new()
+    } else {
+        let detok = Detokenizer::from_dir(m.model_dir())?;
+        ds.records.iter().take(args.show).map(|r| SampleView::of(&m, &detok, r)).collect::<Result<Vec<_>>>()?
+    };
     if args.json {
         print_json(&serde_json::json!({
             "total": ds.total,
@@ -86,9 +91,8 @@ enum Kind {
 }
 
 impl SampleView {
-    fn of(m: &HostModel, r: &Record) -> Result<SampleView> {
+    fn of(m: &HostModel, detok: &Detokenizer, r: &Record) -> Result<SampleView> {
         let p = micro_batch::prepare(m, &[r])?.remove(0);
-        let detok = Detokenizer::from_dir(m.model_dir())?;
         Ok(SampleView {
             index: r.origin.index,
             origin: r.origin.to_string(),
@@ -96,7 +100,7 @@ impl SampleView {
             image_tokens: p.image_token_mask.iter().filter(|&&b| b).count(),
             labelled_tokens: p.labels.iter().filter(|&&l| l != crate::model::batch::IGNORE_INDEX).count(),
             truncated: r.truncate_to.is_some(),
-            text: marked_text(&p, &detok)?,
+            text: marked_text(&p, detok)?,
         })
     }
 }

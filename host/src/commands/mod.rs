@@ -25,7 +25,7 @@ use crate::model::peft::{self, PeftAdapter};
 use crate::model::weights::read_tensors;
 use crate::model::{HostModel, OpenOptions};
 use crate::train::checkpoint::TRAINABLE_FILE;
-use args::CHAT_TEMPLATE_OPTION;
+use args::{set_chat_template, CHAT_TEMPLATE_OPTION};
 use anyhow::{Context as _, Result};
 use std::path::Path;
 
@@ -40,7 +40,7 @@ pub fn open_model(opts: &OpenOptions, cfg: &TrainConfig, adapter: Option<&Path>)
         let mut cfg = cfg.clone();
         if !opts.processor.contains_key(CHAT_TEMPLATE_OPTION) {
             if let Some(template) = adapter_chat_template(dir, &opts.model_dir)? {
-                opts.processor.insert(CHAT_TEMPLATE_OPTION.to_owned(), template.display().to_string().into());
+                set_chat_template(&mut opts.processor, &template);
                 cfg.chat_template = Some(template);
             }
         }
@@ -58,7 +58,7 @@ pub fn open_model(opts: &OpenOptions, cfg: &TrainConfig, adapter: Option<&Path>)
         format!("{} is neither a vlmhost checkpoint (config.yaml) nor a PEFT adapter (adapter_config.json)", dir.display())
     })?;
     if let (Some(template), false) = (&saved.chat_template, opts.processor.contains_key(CHAT_TEMPLATE_OPTION)) {
-        opts.processor.insert(CHAT_TEMPLATE_OPTION.to_owned(), template.display().to_string().into());
+        set_chat_template(&mut opts.processor, template);
     }
     let mode = saved.mode.unwrap_or(opts.mode);
     let m = crate::model::open_with(&opts, |_, _| Ok((saved.clone(), mode)))?;

@@ -219,9 +219,7 @@ impl HostModel {
     /// tokens of `batch` (its `attention_mask` covering the cached ones too)
     /// and the cache for the next call.
     pub fn forward_cached(&self, batch: &BatchTensors, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
-        if self.params.is_empty() {
-            bail!("the model was opened without weights");
-        }
+        self.check_weights()?;
         let ops = Ops { model: self, training: false };
         let past: RVec<TensorRef<'_>> = past.iter().map(TensorRef::new).collect();
         let out = self
@@ -243,9 +241,7 @@ impl HostModel {
 
     /// Logits `[batch, seq, vocab]` for a collated batch.
     pub fn forward(&self, batch: &BatchTensors, training: bool) -> Result<Tensor> {
-        if self.params.is_empty() {
-            bail!("the model was opened without weights");
-        }
+        self.check_weights()?;
         let ops = Ops { model: self, training };
         let logits = self
             .model
@@ -253,5 +249,13 @@ impl HostModel {
             .into_result()
             .map_err(|e| plugin_err(&self.family, "forward", e))?;
         Ok(logits.into_tensor())
+    }
+
+    /// Refuse to run a model opened without weights (`inspect`'s dry run).
+    fn check_weights(&self) -> Result<()> {
+        if self.params.is_empty() {
+            bail!("the model was opened without weights");
+        }
+        Ok(())
     }
 }
