@@ -71,18 +71,41 @@ impl Rendered {
         self.spans.iter().map(|s| to_char(s.start)..to_char(s.end)).collect()
     }
 
-    /// Extends each span that `end_of_turn` (e.g. `</s>`, `<|im_end|>`) follows immediately to
-    /// cover it: the token that closes an answer is learnt with it, also when the template writes
-    /// it after the `{% endgeneration %}`.
-    pub fn extend_to_end_of_turn(&mut self, end_of_turn: &str) {
-        if end_of_turn.is_empty() {
-            return;
-        }
-        for span in &mut self.spans {
-            if self.text[span.end..].starts_with(end_of_turn) {
-                span.end += end_of_turn.len();
+    /// Closes each answer with `end_of_turn` (`</s>`, `<|im_end|>`), which is learnt with it
+    /// (docs/plugin-guide.md, "Chat templates and labels"): spans that touch or overlap are one
+    /// answer (llava-hf writes one block per text part; empty spans are dropped); an answer that,
+    /// less trailing whitespace, ends with the token is kept; one that the template follows
+    /// immediately with the token is extended over it; otherwise (a template that never writes
+    /// it, such as llava-hf's) the token is inserted into the text right after the answer and the
+    /// answer extended over it. An empty `end_of_turn` only merges the spans.
+    pub fn close_answers(&mut self, end_of_turn: &str) {
+        let mut sorted: Vec<Range<usize>> = self.spans.iter().filter(|s| !s.is_empty()).cloned().collect();
+        sorted.sort_by_key(|s| (s.start, s.end));
+        let mut answers: Vec<Range<usize>> = Vec::with_capacity(sorted.len());
+        for s in sorted {
+            match answers.last_mut() {
+                Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
+                _ => answers.push(s),
             }
         }
+        if !end_of_turn.is_empty() {
+            for i in (0..answers.len()).rev() {
+                let Range { start, end } = answers[i].clone();
+                if self.text[start..end].trim_end().ends_with(end_of_turn) {
+                    continue;
+                }
+                answers[i].end = end + end_of_turn.len();
+                if self.text[end..].starts_with(end_of_turn) {
+                    continue;
+                }
+                self.text.insert_str(end, end_of_turn);
+                for later in &mut answers[i + 1..] {
+                    later.start += end_of_turn.len();
+                    later.end += end_of_turn.len();
+                }
+            }
+        }
+        self.spans = answers;
     }
 
     /// Per-token answer mask from the tokens' offsets into `text` (bytes, as

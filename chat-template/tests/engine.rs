@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vlmhost_chat_template::{token_mask, ChatTemplate, ChatTemplateError, LabelRule, RenderOptions, Value};
+use vlmhost_chat_template::{token_mask, ChatTemplate, ChatTemplateError, LabelRule, RenderOptions, Rendered, Value};
 
 /// A fresh, empty folder under the target directory's tmp.
 fn temp_dir(name: &str) -> PathBuf {
@@ -151,9 +151,31 @@ fn generation_spans_and_end_of_turn() {
     let mut r = t.answer_spans(&messages(CONVERSATION), &RenderOptions::default()).unwrap();
     let answers: Vec<&str> = r.spans.iter().map(|s| &r.text[s.clone()]).collect();
     assert_eq!(answers, ["Hello!", "Bye."]);
-    r.extend_to_end_of_turn("</s>");
+    r.close_answers("</s>");
     let answers: Vec<&str> = r.spans.iter().map(|s| &r.text[s.clone()]).collect();
     assert_eq!(answers, ["Hello!</s>", "Bye.</s>"]);
+}
+
+/// A rendering with the given answer spans (byte ranges of `text`), closed by `end_of_turn`.
+fn closed(text: &str, spans: &[std::ops::Range<usize>], end_of_turn: &str) -> (String, Vec<String>) {
+    let mut r = Rendered { text: text.to_string(), spans: spans.to_vec() };
+    r.close_answers(end_of_turn);
+    let answers = r.spans.iter().map(|s| r.text[s.clone()].to_string()).collect();
+    (r.text, answers)
+}
+
+#[test]
+fn answers_are_closed_by_the_end_of_turn_token() {
+    // llava-hf: one block per text part, `text + ' '`, no `</s>`: merged, then `</s>` inserted.
+    let (t, answers) = closed("USER: q ASSISTANT: a b USER: r ASSISTANT: c ", &[19..21, 21..23, 42..44], "</s>");
+    assert_eq!(t, "USER: q ASSISTANT: a b </s>USER: r ASSISTANT: c </s>");
+    assert_eq!(answers, ["a b </s>", "c </s>"]);
+    // Written inside the block (less trailing whitespace): kept; right after it: extended.
+    let (t, answers) = closed("x a</s>\n y b</s>", &[2..8, 11..12], "</s>");
+    assert_eq!(t, "x a</s>\n y b</s>");
+    assert_eq!(answers, ["a</s>\n", "b</s>"]);
+    // Empty spans are no answers.
+    assert!(closed("ab", &[1..1], "</s>").1.is_empty());
 }
 
 #[test]

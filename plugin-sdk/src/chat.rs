@@ -14,9 +14,8 @@
 //! What stays with the family: expanding each image placeholder of the text into its image
 //! tokens, tokenising, and its default layout when a checkpoint has no template.
 
-use crate::labels::{role_name, RenderedChat};
+use crate::labels::RenderedChat;
 use crate::ProcessorError;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use vlmhost_chat_template::{RenderOptions, Value};
 use vlmhost_plugin_api::sample::{Message, Part};
@@ -80,30 +79,19 @@ pub fn load_template(dir: &Path, override_file: Option<&Path>) -> Result<Option<
 }
 
 /// A conversation as the template sees it (transformers' messages): `role`, and `content` as
-/// typed parts: `{"type": "text", "text": ...}` and `{"type": "image", "path": ...}`.
+/// typed parts: `{"type": "text", "text": ...}` and `{"type": "image", "path": ...}`, keys in that
+/// order (the sample format's own serialisation), as Python's dicts keep them.
 pub fn message_values(messages: &[Message]) -> Vec<Value> {
-    let json: Vec<serde_json::Value> = messages
-        .iter()
-        .map(|m| {
-            let content: Vec<serde_json::Value> = m
-                .content
-                .iter()
-                .map(|p| match p {
-                    Part::Text { text } => serde_json::json!({"type": "text", "text": text}),
-                    Part::Image { path } => serde_json::json!({"type": "image", "path": path.to_string_lossy()}),
-                })
-                .collect();
-            serde_json::json!({"role": role_name(m.role), "content": content})
-        })
-        .collect();
-    // Deserialized into minijinja values, which keep the keys' order (preserve_order), as Python's dicts do.
-    json.into_iter().map(|m| serde_json::from_value(m).expect("a JSON object is a template value")).collect()
+    // Through JSON text, which writes a struct's fields in their order (a `serde_json::Value`
+    // would sort them); minijinja's values keep it.
+    let json = serde_json::to_string(messages).expect("a conversation serialises");
+    serde_json::from_str(&json).expect("JSON text is a template value")
 }
 
 /// Renders `messages` with `template` (with the generation prompt when `add_generation_prompt`)
 /// and finds the answers: the output of its `{% generation %}` blocks or, for a template without
 /// them, the prefix rule ([`ChatTemplate::answer_spans`]). Each answer is then closed by
-/// `end_of_turn` ([`close_answers`]). The images are the image parts in conversation order.
+/// `end_of_turn` ([`Rendered::close_answers`](vlmhost_chat_template::Rendered::close_answers)). The images are the image parts in conversation order.
 pub fn render(
     template: &ChatTemplate,
     messages: &[Message],
@@ -111,8 +99,8 @@ pub fn render(
     end_of_turn: &str,
 ) -> Result<RenderedChat, ProcessorError> {
     let values = message_values(messages);
-    let rendered = template.answer_spans(&values, &RenderOptions::generation_prompt(add_generation_prompt))?;
-    let (text, generation_spans) = close_answers(rendered.text, &rendered.spans, end_of_turn);
+    let mut rendered = template.answer_spans(&values, &RenderOptions::generation_prompt(add_generation_prompt))?;
+    rendered.close_answers(end_of_turn);
     let images = messages
         .iter()
         .flat_map(|m| &m.content)
@@ -121,65 +109,13 @@ pub fn render(
             Part::Text { .. } => None,
         })
         .collect();
-    Ok(RenderedChat { text, generation_spans, images })
-}
-
-/// Closes each answer with `end_of_turn` (`</s>`, `<|im_end|>`), which is learnt with it:
-/// spans that touch or overlap are one answer (llava-hf writes one block per text part; empty
-/// spans are dropped); an answer that, less trailing whitespace, ends with the token is kept; one
-/// that the template follows immediately with the token is extended over it; otherwise (a template
-/// that never writes it, such as llava-hf's) the token is inserted into the text right after the
-/// answer and the answer extended over it. Returns the text and the answers (byte ranges).
-pub fn close_answers(mut text: String, spans: &[Range<usize>], end_of_turn: &str) -> (String, Vec<Range<usize>>) {
-    let mut sorted: Vec<Range<usize>> = spans.iter().filter(|s| !s.is_empty()).cloned().collect();
-    sorted.sort_by_key(|s| (s.start, s.end));
-    let mut answers: Vec<Range<usize>> = Vec::with_capacity(sorted.len());
-    for s in sorted {
-        match answers.last_mut() {
-            Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
-            _ => answers.push(s),
-        }
-    }
-    if end_of_turn.is_empty() {
-        return (text, answers);
-    }
-    for i in (0..answers.len()).rev() {
-        let Range { start, end } = answers[i].clone();
-        if text[start..end].trim_end().ends_with(end_of_turn) {
-            continue;
-        }
-        answers[i].end = end + end_of_turn.len();
-        if text[end..].starts_with(end_of_turn) {
-            continue;
-        }
-        text.insert_str(end, end_of_turn);
-        for later in &mut answers[i + 1..] {
-            later.start += end_of_turn.len();
-            later.end += end_of_turn.len();
-        }
-    }
-    (text, answers)
+    Ok(RenderedChat { text: rendered.text, generation_spans: rendered.spans, images })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vlmhost_plugin_api::sample::Speaker;
-
-    #[test]
-    fn answers_are_closed_by_the_end_token() {
-        // llava-hf: one block per text part, `text + ' '`, no `</s>`: merged, then `</s>` inserted.
-        let text = "USER: q ASSISTANT: a b USER: r ASSISTANT: c ".to_string();
-        let (t, spans) = close_answers(text, &[19..21, 21..23, 42..44], "</s>");
-        assert_eq!(t, "USER: q ASSISTANT: a b </s>USER: r ASSISTANT: c </s>");
-        assert_eq!(spans.iter().map(|s| &t[s.clone()]).collect::<Vec<_>>(), ["a b </s>", "c </s>"]);
-        // Written inside the block (less trailing whitespace): kept; right after it: extended.
-        let (t, spans) = close_answers("x a</s>\n y b</s>".into(), &[2..8, 11..12], "</s>");
-        assert_eq!(t, "x a</s>\n y b</s>");
-        assert_eq!(spans.iter().map(|s| &t[s.clone()]).collect::<Vec<_>>(), ["a</s>\n", "b</s>"]);
-        // Empty spans are no answers.
-        assert_eq!(close_answers("ab".into(), &[1..1], "</s>").1, Vec::<Range<usize>>::new());
-    }
 
     #[test]
     fn the_chat_template_option_is_common() {

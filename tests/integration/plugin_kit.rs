@@ -1,7 +1,9 @@
 //! The plugin authors' kit (docs/plugin-guide.md): `templates/plugin-template`
 //! builds on its own, outside this workspace, as a third party would build
 //! it, and the unchanged `vlmhost` binary loads the result and runs every
-//! command on it: plugins, init, inspect, train, generate.
+//! command on it: plugins, init, inspect, train, generate. Its processor,
+//! through the built library, renders chat templates as transformers does
+//! (fixture `templates/plugin-template/fixtures/make_toy_vlm_template_fixture.py`).
 //!
 //! The copy's path dependencies point back into this workspace and it gets
 //! the workspace's Cargo.lock (so it builds the same crate versions); its
@@ -10,6 +12,8 @@
 use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use vlmhost::config::{Mode, TrainConfig};
+use vlmhost::model::{HostModel, OpenOptions};
 
 /// Copy `from` into `to`, leaving out build output and the lock file.
 fn copy_tree(from: &Path, to: &Path) {
@@ -37,7 +41,7 @@ fn copy_template(dir: &Path) -> PathBuf {
     copy_tree(&root.join("templates/plugin-template"), &copy);
     let manifest = copy.join("Cargo.toml");
     let mut text = std::fs::read_to_string(&manifest).unwrap();
-    for krate in ["plugin-api", "imaging", "build-support"] {
+    for krate in ["plugin-api", "chat-template", "imaging", "build-support"] {
         let relative = format!("path = \"../../{krate}\"");
         assert!(text.contains(&relative), "the template's Cargo.toml has no {relative}");
         text = text.replace(&relative, &format!("path = {:?}", root.join(krate).display().to_string()));
@@ -102,9 +106,10 @@ fn plugin_template_builds_outside_the_workspace_and_runs_in_vlmhost() {
     let (model, data, runs) = (path("model"), path("data"), path("run"));
     let run = vlmhost(&["init", "--plugin", &so, "--preset", "tiny", "--output", &model], cwd, None);
     assert!(run.success(), "{}", run.all());
-    for file in ["config.json", "tokenizer.json", "generation_config.json", "model.safetensors"] {
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "model.safetensors"] {
         assert!(Path::new(&model).join(file).is_file(), "init wrote no {file}\n{}", run.all());
     }
+    check_chat_templates(&so, Path::new(&model));
 
     // The three roles, and the rules applied to them.
     let run = vlmhost(&["inspect", "--plugin", &so, "--model", &model, "--mode", "both", "--json"], cwd, None);
@@ -143,7 +148,9 @@ fn plugin_template_builds_outside_the_workspace_and_runs_in_vlmhost() {
     assert_eq!(summary["steps"], 3, "{}", run.all());
     let loss = summary["last_loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "last loss {loss}\n{}", run.all());
-    assert!(Path::new(&runs).join("adapter/adapter_config.json").is_file(), "no PEFT adapter\n{}", run.all());
+    for file in ["adapter_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(Path::new(&runs).join("adapter").join(file).is_file(), "the adapter folder has no {file}\n{}", run.all());
+    }
 
     // Greedy decoding with the plugin's cache.
     let image = Path::new(&data).join("images/00000.png").display().to_string();
@@ -162,4 +169,65 @@ fn plugin_template_builds_outside_the_workspace_and_runs_in_vlmhost() {
     // bos + 16 image tokens + "Free OCR." + "\n"
     assert_eq!(v["prompt_tokens"], 1 + 16 + 9 + 1, "{}", run.all());
     eprintln!("plugin kit: toy_vlm trained 3 steps (last loss {loss:.4}), generated {}", v["tokens"]);
+}
+
+/// The template's processor, through the built library, against transformers
+/// (`target/fixtures/toy_vlm_template`): the ids and labels of every sample
+/// under the family's own template (the one `init` wrote into `model`), a
+/// custom one with generation blocks and its own system prompt, and one
+/// without generation blocks (prefix rule), both given as the user's
+/// `chat_template`; a raising template fails with its message and file.
+fn check_chat_templates(so: &str, model: &Path) {
+    let fixture = workspace_root().join("target/fixtures/toy_vlm_template");
+    let read = |path: PathBuf| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures.sh)", path.display()));
+    let reference: serde_json::Value = serde_json::from_str(&read(fixture.join("reference.json"))).unwrap();
+    let samples_dir = fixture.join("samples");
+    let samples: Vec<String> = read(samples_dir.join("data.jsonl"))
+        .lines()
+        .map(|l| serde_json::to_string(&vlmhost::plugin_api::sample::parse_line(l, &samples_dir).unwrap()).unwrap())
+        .collect();
+    let open = |template: Option<PathBuf>| -> HostModel {
+        let mut processor = serde_json::Map::new();
+        if let Some(file) = template {
+            processor.insert("chat_template".into(), file.display().to_string().into());
+        }
+        let opts = OpenOptions {
+            plugin: so.to_string(),
+            model_dir: model.to_path_buf(),
+            mode: Mode::Llm,
+            kind: tch::Kind::Float,
+            device: tch::Device::Cpu,
+            allow_missing: false,
+            load_weights: false,
+            processor,
+        };
+        vlmhost::model::open(&opts, &TrainConfig::default()).unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    let i64s = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let templates = reference["templates"].as_object().unwrap();
+    assert_eq!(templates.len(), 3, "real, custom, prefix");
+    for (name, t) in templates {
+        let file = fixture.join(t["file"].as_str().unwrap());
+        // The family's own template is what `init` wrote: the checkpoint's, no override.
+        let m = if name == "real" {
+            assert_eq!(read(model.join("chat_template.jinja")), read(file), "init wrote another template");
+            open(None)
+        } else {
+            open(Some(file))
+        };
+        for s in t["samples"].as_array().unwrap() {
+            let index = s["index"].as_u64().unwrap() as usize;
+            let p = m.prepare(&samples[index]).unwrap_or_else(|e| panic!("{name} sample {index}: {e}"));
+            assert_eq!(p.input_ids, i64s(&s["input_ids"]), "{name} ({}) sample {index}: ids", t["rule"]);
+            assert_eq!(p.labels, i64s(&s["labels"]), "{name} ({}) sample {index}: labels", t["rule"]);
+        }
+    }
+    let raises = &reference["raises"];
+    let m = open(Some(fixture.join(raises["file"].as_str().unwrap())));
+    let Err(err) = m.prepare(&samples[raises["sample"].as_u64().unwrap() as usize]) else {
+        panic!("the raising template rendered");
+    };
+    let err = err.to_string();
+    let said = raises["message"].as_str().unwrap();
+    assert!(err.contains(said) && err.contains("raises.jinja"), "{err}\n(transformers: {said})");
 }

@@ -185,7 +185,7 @@ impl ToyConfig {
                 return Err((key, format!("{id} is outside the vocabulary of {} tokens", t.vocab_size)));
             }
         }
-        // The byte tokenizer's ids (see processor.rs) must fit too.
+        // The byte tokenizer's ids (see processor/tokens.rs) must fit too.
         if t.vocab_size < crate::processor::MIN_VOCAB {
             return Err(("text_config.vocab_size", format!("{} is below the byte tokenizer's {}", t.vocab_size, crate::processor::MIN_VOCAB)));
         }

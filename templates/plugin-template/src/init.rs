@@ -1,8 +1,8 @@
 //! New toy_vlm checkpoints (`vlmhost init --plugin toy_vlm --preset tiny`).
 //!
 //! The plugin writes the files that describe the model (config.json, the
-//! tokenizer, generation_config.json, and vlmhost.json with processor
-//! defaults); the host then opens the folder through this plugin and draws
+//! tokenizer with its tokenizer_config.json, the chat template,
+//! generation_config.json, and vlmhost.json with processor defaults); the host then opens the folder through this plugin and draws
 //! the weights from the spec (normal(0, 0.02) for weights and embeddings,
 //! ones for norm scales, zeros for biases) into model.safetensors.
 //!
@@ -92,6 +92,17 @@ pub fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
     parsed.check().map_err(|(key, m)| PluginError::invalid("init", format!("preset {preset}: {key}: {m}")))?;
     write(&dir.join("config.json"), &config)?;
     write_text(&dir.join("tokenizer.json"), BYTE_TOKENIZER)?;
+    // What transformers' AutoTokenizer reads besides tokenizer.json; the chat template names these tokens.
+    write(
+        &dir.join("tokenizer_config.json"),
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": crate::processor::tokens::BOS_TEXT,
+            "eos_token": crate::processor::tokens::EOS_TEXT,
+        }),
+    )?;
+    // The conversation layout training renders (and inference must render the same way).
+    write_text(&dir.join("chat_template.jinja"), crate::processor::DEFAULT_CHAT_TEMPLATE)?;
     // `vlmhost generate` stops at generation_config.json's eos_token_id.
     write(&dir.join("generation_config.json"), &json!({"bos_token_id": 0, "eos_token_id": 1}))?;
     // Processor defaults the host passes to `open` (the user's options win).

@@ -12,7 +12,8 @@
 //! * [`config`]: `config.json`, mirrored with serde defaults;
 //! * [`model`]: the spec (parameters, modules, roles, key rules) and the
 //!   forward pass, with the host's parameters and linear layers;
-//! * [`processor`]: samples to token ids, labels, image-token mask, pixels;
+//! * [`processor`]: samples to token ids, labels, image-token mask, pixels
+//!   (the image processor, the byte tokenizer, the chat template);
 //! * [`init`]: the presets of `vlmhost init`.
 //!
 //! Everything here is plain Rust: the ABI (abi_stable types, FFI-safe
@@ -80,7 +81,7 @@ impl ToyModel {
             ));
         }
         let vc = &config.vision_config;
-        let processor = ToyProcessor::new(vc.image_size as usize, vc.num_patches() as usize, options)?;
+        let processor = ToyProcessor::new(dir, vc.image_size as usize, vc.num_patches() as usize, options)?;
         Ok(ToyModel { model: ToyVlm::new(config), processor })
     }
 }
@@ -96,7 +97,7 @@ impl FamilyModel for ToyModel {
     /// the batch, in sample order.
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
         let p = self.processor.process(&sample.messages)?;
-        let s = self.processor.image_size as i64;
+        let s = self.processor.image.image_size as i64;
         let pixel_values = Tensor::f_from_slice(&p.pixel_values)?.f_view([p.n_images as i64, 3, s, s])?;
         Ok(PreparedSample {
             input_ids: p.input_ids,
