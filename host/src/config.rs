@@ -58,6 +58,35 @@ impl Mode {
     }
 }
 
+/// The precision of the model's weights and its compute (`precision:`,
+/// `--precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// `bf16` on CUDA, `fp32` on the CPU.
+    #[default]
+    Auto,
+    /// Mixed precision: the frozen base weights stored in bf16; the trainable
+    /// tensors (LoRA A/B, fully trained roles, `modules_to_save`) keep fp32
+    /// master weights and fp32 AdamW state; the forward pass runs under bf16
+    /// autocast (matrix products in bf16), the loss in fp32.
+    Bf16,
+    /// Everything in fp32, no autocast.
+    Fp32,
+}
+
+impl Precision {
+    /// Whether the base weights are stored in bf16 (and compute runs under
+    /// bf16 autocast) on a CUDA device (`cuda`) or the CPU.
+    pub fn is_bf16(self, cuda: bool) -> bool {
+        match self {
+            Precision::Auto => cuda,
+            Precision::Bf16 => true,
+            Precision::Fp32 => false,
+        }
+    }
+}
+
 /// How a role the mode trains is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -328,6 +357,9 @@ pub struct TrainConfig {
     pub model: Option<PathBuf>,
     /// `--mode` > `TRAINING_MODE` > this > `llm`.
     pub mode: Option<Mode>,
+    /// The weights' and the compute's precision (`--precision` overrides):
+    /// `auto` (bf16 on CUDA, fp32 on the CPU), `bf16` or `fp32`.
+    pub precision: Precision,
     pub lora: LoraConfig,
     pub roles: RolesConfig,
     /// Modules trained fully and saved whole, whatever the mode (PEFT's

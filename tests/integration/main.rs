@@ -14,5 +14,6 @@ mod generate;
 mod init;
 mod plugin_kit;
 mod plugins;
+mod precision;
 mod robustness;
 mod train;

@@ -152,6 +152,17 @@ fn plugin_template_builds_outside_the_workspace_and_runs_in_vlmhost() {
         assert!(Path::new(&runs).join("adapter").join(file).is_file(), "the adapter folder has no {file}\n{}", run.all());
     }
 
+    // Mixed precision: bf16 base weights, fp32 trainables, bf16 autocast.
+    let bf16_run = path("run-bf16");
+    let run = vlmhost(
+        &["train", "--plugin", &so, "--model", &model, "--dataset", &dataset, "--max-steps", "2", "--precision", "bf16", "--output", &bf16_run],
+        cwd,
+        None,
+    );
+    assert!(run.success(), "{}", run.all());
+    let bf16_loss = json(&run)["last_loss"].as_f64().unwrap();
+    assert!(bf16_loss.is_finite() && bf16_loss > 0.0, "bf16: last loss {bf16_loss}\n{}", run.all());
+
     // Greedy decoding with the plugin's cache.
     let image = Path::new(&data).join("images/00000.png").display().to_string();
     let run = vlmhost(

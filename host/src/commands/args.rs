@@ -1,7 +1,7 @@
 // Argument groups several commands share: where the model comes from and
 // which rules apply (`ModelArgs`), and how a data set is read (`DataArgs`).
 
-use crate::config::{BadSamplePolicy, TooLongPolicy, TrainConfig, DEFAULT_MAX_LENGTH};
+use crate::config::{BadSamplePolicy, Precision, TooLongPolicy, TrainConfig, DEFAULT_MAX_LENGTH};
 use crate::model::{HostModel, OpenOptions};
 use crate::train::dataset::DatasetOptions;
 use anyhow::{anyhow, bail, Result};
@@ -28,6 +28,11 @@ pub struct ModelArgs {
     /// auto (the first GPU if CUDA is usable, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Weights and compute: bf16 (frozen weights in bf16, trainable tensors in
+    /// fp32, bf16 autocast), fp32, or auto (bf16 on CUDA, fp32 on the CPU)
+    /// [default: the config file's `precision`, then auto].
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// A processor option for the family's plugin, as KEY=VALUE (repeatable;
     /// overrides the config file's `processor:`), e.g. `--processor mode=tiny`.
     #[arg(long = "processor", value_name = "KEY=VALUE")]
@@ -68,12 +73,17 @@ impl ModelArgs {
             set_chat_template(&mut processor, &file);
             cfg.chat_template = Some(file);
         }
+        let device = parse_device(&self.device)?;
+        // Resolved for this device, so the run's recorded config says what ran.
+        let bf16 = self.precision.unwrap_or(cfg.precision).is_bf16(device.is_cuda());
+        cfg.precision = if bf16 { Precision::Bf16 } else { Precision::Fp32 };
+        let kind = if bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
         let opts = OpenOptions {
             plugin,
             model_dir,
             mode,
-            kind: tch::Kind::Float,
-            device: parse_device(&self.device)?,
+            kind,
+            device,
             allow_missing: self.allow_missing,
             load_weights: true,
             processor,
@@ -192,9 +202,20 @@ mod tests {
             mode: None,
             allow_missing: false,
             device: "cpu".into(),
+            precision: None,
             processor: vec!["size=4".into()],
             chat_template,
         }
+    }
+
+    #[test]
+    fn precision_resolves_for_the_device_and_is_recorded() {
+        // The default, auto, is fp32 on the CPU; --precision bf16 stores the base weights in bf16.
+        let (cfg, opts) = args(None).resolve().unwrap();
+        assert_eq!((cfg.precision, opts.kind), (Precision::Fp32, tch::Kind::Float));
+        let (cfg, opts) = ModelArgs { precision: Some(Precision::Bf16), ..args(None) }.resolve().unwrap();
+        assert_eq!((cfg.precision, opts.kind), (Precision::Bf16, tch::Kind::BFloat16));
+        assert!(Precision::Auto.is_bf16(true) && !Precision::Auto.is_bf16(false));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! bf16 autocast, as training on CUDA uses it: matrix products run in
-//! bfloat16 while parameters, optimizer state and the loss stay float32.
+//! bf16 autocast, as mixed-precision training uses it (`precision: bf16`):
+//! matrix products run in bfloat16 while the trainable tensors, the optimizer
+//! state and the loss stay float32.
 //! (tch's own `autocast` is CUDA fp16 only; `csrc/autocast.cpp` calls
 //! libtorch's device-generic autocast API.)
 
-use tch::Device;
+use tch::{Device, Kind};
 
 extern "C" {
     fn vlmhost_autocast_enter(cuda: i32) -> i32;
@@ -29,9 +30,12 @@ pub fn bf16<T>(device: Device, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Run `f` under bf16 autocast on CUDA devices, as it is on the CPU (fp32).
-pub fn bf16_on_cuda<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if device.is_cuda() {
+/// Run `f` as a model whose base weights are stored in `kind` computes on
+/// `device`: under bf16 autocast for bf16 weights (mixed precision: products
+/// in bf16, the fp32 trainable tensors cast on the fly, their gradients fp32),
+/// in the weights' own precision otherwise.
+pub fn for_weights<T>(kind: Kind, device: Device, f: impl FnOnce() -> T) -> T {
+    if kind == Kind::BFloat16 {
         bf16(device, f)
     } else {
         f()
@@ -47,7 +51,7 @@ pub fn is_enabled(device: Device) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Kind, Tensor};
+    use tch::Tensor;
 
     #[test]
     fn bf16_autocast_runs_matmuls_in_bf16_and_restores_state() {
@@ -64,7 +68,8 @@ mod tests {
         // The CUDA flag can be toggled without a GPU; nothing runs there.
         bf16(Device::Cuda(0), || assert!(is_enabled(Device::Cuda(0))));
         assert!(!is_enabled(Device::Cuda(0)));
-        // fp32 on the CPU path.
-        assert_eq!(bf16_on_cuda(Device::Cpu, || a.linear::<Tensor>(&w, None)).kind(), Kind::Float);
+        // By the weights' dtype: autocast for bf16 weights only.
+        assert_eq!(for_weights(Kind::Float, Device::Cpu, || a.linear::<Tensor>(&w, None)).kind(), Kind::Float);
+        assert_eq!(for_weights(Kind::BFloat16, Device::Cpu, || a.linear::<Tensor>(&w, None)).kind(), Kind::BFloat16);
     }
 }

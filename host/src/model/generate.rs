@@ -2,7 +2,6 @@
 //! stop tokens and detokenising from the checkpoint's files, the prompt of a
 //! one-turn request.
 
-use super::autocast;
 use super::batch::{collate, BatchTensors, IGNORE_INDEX};
 use super::{HostModel, PreparedSample};
 use anyhow::Result;
@@ -108,7 +107,7 @@ pub fn greedy(
     let mut total = prompt.input_ids.len() as i64;
     while tokens.len() < max_new_tokens {
         let (logits, next_cache) =
-            autocast::bf16_on_cuda(device, || model.forward_cached(&batch, &cache))?;
+            model.autocast(|| model.forward_cached(&batch, &cache))?;
         cache = next_cache;
         let last = logits.f_get(0)?.f_get(-1)?;
         let next = last.f_to_kind(Kind::Float)?.f_argmax(0, false)?.int64_value(&[]);

@@ -100,9 +100,15 @@ impl HostModel {
         &self.load_report
     }
 
-    /// The parameters' dtype.
+    /// The base weights' dtype (trainable tensors: [`super::weights::master_kind`] of it).
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Run `f` (a forward pass) in the model's compute precision: bf16
+    /// autocast when its base weights are bf16 ([`super::autocast::for_weights`]).
+    pub fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        super::autocast::for_weights(self.kind, self.device, f)
     }
 
     pub fn device(&self) -> Device {

@@ -9,7 +9,7 @@
 //!   host's side of each forward pass (`ops`) behind the ABI.
 //! * [`batch`] pads samples into a batch and computes the causal-LM loss;
 //!   [`generate`] decodes greedily with the plugin's key/value cache;
-//!   [`autocast`] runs a closure in bf16 autocast on CUDA.
+//!   [`autocast`] runs a closure in bf16 autocast (models with bf16 weights).
 //! * [`peft`] reads and writes adapters in PEFT's format.
 //!
 //! This layer may use [`crate::config`], [`crate::plugin`] and

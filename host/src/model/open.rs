@@ -22,6 +22,9 @@ pub struct OpenOptions {
     pub plugin: String,
     pub model_dir: PathBuf,
     pub mode: Mode,
+    /// The dtype the base weights are stored in. Under a 16-bit kind (bf16:
+    /// `precision: bf16`) the trainable tensors keep fp32 master weights
+    /// ([`weights::master_kind`]) and the model runs under bf16 autocast.
     pub kind: Kind,
     pub device: Device,
     pub allow_missing: bool,
@@ -54,7 +57,7 @@ pub fn open_with(
     let plan = rules::plan(&spec, &config, mode)?;
     let load = LoadOptions { kind: opts.kind, device: opts.device, allow_missing: opts.allow_missing };
     let (mut params, load_report) = if opts.load_weights {
-        weights::load(&opts.model_dir, &spec, load)?
+        weights::load_with_masters(&opts.model_dir, &spec, load, &plan.trainable)?
     } else {
         (Vec::new(), weights::check(&opts.model_dir, &spec, opts.allow_missing)?)
     };
@@ -68,7 +71,9 @@ pub fn open_with(
     let mut adapters: Vec<Option<LoraAdapter>> = (0..spec.modules.len()).map(|_| None).collect();
     for &m in &plan.lora_modules {
         let s = &spec.modules[m];
-        adapters[m] = Some(LoraAdapter::new(s.in_features, s.out_features, lora.r, lora.scaling(), lora.lora_dropout, opts.kind, opts.device));
+        // Trainable: fp32 master weights under 16-bit base weights.
+        let kind = weights::master_kind(opts.kind);
+        adapters[m] = Some(LoraAdapter::new(s.in_features, s.out_features, lora.r, lora.scaling(), lora.lora_dropout, kind, opts.device));
     }
     Ok(HostModel {
         plugin,

@@ -239,6 +239,32 @@ impl<'a> KeyRouter<'a> {
 /// Load the checkpoint in `dir` into tensors ordered as `spec.params`.
 /// Tied parameters share storage with their target.
 pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tensor>, LoadReport), WeightsError> {
+    load_with_masters(dir, spec, opts, &[])
+}
+
+/// The dtype trainable tensors keep when the model's weights are stored in
+/// `kind`: fp32 master weights under a 16-bit `kind`, else `kind` itself.
+pub fn master_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::BFloat16 | Kind::Half => Kind::Float,
+        other => other,
+    }
+}
+
+/// As [`load`], with the parameters flagged in `masters` (the trainable
+/// ones) in [`master_kind`]`(opts.kind)`: mixed precision keeps the frozen
+/// weights in bf16 and the trained ones in fp32, each converted once from
+/// the checkpoint's own dtype.
+pub fn load_with_masters(
+    dir: &Path,
+    spec: &ModelSpec,
+    opts: LoadOptions,
+    masters: &[bool],
+) -> Result<(Vec<Tensor>, LoadReport), WeightsError> {
+    let opts_of = |i: usize| match masters.get(i) {
+        Some(true) => LoadOptions { kind: master_kind(opts.kind), ..opts },
+        _ => opts,
+    };
     let files = checkpoint_files(dir)?;
     let mut router = KeyRouter::new(spec, &files);
     let mut slots: Vec<Option<Tensor>> = (0..spec.params.len()).map(|_| None).collect();
@@ -266,7 +292,7 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
                 dtype: format!("{:?}", view.dtype()),
             })?;
             let cpu = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-            let t = cpu.f_to_dtype(opts.kind, false, false)?.f_to_device(opts.device)?;
+            let t = cpu.f_to_dtype(opts_of(i).kind, false, false)?.f_to_device(opts.device)?;
             drop(cpu);
             release_pages(&mmap, view.data());
             if slots[i].replace(t).is_some() {
@@ -280,7 +306,7 @@ pub fn load(dir: &Path, spec: &ModelSpec, opts: LoadOptions) -> Result<(Vec<Tens
     let report = router.finish(opts.allow_missing)?;
     for (i, p) in spec.params.iter().enumerate() {
         if slots[i].is_none() && p.tied_to.is_empty() {
-            slots[i] = Some(init_param(&p.name, &p.shape, p.kind, opts)?);
+            slots[i] = Some(init_param(&p.name, &p.shape, p.kind, opts_of(i))?);
         }
     }
     let index: HashMap<&str, usize> = spec.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();

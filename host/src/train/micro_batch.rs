@@ -1,9 +1,9 @@
 //! One micro-batch: records prepared by the plugin (cut as the data check
-//! decided), collated, run forward (bf16 autocast on CUDA) and scored with
+//! decided), collated, run forward (bf16 autocast for bf16 weights) and scored with
 //! the causal-LM loss, summed over its supervised tokens.
 
 use super::dataset::Record;
-use crate::model::{autocast, causal_lm_loss, collate, HostModel, PreparedSample};
+use crate::model::{causal_lm_loss, collate, HostModel, PreparedSample};
 use anyhow::Result;
 use tch::Tensor;
 
@@ -38,8 +38,8 @@ pub struct MicroBatchLoss {
 pub fn loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Result<MicroBatchLoss> {
     let refs: Vec<&PreparedSample> = samples.iter().collect();
     let batch = collate(&refs, 0, model.device())?;
-    // bf16 autocast on CUDA, fp32 on the CPU; the loss is computed in fp32.
-    let logits = autocast::bf16_on_cuda(model.device(), || model.forward(&batch, training))?;
+    // In the model's precision (bf16 autocast for bf16 weights); the loss is computed in fp32.
+    let logits = model.autocast(|| model.forward(&batch, training))?;
     let (mean, n) = causal_lm_loss(&logits, &batch.labels)?;
     let tokens = samples.iter().map(|s| s.input_ids.len()).sum();
     Ok(MicroBatchLoss { sum: mean * (n as f64), supervised: n, tokens })
