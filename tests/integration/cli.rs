@@ -51,6 +51,33 @@ fn inspect_json_has_the_documented_shape() {
     assert_eq!(v["total_parameters"], sum);
 }
 
+/// `inspect`'s memory estimate, from the parameter counts it reports: fp32
+/// keeps everything in 4 bytes; bf16 halves the frozen weights only, the
+/// trainable values (projector fully, LLM LoRA) keep 4 bytes of weight, 4 of
+/// gradient and 8 of AdamW moments.
+#[test]
+fn inspect_estimates_memory_for_the_precision() {
+    for (precision, frozen_bytes) in [("fp32", 4), ("bf16", 2)] {
+        let v = inspect_json(&["--precision", precision], &[]);
+        assert_eq!(v["precision"], precision);
+        let mut total = 0;
+        for role in ["vision", "projector", "llm"] {
+            let r = &v["roles"][role];
+            let (params, trainable) = (r["parameters"].as_i64().unwrap(), r["trainable"].as_i64().unwrap());
+            // Fully trained roles count their weights once (trainable == parameters); LoRA adds A/B.
+            let full = if r["strategy"] == "full" { params } else { 0 };
+            let lora = trainable - full;
+            let m = &r["memory"];
+            assert_eq!(m["weights_bytes"], (params - full) * frozen_bytes + (full + lora) * 4, "{precision} {role}: {m}");
+            assert_eq!(m["gradients_bytes"], trainable * 4, "{precision} {role}");
+            assert_eq!(m["optimizer_bytes"], trainable * 8, "{precision} {role}");
+            total += m["weights_bytes"].as_i64().unwrap() + m["gradients_bytes"].as_i64().unwrap() + m["optimizer_bytes"].as_i64().unwrap();
+        }
+        let t = &v["memory"];
+        assert_eq!(t["weights_bytes"].as_i64().unwrap() + t["gradients_bytes"].as_i64().unwrap() + t["optimizer_bytes"].as_i64().unwrap(), total);
+    }
+}
+
 #[test]
 fn mode_flag_beats_environment_beats_file() {
     let dir = tempdir();

@@ -6,8 +6,15 @@
 //! Every role is reported, also for an encoder-free family (Fuyu): its vision
 //! role is shown empty, as `none (encoder-free)` in the table and with
 //! `"note": "none (encoder-free)"` (0 parameters, frozen) in the JSON.
+//!
+//! With each role, the memory its tensors take in training at the chosen
+//! precision ([`MemoryEstimate`]): weights (frozen ones in the base dtype,
+//! trainable ones and LoRA in fp32 under bf16), gradients and AdamW's two
+//! moments of the trainable values. Activations are not included: they
+//! depend on the batch, the sequence lengths and gradient checkpointing.
 
 use crate::config::Strategy;
+use crate::model::weights::master_kind;
 use crate::model::HostModel;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -52,6 +59,65 @@ pub struct RoleReport {
     /// Set when the role does not exist in this family (`none (encoder-free)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// What its tensors take in training.
+    pub memory: MemoryEstimate,
+}
+
+/// Bytes of a role's tensors in training (activations aside).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryEstimate {
+    /// Base weights (frozen: the base dtype; trained fully: the master dtype) and LoRA A/B (master dtype).
+    pub weights_bytes: i64,
+    /// One gradient per trainable value, in the master dtype.
+    pub gradients_bytes: i64,
+    /// AdamW's first and second moments per trainable value, in the master dtype.
+    pub optimizer_bytes: i64,
+}
+
+impl MemoryEstimate {
+    /// The estimate for `role` of `m`, from its spec and plan (no weights needed).
+    pub fn of(m: &HostModel, role: Role) -> MemoryEstimate {
+        let (base, master) = (m.kind().elt_size_in_bytes() as i64, master_kind(m.kind()).elt_size_in_bytes() as i64);
+        let (spec, plan) = (m.spec(), m.plan());
+        let mut e = MemoryEstimate::default();
+        let mut trainable = 0;
+        for (i, p) in spec.params.iter().enumerate() {
+            if plan.roles[i] != role || !p.tied_to.is_empty() {
+                continue;
+            }
+            let n: i64 = p.shape.iter().product();
+            if plan.trainable[i] {
+                e.weights_bytes += n * master;
+                trainable += n;
+            } else {
+                e.weights_bytes += n * base;
+            }
+        }
+        for &i in &plan.lora_modules {
+            let module = &spec.modules[i];
+            if plan.roles[module.weight as usize] == role {
+                let n = m.config().lora.r * (module.in_features + module.out_features);
+                e.weights_bytes += n * master;
+                trainable += n;
+            }
+        }
+        e.gradients_bytes = trainable * master;
+        e.optimizer_bytes = 2 * trainable * master;
+        e
+    }
+
+    /// The sum of every part.
+    pub fn total_bytes(&self) -> i64 {
+        self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+    }
+
+    fn add(self, other: MemoryEstimate) -> MemoryEstimate {
+        MemoryEstimate {
+            weights_bytes: self.weights_bytes + other.weights_bytes,
+            gradients_bytes: self.gradients_bytes + other.gradients_bytes,
+            optimizer_bytes: self.optimizer_bytes + other.optimizer_bytes,
+        }
+    }
 }
 
 /// How an encoder-free family's vision role is shown.
@@ -84,6 +150,10 @@ pub struct InspectReport {
     pub roles: BTreeMap<String, RoleReport>,
     pub total_parameters: i64,
     pub trainable_parameters: i64,
+    /// `bf16` (frozen weights in bf16, trainable tensors in fp32) or `fp32`.
+    pub precision: String,
+    /// Every role's [`MemoryEstimate`], summed.
+    pub memory: MemoryEstimate,
     pub lora: LoraReport,
     pub checkpoint: CheckpointReport,
     pub warnings: Vec<String>,
@@ -93,6 +163,7 @@ impl InspectReport {
     pub fn new(m: &HostModel) -> InspectReport {
         let mut roles = BTreeMap::new();
         let (mut total, mut trainable) = (0, 0);
+        let mut memory = MemoryEstimate::default();
         for role in Role::ALL {
             // Shown, empty, when the family has no vision encoder.
             let note = (role == Role::Vision && !m.spec().has_vision_encoder).then(|| NO_VISION_ENCODER.to_owned());
@@ -100,6 +171,8 @@ impl InspectReport {
             total += p;
             trainable += t;
             let plan = &m.plan().role_plans[&role];
+            let role_memory = MemoryEstimate::of(m, role);
+            memory = memory.add(role_memory);
             roles.insert(
                 role.name().to_owned(),
                 RoleReport {
@@ -109,6 +182,7 @@ impl InspectReport {
                     lr_scale: plan.lr_scale,
                     lora_modules: m.lora_module_names(role),
                     note,
+                    memory: role_memory,
                 },
             );
         }
@@ -122,6 +196,8 @@ impl InspectReport {
             roles,
             total_parameters: total,
             trainable_parameters: trainable,
+            precision: if m.kind() == tch::Kind::BFloat16 { "bf16" } else { "fp32" }.to_owned(),
+            memory,
             lora: LoraReport {
                 r: l.r,
                 lora_alpha: l.lora_alpha,
@@ -182,6 +258,19 @@ impl InspectReport {
             group_digits(self.total_parameters),
             group_digits(self.trainable_parameters)
         );
+        let _ = writeln!(s, "\nmemory in training, {} ({}), activations not included:", self.precision, precision_note(&self.precision));
+        let _ = writeln!(s, "{:<10} {:>12} {:>12} {:>12} {:>12}", "ROLE", "WEIGHTS", "GRADIENTS", "OPTIMIZER", "TOTAL");
+        let rows = Role::ALL.iter().filter(|r| self.roles[r.name()].note.is_none()).map(|r| (r.name(), &self.roles[r.name()].memory));
+        for (name, e) in rows.chain([("total", &self.memory)]) {
+            let _ = writeln!(
+                s,
+                "{name:<10} {:>12} {:>12} {:>12} {:>12}",
+                human_bytes(e.weights_bytes),
+                human_bytes(e.gradients_bytes),
+                human_bytes(e.optimizer_bytes),
+                human_bytes(e.total_bytes())
+            );
+        }
         let any_lora = self.roles.values().any(|r| !r.lora_modules.is_empty());
         if any_lora {
             let l = &self.lora;
@@ -222,6 +311,30 @@ fn compress(names: &[String]) -> Vec<(String, usize)> {
     out
 }
 
+fn precision_note(precision: &str) -> &'static str {
+    if precision == "bf16" {
+        "frozen weights in bf16; trainable tensors, gradients and AdamW state in fp32"
+    } else {
+        "everything in fp32"
+    }
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `3.25 GiB`.
+fn human_bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
 fn group_digits(n: i64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -244,5 +357,6 @@ mod tests {
         assert_eq!(compress(&names), vec![("m.layers.*.q".into(), 2), ("m.layers.*.k".into(), 1), ("head".into(), 1)]);
         assert_eq!(group_digits(1234567), "1,234,567");
         assert_eq!(group_digits(12), "12");
+        assert_eq!((human_bytes(512), human_bytes(1536), human_bytes(3 << 30)), ("512 B".into(), "1.50 KiB".into(), "3.00 GiB".into()));
     }
 }
