@@ -3,7 +3,7 @@
 //! the causal-LM loss, summed over its supervised tokens.
 
 use super::dataset::Record;
-use crate::model::{causal_lm_loss, collate, HostModel, PreparedSample};
+use crate::model::{causal_lm_loss_sum, collate, HostModel, PreparedSample};
 use anyhow::Result;
 use tch::Tensor;
 
@@ -40,7 +40,7 @@ pub fn loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Re
     let batch = collate(&refs, 0, model.device())?;
     // In the model's precision (bf16 autocast for bf16 weights); the loss is computed in fp32.
     let logits = model.autocast(|| model.forward(&batch, training))?;
-    let (mean, n) = causal_lm_loss(&logits, &batch.labels)?;
+    let (sum, n) = causal_lm_loss_sum(&logits, &batch.labels)?;
     let tokens = samples.iter().map(|s| s.input_ids.len()).sum();
-    Ok(MicroBatchLoss { sum: mean * (n as f64), supervised: n, tokens })
+    Ok(MicroBatchLoss { sum, supervised: n, tokens })
 }
