@@ -6,7 +6,8 @@
 # $OUT (default /tmp/vlmhost-gpu):
 #   torch.txt              the machine's torch and whether it sees CUDA
 #   doctor.txt / .json     vlmhost doctor: must say "CUDA available"
-#   train-{cuda,cpu}.*     the README's main job on CUDA (bf16 autocast) and on the CPU
+#   train-{cuda,cpu}.*     the README's main job on CUDA (precision auto: bf16 weights and
+#                          autocast, the allocator's peak memory in the summary) and on the CPU
 #   eval-{cuda,cpu}.json   eval of the base model on both devices (parity of the CUDA path)
 set -euo pipefail
 out="${OUT:-/tmp/vlmhost-gpu}"
@@ -62,7 +63,10 @@ for d in ("cuda", "cpu"):
     try:
         e = json.loads((out / f"eval-{d}.json").read_text())
         t = json.loads((out / f"train-{d}.json").read_text())
-        print(f"{d}: eval loss {e['loss']:.6f}; train {t['first_loss']:.4f} -> {t['last_loss']:.4f}")
+        mem = t.get("cuda_peak_allocated_mib") if d == "cuda" else t.get("peak_rss_mib")
+        print(f"{d}: eval loss {e['loss']:.6f}; train {t['first_loss']:.4f} -> {t['last_loss']:.4f}; peak memory {mem} MiB")
+        if d == "cuda" and mem is None:
+            print("cuda: the CUDA allocator's peak memory is missing from the summary")
     except Exception as err:  # report, never hide
         print(f"{d}: no result ({err})")
 for d in ("cuda", "cpu"):

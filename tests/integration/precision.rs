@@ -110,6 +110,14 @@ fn train_with_bf16_precision_saves_fp32_trainables() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
         .collect();
     assert_eq!(losses.len(), 4, "{}", run.all());
+    // Memory accounting on the CPU: the peak RSS in every line and the summary, no CUDA counters.
+    for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["peak_rss_mib"].as_f64().is_some_and(|m| m > 1.0), "{line}");
+        assert!(v.get("cuda_peak_allocated_mib").is_none(), "{line}");
+    }
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(summary["peak_rss_mib"].as_f64().is_some_and(|m| m > 1.0) && summary.get("cuda_peak_allocated_mib").is_none(), "{summary}");
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     let recorded = std::fs::read_to_string(out.join("config.yaml")).unwrap();
     assert!(recorded.lines().any(|l| l.trim() == "precision: bf16"), "the run's config records no precision:\n{recorded}");

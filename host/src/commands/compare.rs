@@ -97,6 +97,8 @@ pub struct FamilyResult {
     pub roles: BTreeMap<String, RoleCount>,
     pub run: RunSummary,
     pub peak_rss_mib: Option<f64>,
+    /// CUDA runs: the caching allocator's peak of memory held by tensors.
+    pub cuda_peak_allocated_mib: Option<f64>,
 }
 
 /// The comparison.
@@ -141,7 +143,14 @@ pub fn compare(job: &CompareJob) -> Result<CompareReport> {
     let families: Vec<FamilyResult> = families
         .into_iter()
         .zip(rep.runs)
-        .map(|(f, run)| FamilyResult { family: f.name, model: f.model, roles: f.roles, run, peak_rss_mib: f.peak_rss_mib })
+        .map(|(f, run)| FamilyResult {
+            family: f.name,
+            model: f.model,
+            roles: f.roles,
+            run,
+            peak_rss_mib: f.peak_rss_mib,
+            cuda_peak_allocated_mib: f.cuda_peak_allocated_mib,
+        })
         .collect();
     let report = CompareReport { families, plot: rep.plot };
     crate::files::write_atomic(&job.output.join("report.md"), report.markdown().as_bytes())?;
@@ -155,6 +164,7 @@ struct FamilyRun {
     model: PathBuf,
     roles: BTreeMap<String, RoleCount>,
     peak_rss_mib: Option<f64>,
+    cuda_peak_allocated_mib: Option<f64>,
 }
 
 fn display(p: &Path) -> String {
@@ -209,7 +219,8 @@ fn run_family(job: &CompareJob, plugin: &str) -> Result<(FamilyRun, PathBuf)> {
         crate::files::write_atomic(&run.join(EVAL_FILE), out.as_bytes())?;
     }
     let roles = role_counts(&inspect);
-    Ok((FamilyRun { name, model, roles, peak_rss_mib: summary["peak_rss_mib"].as_f64() }, run))
+    let (peak_rss_mib, cuda_peak_allocated_mib) = (summary["peak_rss_mib"].as_f64(), summary["cuda_peak_allocated_mib"].as_f64());
+    Ok((FamilyRun { name, model, roles, peak_rss_mib, cuda_peak_allocated_mib }, run))
 }
 
 /// Parameters per role, from `inspect --json`.
@@ -258,12 +269,12 @@ impl CompareReport {
                 millions(total)
             ));
         }
-        out.push_str("\n## Training\n\n| family | steps | first loss | last loss | final val loss | CER | WER | tokens/s | peak memory (MiB) |\n|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("\n## Training\n\n| family | steps | first loss | last loss | final val loss | CER | WER | tokens/s | peak RSS (MiB) | peak CUDA allocated (MiB) |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for f in &self.families {
             let r = &f.run;
             let eval = r.eval.as_ref();
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 f.family,
                 r.steps,
                 num(r.first_loss, 4),
@@ -273,6 +284,7 @@ impl CompareReport {
                 num(eval.and_then(|e| e.wer), 4),
                 num(r.median_tokens_per_second, 0),
                 num(f.peak_rss_mib, 0),
+                num(f.cuda_peak_allocated_mib, 0),
             ));
         }
         if let Some(p) = &self.plot {

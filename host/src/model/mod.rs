@@ -9,13 +9,15 @@
 //!   host's side of each forward pass (`ops`) behind the ABI.
 //! * [`batch`] pads samples into a batch and computes the causal-LM loss;
 //!   [`generate`] decodes greedily with the plugin's key/value cache;
-//!   [`autocast`] runs a closure in bf16 autocast (models with bf16 weights).
+//!   [`autocast`] runs a closure in bf16 autocast (models with bf16 weights);
+//!   [`memory`] reads the CUDA allocator's counters and the peak RSS.
 //! * [`peft`] reads and writes adapters in PEFT's format.
 //!
 //! This layer may use [`crate::config`], [`crate::plugin`] and
 //! [`crate::files`]; it knows nothing of training runs, reports or commands.
 
 pub mod autocast;
+pub mod memory;
 pub mod batch;
 pub mod checkpoint;
 pub mod generate;

@@ -41,6 +41,32 @@ pub struct StepMetrics {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// CUDA: the most memory tensors held since the run started (the caching
+    /// allocator's `max_memory_allocated`), in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_peak_allocated_mib: Option<f64>,
+    /// CUDA: the most the allocator reserved since the run started (`max_memory_reserved`), in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_peak_reserved_mib: Option<f64>,
+    /// The process's peak resident memory so far (Linux `VmHWM`), model loading included, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl StepMetrics {
+    /// The peak memory fields for a model on `device`, read now.
+    pub fn read_memory(&mut self, device: tch::Device) {
+        use crate::model::memory::{cuda_memory, mib, peak_rss};
+        let cuda = cuda_memory(device);
+        self.cuda_peak_allocated_mib = cuda.map(|m| mib(m.peak_allocated));
+        self.cuda_peak_reserved_mib = cuda.map(|m| mib(m.peak_reserved));
+        self.peak_rss_mib = peak_rss().map(mib);
+    }
+
+    /// The memory a user watches: the CUDA peak allocated, else the peak RSS.
+    pub fn peak_memory_mib(&self) -> Option<f64> {
+        self.cuda_peak_allocated_mib.or(self.peak_rss_mib)
+    }
 }
 
 /// A run's `metrics.jsonl`, open for appending.
@@ -107,6 +133,12 @@ pub struct MetricsRecord {
     pub val_loss: Option<f64>,
     #[serde(default)]
     pub skipped: Option<String>,
+    #[serde(default)]
+    pub cuda_peak_allocated_mib: Option<f64>,
+    #[serde(default)]
+    pub cuda_peak_reserved_mib: Option<f64>,
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// Why `metrics.jsonl` could not be read.

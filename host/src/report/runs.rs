@@ -41,6 +41,9 @@ pub struct RunSummary {
     /// Steps skipped for a non-finite loss.
     pub skipped_steps: usize,
     pub median_tokens_per_second: Option<f64>,
+    /// The most memory the run used, in MiB: the CUDA allocator's peak of
+    /// memory held by tensors, else (CPU runs) the process's peak RSS.
+    pub peak_memory_mib: Option<f64>,
     /// Training time, summed over resumed segments.
     pub wall_seconds: Option<f64>,
     pub eval: Option<EvalMetrics>,
@@ -152,6 +155,10 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
         median_tokens_per_second: median(
             records.iter().filter(|r| r.skipped.is_none()).filter_map(|r| r.tokens_per_second.filter(|t| t.is_finite() && *t > 0.0)).collect(),
         ),
+        peak_memory_mib: records
+            .iter()
+            .filter_map(|r| r.cuda_peak_allocated_mib.or(r.peak_rss_mib))
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
         wall_seconds: wall_seconds(&records),
         eval,
         eval_before,
@@ -233,7 +240,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let with_eval = self.runs.iter().any(|r| r.eval.is_some());
         let mut head = vec![
-            "run", "plugin", "model", "mode", "steps", "first loss", "last loss", "best loss (step)", "final val loss", "tokens/s (median)", "wall time",
+            "run", "plugin", "model", "mode", "steps", "first loss", "last loss", "best loss (step)", "final val loss", "tokens/s (median)", "peak memory (MiB)", "wall time",
         ];
         let with_before = self.runs.iter().any(|r| r.eval_before.is_some());
         if with_before {
@@ -260,6 +267,7 @@ impl Report {
                 best,
                 num(r.final_val_loss, 4),
                 num(r.median_tokens_per_second, 0),
+                num(r.peak_memory_mib, 0),
                 r.wall_seconds.map_or_else(|| "–".to_owned(), duration),
             ];
             if with_before {
@@ -280,7 +288,7 @@ impl Report {
 mod tests {
     use super::*;
 
-    fn write_run(dir: &Path, losses: &[Option<f64>], elapsed: &[f64], val: Option<f64>) {
+    fn write_run(dir: &Path, losses: &[Option<f64>], elapsed: &[f64], val: Option<f64>, cuda: bool) {
         std::fs::create_dir_all(dir).unwrap();
         let mut text = String::new();
         for (i, (loss, e)) in losses.iter().zip(elapsed).enumerate() {
@@ -290,6 +298,11 @@ mod tests {
             });
             if loss.is_none() {
                 v["skipped"] = "non-finite loss".into();
+            }
+            // Memory: the peak RSS grows; a run on CUDA also has the allocator's peak, which wins.
+            v["peak_rss_mib"] = (500.0 + 10.0 * i as f64).into();
+            if cuda {
+                v["cuda_peak_allocated_mib"] = (2000.0 + i as f64).into();
             }
             if i + 1 == losses.len() {
                 if let Some(val) = val {
@@ -306,11 +319,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = tmp.path().join("run-a");
         let b = tmp.path().join("run-b");
-        write_run(&a, &[Some(2.0), Some(1.5), Some(1.25), Some(1.3)], &[1.0, 2.0, 3.0, 4.0], Some(1.4));
+        write_run(&a, &[Some(2.0), Some(1.5), Some(1.25), Some(1.3)], &[1.0, 2.0, 3.0, 4.0], Some(1.4), false);
         std::fs::write(a.join(CONFIG_FILE), "plugin: qwen2_vl\nmodel: /models/qwen2-vl-2b\nmode: llm\ntrain:\n  lr: 0.0001\n").unwrap();
         std::fs::write(a.join(EVAL_FILE), r#"{"loss": 1.41, "cer": 0.125, "wer": 0.25, "exact_match": 0.5, "samples": 10}"#).unwrap();
         // Run b was resumed after step 2 (elapsed restarts) and skipped a step.
-        write_run(&b, &[Some(3.0), None, Some(2.5)], &[10.0, 20.0, 5.0], None);
+        write_run(&b, &[Some(3.0), None, Some(2.5)], &[10.0, 20.0, 5.0], None, true);
 
         let out = tmp.path().join("report.png");
         let rep = report(&[a.clone(), b.clone()], &out).unwrap();
@@ -327,6 +340,7 @@ mod tests {
         assert_eq!(ra.eval.as_ref().unwrap().cer, Some(0.125));
         assert_eq!((rb.steps, rb.skipped_steps, rb.wall_seconds, rb.final_val_loss), (3, 1, Some(25.0), None));
         assert_eq!(rb.median_tokens_per_second, Some(200.0));
+        assert_eq!((ra.peak_memory_mib, rb.peak_memory_mib), (Some(530.0), Some(2002.0)));
 
         let md = rep.markdown();
         let lines: Vec<&str> = md.lines().collect();
@@ -334,9 +348,9 @@ mod tests {
         assert!(lines[0].contains("| CER |"), "{md}");
         assert_eq!(
             lines[2],
-            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
+            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | 530 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
         );
-        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | 25.0s | – | – | – | – |");
+        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | 2002 | 25.0s | – | – | – | – |");
 
         // The starting point's scores (eval-before.json) get their own columns.
         std::fs::write(b.join(EVAL_BEFORE_FILE), r#"{"loss": 4.0, "cer": 0.875, "exact_match": 0.0}"#).unwrap();
@@ -356,7 +370,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("r.png");
         let good = tmp.path().join("good");
-        write_run(&good, &[Some(1.0)], &[1.0], None);
+        write_run(&good, &[Some(1.0)], &[1.0], None, false);
 
         let missing = tmp.path().join("nothing-here");
         std::fs::create_dir(&missing).unwrap();
@@ -365,13 +379,13 @@ mod tests {
         assert!(!out.exists(), "nothing written when a run is broken");
 
         let bad_eval = tmp.path().join("bad-eval");
-        write_run(&bad_eval, &[Some(1.0)], &[1.0], None);
+        write_run(&bad_eval, &[Some(1.0)], &[1.0], None, false);
         std::fs::write(bad_eval.join(EVAL_FILE), r#"{"cer": "low"}"#).unwrap();
         let e = format!("{:#}", report(&[bad_eval.clone()], &out).unwrap_err());
         assert!(e.contains("bad-eval") && e.contains("eval.json") && e.contains("\"cer\""), "{e}");
 
         let bad_cfg = tmp.path().join("bad-cfg");
-        write_run(&bad_cfg, &[Some(1.0)], &[1.0], None);
+        write_run(&bad_cfg, &[Some(1.0)], &[1.0], None, false);
         std::fs::write(bad_cfg.join(CONFIG_FILE), "plugin: [unclosed\n").unwrap();
         let e = format!("{:#}", report(&[bad_cfg], &out).unwrap_err());
         assert!(e.contains("bad-cfg") && e.contains("config.yaml"), "{e}");
@@ -385,8 +399,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = tmp.path().join("x").join("run");
         let b = tmp.path().join("y").join("run");
-        write_run(&a, &[Some(1.0)], &[1.0], None);
-        write_run(&b, &[Some(2.0)], &[1.0], None);
+        write_run(&a, &[Some(1.0)], &[1.0], None, false);
+        write_run(&b, &[Some(2.0)], &[1.0], None, false);
         let rep = report(&[a.clone(), b.clone()], &tmp.path().join("r.png")).unwrap();
         assert_eq!(rep.runs[0].run, a.display().to_string());
         assert_eq!(rep.runs[1].run, b.display().to_string());
