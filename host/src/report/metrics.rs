@@ -41,30 +41,41 @@ pub struct StepMetrics {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// The run's peak memory so far.
+    #[serde(flatten)]
+    pub memory: PeakMemory,
+}
+
+/// The most memory a run has used so far, in MiB: in every line of
+/// `metrics.jsonl` and in `summary.json`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct PeakMemory {
     /// CUDA: the most memory tensors held since the run started (the caching
-    /// allocator's `max_memory_allocated`), in MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// allocator's `max_memory_allocated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_peak_allocated_mib: Option<f64>,
-    /// CUDA: the most the allocator reserved since the run started (`max_memory_reserved`), in MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// CUDA: the most the allocator reserved since the run started (`max_memory_reserved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_peak_reserved_mib: Option<f64>,
-    /// The process's peak resident memory so far (Linux `VmHWM`), model loading included, in MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The process's peak resident memory (Linux `VmHWM`), model loading included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
 }
 
-impl StepMetrics {
-    /// The peak memory fields for a model on `device`, read now.
-    pub fn read_memory(&mut self, device: tch::Device) {
+impl PeakMemory {
+    /// The peaks for a model on `device`, read now.
+    pub fn read(device: tch::Device) -> PeakMemory {
         use crate::model::memory::{cuda_memory, mib, peak_rss};
         let cuda = cuda_memory(device);
-        self.cuda_peak_allocated_mib = cuda.map(|m| mib(m.peak_allocated));
-        self.cuda_peak_reserved_mib = cuda.map(|m| mib(m.peak_reserved));
-        self.peak_rss_mib = peak_rss().map(mib);
+        PeakMemory {
+            cuda_peak_allocated_mib: cuda.map(|m| mib(m.peak_allocated)),
+            cuda_peak_reserved_mib: cuda.map(|m| mib(m.peak_reserved)),
+            peak_rss_mib: peak_rss().map(mib),
+        }
     }
 
     /// The memory a user watches: the CUDA peak allocated, else the peak RSS.
-    pub fn peak_memory_mib(&self) -> Option<f64> {
+    pub fn watched_mib(&self) -> Option<f64> {
         self.cuda_peak_allocated_mib.or(self.peak_rss_mib)
     }
 }
@@ -133,12 +144,8 @@ pub struct MetricsRecord {
     pub val_loss: Option<f64>,
     #[serde(default)]
     pub skipped: Option<String>,
-    #[serde(default)]
-    pub cuda_peak_allocated_mib: Option<f64>,
-    #[serde(default)]
-    pub cuda_peak_reserved_mib: Option<f64>,
-    #[serde(default)]
-    pub peak_rss_mib: Option<f64>,
+    #[serde(flatten)]
+    pub memory: PeakMemory,
 }
 
 /// Why `metrics.jsonl` could not be read.

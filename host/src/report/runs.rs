@@ -157,7 +157,7 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
         ),
         peak_memory_mib: records
             .iter()
-            .filter_map(|r| r.cuda_peak_allocated_mib.or(r.peak_rss_mib))
+            .filter_map(|r| r.memory.watched_mib())
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
         wall_seconds: wall_seconds(&records),
         eval,

@@ -20,10 +20,9 @@ use super::optim::AdamW;
 use super::schedule::{epoch_order, held_out, learning_rate, val_count};
 use crate::config::TrainConfig;
 use crate::files::{self, fault};
-use crate::model::memory;
 use crate::model::weights::read_tensors;
 use crate::model::HostModel;
-use crate::report::metrics::{MetricsLog, StepMetrics, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE, SUMMARY_FILE};
+use crate::report::metrics::{MetricsLog, PeakMemory, StepMetrics, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE, SUMMARY_FILE};
 use crate::report::ocr::OcrMetrics;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -60,15 +59,9 @@ pub struct TrainSummary {
     pub generation_before: Option<OcrMetrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation_after: Option<OcrMetrics>,
-    /// The process's peak resident memory (Linux `VmHWM`), model loading included.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_rss_mib: Option<f64>,
-    /// CUDA: the most memory tensors held during the run (weights included), in MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cuda_peak_allocated_mib: Option<f64>,
-    /// CUDA: the most memory the caching allocator reserved during the run, in MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cuda_peak_reserved_mib: Option<f64>,
+    /// The run's peak memory.
+    #[serde(flatten)]
+    pub memory: PeakMemory,
 }
 
 /// Run training. The model's rules (mode, LoRA) are already applied.
@@ -157,7 +150,7 @@ impl<'a> Run<'a> {
 
         let metrics = MetricsLog::open(&job.output, resume_dir.as_ref().map(|_| state.step))?;
         // The run's CUDA peaks count from here: the weights, adapters and optimizer state in place.
-        memory::reset_cuda_peak(model.device());
+        crate::model::memory::reset_cuda_peak(model.device());
         let progress = Progress::new(job.progress_bar, &state);
         Ok(Run {
             model,
@@ -250,11 +243,8 @@ impl<'a> Run<'a> {
             elapsed_seconds: 0.0,
             val_loss: None,
             skipped: None,
-            cuda_peak_allocated_mib: None,
-            cuda_peak_reserved_mib: None,
-            peak_rss_mib: None,
+            memory: PeakMemory::read(self.model.device()),
         };
-        record.read_memory(self.model.device());
         match loss_sum {
             Some(sum) => {
                 self.state.bad_steps_in_a_row = 0;
@@ -331,7 +321,6 @@ impl<'a> Run<'a> {
         } else {
             None
         };
-        let cuda = memory::cuda_memory(self.model.device());
         let summary = TrainSummary {
             steps: self.state.step,
             first_loss: self.first_loss,
@@ -342,9 +331,7 @@ impl<'a> Run<'a> {
             init_from: self.job.init_from.clone(),
             generation_before: self.generation_before,
             generation_after,
-            peak_rss_mib: memory::peak_rss().map(memory::mib),
-            cuda_peak_allocated_mib: cuda.map(|m| memory::mib(m.peak_allocated)),
-            cuda_peak_reserved_mib: cuda.map(|m| memory::mib(m.peak_reserved)),
+            memory: PeakMemory::read(self.model.device()),
         };
         files::write_atomic(&output.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         match crate::report::plot::write_run_plots(output) {
@@ -421,7 +408,7 @@ impl Progress {
             record.loss.map_or("skipped".to_owned(), |l| format!("{l:.4}")),
             record.lr,
             record.tokens_per_second,
-            record.peak_memory_mib().map_or(String::new(), |m| format!(" mem {:.2} GiB", m / 1024.0)),
+            record.memory.watched_mib().map_or(String::new(), |m| format!(" mem {:.2} GiB", m / 1024.0)),
             record.val_loss.map_or(String::new(), |v| format!(" val {v:.4}"))
         );
         match &self.bar {
