@@ -178,8 +178,78 @@ impl TemplateLabelsFixture {
             .collect()
     }
 
+    /// Template `name`'s label rule and its cases: each reference sample
+    /// (`templates.<name>.samples[i]`) with the conversation it was made from.
+    pub fn cases(&self, name: &str) -> (LabelRule, Vec<(serde_json::Value, Vec<Message>)>) {
+        let t = &self.reference()["templates"][name];
+        let rule = if t["rule"] == "generation" { LabelRule::Generation } else { LabelRule::Prefix };
+        let expected = t["samples"].as_array().expect("the template's samples").clone();
+        let samples = self.samples();
+        assert_eq!(expected.len(), samples.len(), "{name}: reference samples");
+        (rule, expected.into_iter().zip(samples).collect())
+    }
+
+    /// Family `F` opened on `dir` through the plugin glue, with template `name` as the
+    /// processor option `chat_template` (as the host passes it), prepares each sample as the
+    /// reference says.
+    pub fn assert_option_wins<F: crate::Family>(&self, dir: &Path, name: &str) {
+        use vlmhost_plugin_api::Plugin;
+        let options = ModelOptions::from_json(&serde_json::json!({"chat_template": self.template_file(name)}).to_string()).unwrap();
+        let model = crate::FamilyPlugin::<F>::open(F::ABOUT.name, dir, &options).unwrap();
+        for (s, messages) in self.cases(name).1 {
+            let p = model.prepare(&vlmhost_plugin_api::sample::Sample { messages }).unwrap();
+            assert_eq!((p.input_ids, p.labels), (Self::i64s(&s["input_ids"]), Self::i64s(&s["labels"])), "{name} sample {}", s["index"]);
+        }
+    }
+
+    /// The family's tiny fixture model the references were made with
+    /// (`target/fixtures/<family>/model`, or `$VLMHOST_<FAMILY>_FIXTURE/model`).
+    pub fn model_dir(&self) -> PathBuf {
+        let var = format!("VLMHOST_{}_FIXTURE", self.family.to_uppercase());
+        crate::fixture_dir(&var, &format!("target/fixtures/{}", self.family), "model/config.json", "run scripts/fixtures.sh").join("model")
+    }
+
+    /// The family's template `name` (`real`, `custom`).
+    pub fn template_file(&self, name: &str) -> PathBuf {
+        self.dir.join("templates").join(format!("{}_{name}.jinja", self.family))
+    }
+
+    /// A fresh copy of [`model_dir`](Self::model_dir) (its files, not the weights) in the temp
+    /// folder, named after `name`, whose checkpoint template is `template` (none: no template).
+    pub fn checkpoint_with(&self, name: &str, template: Option<&Path>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vlmhost-{}-chat-{name}-{}", self.family, std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(self.model_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap();
+            if file == "chat_template.jinja" || file == "model.safetensors" || path.is_dir() {
+                continue;
+            }
+            std::fs::copy(&path, dir.join(file)).unwrap();
+        }
+        if let Some(t) = template {
+            std::fs::copy(t, dir.join("chat_template.jinja")).unwrap();
+        }
+        dir
+    }
+
     /// A JSON array of integers.
     pub fn i64s(v: &serde_json::Value) -> Vec<i64> {
         v.as_array().expect("an array").iter().map(|x| x.as_i64().expect("an integer")).collect()
+    }
+}
+
+/// The test of a family without a Jinja chat template (its processor writes
+/// every conversation in a fixed layout): the common processor option
+/// `chat_template` is refused, naming the option, the family, its fixed layout
+/// and the file given. Panics otherwise.
+pub fn assert_chat_template_refused<F: crate::Family>() {
+    use vlmhost_plugin_api::Plugin;
+    let options = ModelOptions::from_json(r#"{"chat_template": "/templates/mine.jinja"}"#).unwrap();
+    let name = F::ABOUT.name;
+    let err = crate::FamilyPlugin::<F>::open(name, Path::new("/nonexistent"), &options).err().expect("refused").to_string();
+    for needle in ["chat_template", name, "fixed layout", "/templates/mine.jinja"] {
+        assert!(err.contains(needle), "{needle:?} not in {err}");
     }
 }

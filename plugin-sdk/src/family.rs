@@ -1,6 +1,6 @@
 //! The glue between a family crate and the ABI: a family implements
-//! [`Family`] (open a folder, write a new one, prepare a sample, run the
-//! decoder with or without a cache) and exports itself with
+//! [`Family`] (who it is, open a folder, write a new one, prepare a sample,
+//! run the decoder with or without a cache) and exports itself with
 //!
 //! ```text
 //! vlmhost_plugin_api::export_plugin!(vlmhost_plugin_sdk::FamilyPlugin<MyModel>);
@@ -26,13 +26,51 @@ pub trait Architecture: Send + Sync + 'static {
         -> Result<(Tensor, Vec<Tensor>), PluginError>;
 }
 
+/// Who a family is and which checkpoints it serves: the ABI's [`FamilyInfo`]
+/// as a constant.
+#[derive(Clone, Copy, Debug)]
+pub struct About {
+    /// What users pass to `--plugin`, and the name its errors are filed under.
+    pub name: &'static str,
+    /// One line: what the model is made of.
+    pub description: &'static str,
+    /// The `model_type`s served; empty: the family's name alone.
+    pub model_types: &'static [&'static str],
+    /// The `architectures` a checkpoint of the family names.
+    pub architectures: &'static [&'static str],
+}
+
+impl About {
+    /// A family serving the `model_type` of its own name.
+    pub const fn new(name: &'static str, description: &'static str, architectures: &'static [&'static str]) -> About {
+        About { name, description, model_types: &[], architectures }
+    }
+
+    /// Serving these `model_type`s instead of its name.
+    pub const fn model_types(self, model_types: &'static [&'static str]) -> About {
+        About { model_types, ..self }
+    }
+
+    /// As the ABI reports it.
+    pub fn info(&self) -> FamilyInfo {
+        let own = [self.name];
+        let model_types = if self.model_types.is_empty() { &own[..] } else { self.model_types };
+        FamilyInfo::new(self.name, self.description).model_types(model_types).architectures(self.architectures)
+    }
+}
+
+/// Writes a new checkpoint's files for a preset into an empty folder (a
+/// family's `init::init`).
+pub type Init = fn(preset: &str, dir: &Path) -> Result<(), PluginError>;
+
 /// One model family served by a plugin: an opened checkpoint folder.
 pub trait Family: Sized + Send + Sync + 'static {
-    /// The architecture it runs.
-    type Arch: Architecture;
-
     /// Who the family is and which checkpoints it serves.
-    fn info() -> FamilyInfo;
+    const ABOUT: About;
+
+    /// Write a new checkpoint's files for a preset into the empty folder
+    /// ([`FamilyPlugin`] then checks that the family opens them).
+    const INIT: Init;
 
     /// Open the checkpoint in `dir` with the user's processor `options` (the family's own:
     /// the common ones, [`CommonOptions`], are taken out).
@@ -45,16 +83,12 @@ pub trait Family: Sized + Send + Sync + 'static {
     ///
     /// [`open`]: Family::open
     fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
-        common.refuse_chat_template(Self::info().name.as_str())?;
+        common.refuse_chat_template(Self::ABOUT.name)?;
         Self::open(dir, options)
     }
 
-    /// Write a new checkpoint's files for `preset` into the empty folder `dir`
-    /// ([`FamilyPlugin`] then checks that the family opens them).
-    fn init(preset: &str, dir: &Path) -> Result<(), PluginError>;
-
     /// The opened architecture.
-    fn arch(&self) -> &Self::Arch;
+    fn arch(&self) -> &dyn Architecture;
 
     /// One sample as model inputs.
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError>;
@@ -68,7 +102,7 @@ struct Served<F>(F);
 
 impl<F: Family> Plugin for FamilyPlugin<F> {
     fn families() -> Vec<FamilyInfo> {
-        vec![F::info()]
+        vec![F::ABOUT.info()]
     }
 
     fn open(_family: &str, dir: &Path, options: &ModelOptions) -> Result<Box<dyn FamilyModel>, PluginError> {
@@ -77,7 +111,7 @@ impl<F: Family> Plugin for FamilyPlugin<F> {
     }
 
     fn init(_family: &str, preset: &str, dir: &Path) -> Result<(), PluginError> {
-        F::init(preset, dir)?;
+        (F::INIT)(preset, dir)?;
         crate::init::check_opens::<F>(preset, dir).map(drop)
     }
 }

@@ -121,6 +121,44 @@ pub fn check_activations(acts: &[(&str, &str)]) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// A struct mirroring a config section, each field written with its default
+/// (`field: Type = default`): the struct as written (attributes and docs kept),
+/// deserialized with serde's `default` so that the keys a file leaves out take
+/// the config class's defaults, and its `Default`:
+///
+/// ```ignore
+/// config_struct! {
+///     /// The vision tower.
+///     #[derive(Debug, Clone)]
+///     pub struct VisionConfig {
+///         pub hidden_size: i64 = 768,
+///         pub hidden_act: String = "quick_gelu".into(),
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! config_struct {
+    (
+        $(#[$attr:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$field_attr:meta])* $field_vis:vis $field:ident : $ty:ty = $default:expr ),* $(,)?
+        }
+    ) => {
+        $(#[$attr])*
+        #[derive(::serde::Deserialize)]
+        #[serde(default)]
+        $vis struct $name {
+            $( $(#[$field_attr])* $field_vis $field: $ty, )*
+        }
+
+        impl ::std::default::Default for $name {
+            fn default() -> Self {
+                $name { $( $field: $default, )* }
+            }
+        }
+    };
+}
+
 /// The sizes every decoder-only language model's config gives under the same
 /// keys (transformers' `LlamaConfig`, `Qwen2Config`, `PersimmonConfig`,
 /// `DeepseekV2Config`): vocabulary, width, MLP width, depth and heads. A
@@ -180,6 +218,11 @@ impl TextSizes {
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
         ]
+    }
+
+    /// The sizes as a config writes them (a new checkpoint's `text_config`).
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.named().into_iter().map(|(key, size)| (key.to_owned(), size.into())).collect())
     }
 
     /// `hidden_size / num_attention_heads`, the head width when the config does not give one.

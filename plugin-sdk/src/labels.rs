@@ -7,7 +7,44 @@
 use crate::{ProcessorError, IGNORE_INDEX};
 use std::ops::Range;
 use std::path::PathBuf;
+use tch::Tensor;
 use vlmhost_plugin_api::sample::{Message, Part, Speaker};
+use vlmhost_plugin_api::PreparedSample;
+
+/// A processed conversation's token ids and, position for position, its
+/// labels: the id where the token trains, [`IGNORE_INDEX`] elsewhere (not
+/// shifted, the Hugging Face convention). What every family's processor
+/// output starts with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelledIds {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl LabelledIds {
+    /// `input_ids` (the tokens of `text`, with character `offsets`) labelled
+    /// where they overlap the byte `spans` ([`span_labels`]).
+    pub fn from_spans(text: &str, spans: &[Range<usize>], input_ids: Vec<i64>, offsets: &[(usize, usize)]) -> LabelledIds {
+        let labels = span_labels(text, spans, &input_ids, offsets);
+        LabelledIds { input_ids, labels }
+    }
+
+    /// Appends `ids`, labelled (each as itself) or not.
+    pub fn push(&mut self, ids: &[i64], labelled: bool) {
+        self.input_ids.extend_from_slice(ids);
+        self.labels.extend(ids.iter().map(|&id| if labelled { id } else { IGNORE_INDEX }));
+    }
+
+    /// True at each `token`.
+    pub fn mask_of(&self, token: i64) -> Vec<bool> {
+        self.input_ids.iter().map(|&t| t == token).collect()
+    }
+
+    /// The model's inputs: these ids and labels, the image-token mask and the image tensors.
+    pub fn into_prepared(self, image_token_mask: Vec<bool>, tensors: Vec<(String, Tensor)>) -> PreparedSample {
+        PreparedSample { input_ids: self.input_ids, labels: self.labels, image_token_mask, tensors }
+    }
+}
 
 /// A conversation rendered by a chat template.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -37,7 +37,7 @@ pub mod tokens;
 
 pub use error::ProcessorError;
 pub use chat::CommonOptions;
-pub use family::{Architecture, Family, FamilyPlugin};
+pub use family::{About, Architecture, Family, FamilyPlugin, Init};
 
 /// Label value of positions that do not count in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

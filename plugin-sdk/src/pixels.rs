@@ -30,6 +30,17 @@ impl Pixels {
     /// CLIP's settings (the default of CLIP-style processors).
     pub const CLIP: Pixels = Pixels::new(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD);
 
+    /// The settings as an image processor's config writes them (a new checkpoint's).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+        })
+    }
+
     /// One uint8 value of channel `c`, rescaled and normalised.
     #[inline]
     pub fn value(&self, u: u8, c: usize) -> f32 {

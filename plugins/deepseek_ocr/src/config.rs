@@ -18,75 +18,46 @@
 //! | `width.sam_vit_b.neck_channels` (vlmhost) | `downsample_channels[0] / 2` (256) | SAM neck width |
 //! | `width.clip-l-14-224.{width, layers, heads, image_size, patch_size}` | 1024, 24, 16, 224, 14 | CLIP-L; MLP is 4 x width |
 
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::config_struct;
 use vlmhost_plugin_sdk::files::{TextDefaults, TextSizes};
 
-/// The DeepSeek-V2 language model.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct TextConfig {
-    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
-    pub sizes: TextSizes,
-    pub moe_intermediate_size: i64,
-    pub num_key_value_heads: Option<i64>,
-    pub n_shared_experts: Option<i64>,
-    pub n_routed_experts: Option<i64>,
-    pub num_experts_per_tok: Option<i64>,
-    pub routed_scaling_factor: f64,
-    pub topk_method: String,
-    pub n_group: Option<i64>,
-    pub topk_group: Option<i64>,
-    pub moe_layer_freq: i64,
-    pub first_k_dense_replace: i64,
-    pub norm_topk_prob: bool,
-    pub scoring_func: String,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Value>,
-    pub attention_bias: bool,
-    pub use_mla: bool,
-    pub tie_word_embeddings: bool,
-    pub bos_token_id: Option<i64>,
-    pub eos_token_id: Option<i64>,
+config_struct! {
+    /// The DeepSeek-V2 language model.
+    #[derive(Debug, Clone)]
+    pub struct TextConfig {
+        #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+        pub sizes: TextSizes = Self::SIZES,
+        pub moe_intermediate_size: i64 = 1407,
+        pub num_key_value_heads: Option<i64> = None,
+        pub n_shared_experts: Option<i64> = None,
+        pub n_routed_experts: Option<i64> = None,
+        pub num_experts_per_tok: Option<i64> = None,
+        pub routed_scaling_factor: f64 = 1.0,
+        pub topk_method: String = "greedy".into(),
+        pub n_group: Option<i64> = None,
+        pub topk_group: Option<i64> = None,
+        pub moe_layer_freq: i64 = 1,
+        pub first_k_dense_replace: i64 = 0,
+        pub norm_topk_prob: bool = false,
+        pub scoring_func: String = "softmax".into(),
+        pub hidden_act: String = "silu".into(),
+        pub rms_norm_eps: f64 = 1e-6,
+        pub rope_theta: f64 = 10000.0,
+        pub rope_scaling: Option<Value> = None,
+        pub attention_bias: bool = false,
+        pub use_mla: bool = true,
+        pub tie_word_embeddings: bool = false,
+        pub bos_token_id: Option<i64> = None,
+        pub eos_token_id: Option<i64> = None,
+    }
 }
 
 impl TextDefaults for TextConfig {
     /// `DeepseekV2Config`'s vocabulary, widths, depth and heads.
     const SIZES: TextSizes = TextSizes::new(102400, 4096, 11008, 30, 32);
-}
-
-impl Default for TextConfig {
-    fn default() -> Self {
-        TextConfig {
-            sizes: Self::SIZES,
-            moe_intermediate_size: 1407,
-            num_key_value_heads: None,
-            n_shared_experts: None,
-            n_routed_experts: None,
-            num_experts_per_tok: None,
-            routed_scaling_factor: 1.0,
-            topk_method: "greedy".into(),
-            n_group: None,
-            topk_group: None,
-            moe_layer_freq: 1,
-            first_k_dense_replace: 0,
-            norm_topk_prob: false,
-            scoring_func: "softmax".into(),
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            attention_bias: false,
-            use_mla: true,
-            tie_word_embeddings: false,
-            bos_token_id: None,
-            eos_token_id: None,
-        }
-    }
 }
 
 impl TextConfig {

@@ -24,9 +24,9 @@ use model::DeepseekOcr;
 use processor::{DeepseekOcrProcessor, ImageOptions};
 use std::path::Path;
 use vlmhost_plugin_api::sample::{Sample, Speaker};
-use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_api::{ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
-use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{About, Architecture, Family, FamilyPlugin, Init, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<DeepseekOcrModel>);
 
@@ -96,23 +96,16 @@ impl DeepseekOcrModel {
 }
 
 impl Family for DeepseekOcrModel {
-    type Arch = DeepseekOcr;
-
-    fn info() -> FamilyInfo {
-        FamilyInfo::new("deepseek_ocr", "DeepSeek-OCR: SAM ViT-B + CLIP-L encoder, linear projector, DeepSeek-V2 MoE LLM")
-            .model_types(["deepseek_vl_v2", "DeepseekOCR"])
-            .architectures(["DeepseekOCRForCausalLM"])
-    }
+    const ABOUT: About =
+        About::new("deepseek_ocr", "DeepSeek-OCR: SAM ViT-B + CLIP-L encoder, linear projector, DeepSeek-V2 MoE LLM", &["DeepseekOCRForCausalLM"])
+            .model_types(&["deepseek_vl_v2", "DeepseekOCR"]);
+    const INIT: Init = init::init;
 
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
         DeepseekOcrModel::open(dir, &image_options(options)?)
     }
 
-    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-
-    fn arch(&self) -> &DeepseekOcr {
+    fn arch(&self) -> &dyn Architecture {
         &self.model
     }
 
@@ -141,16 +134,14 @@ impl Family for DeepseekOcrModel {
         }
         let n = p.images.len() as i64;
         let n_tiles: i64 = p.images.iter().map(|i| i.n_tiles as i64).sum();
-        Ok(PreparedSample {
-            input_ids: p.input_ids,
-            labels: p.labels,
-            image_token_mask: p.images_seq_mask,
-            tensors: vec![
+        Ok(p.ids.into_prepared(
+            p.images_seq_mask,
+            vec![
                 ("images_ori".into(), tensor_f32(&globals, &[n, 3, g, g])?),
                 ("images_crop".into(), tensor_f32(&tiles, &[n_tiles, 3, t, t])?),
                 ("images_spatial_crop".into(), tensor_i64(&grids, &[n, 2])?),
             ],
-        })
+        ))
     }
 }
 

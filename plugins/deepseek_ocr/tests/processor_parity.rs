@@ -176,14 +176,14 @@ fn sample_matches_the_original_infer() {
     ];
     let out = p.process(&conv).unwrap();
 
-    assert_eq!(out.input_ids, inputs.i64s("input_ids"), "input_ids");
-    assert_eq!(out.labels, inputs.i64s("labels"), "labels");
+    assert_eq!(out.ids.input_ids, inputs.i64s("input_ids"), "input_ids");
+    assert_eq!(out.ids.labels, inputs.i64s("labels"), "labels");
     let (_, mask) = inputs.u8s("images_seq_mask");
     let mask: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
     assert_eq!(out.images_seq_mask, mask, "images_seq_mask");
     let prompt_len = inputs.i64s("prompt_len")[0] as usize;
-    assert!(out.labels[..prompt_len].iter().all(|&l| l == IGNORE_INDEX));
-    assert!(out.labels[prompt_len..].iter().all(|&l| l != IGNORE_INDEX));
+    assert!(out.ids.labels[..prompt_len].iter().all(|&l| l == IGNORE_INDEX));
+    assert!(out.ids.labels[prompt_len..].iter().all(|&l| l != IGNORE_INDEX));
 
     assert_eq!(out.images.len(), 1);
     let img = &out.images[0];
@@ -344,8 +344,8 @@ fn turns_concatenate_without_separators_and_only_answers_are_labelled() {
     push(vec![300; n_wide], false, true);
     push(bytes("\nxy"), false, false);
     push([bytes("C"), vec![1]].concat(), true, false);
-    assert_eq!(out.input_ids, ids);
-    assert_eq!(out.labels, labels);
+    assert_eq!(out.ids.input_ids, ids);
+    assert_eq!(out.ids.labels, labels);
     assert_eq!(out.images_seq_mask, mask);
     assert_eq!(out.images.len(), 2);
     assert_eq!((out.images[0].grid, out.images[1].grid), ((1, 1), (3, 1)));
@@ -366,8 +366,8 @@ fn a_prompt_without_answer_has_no_labels() {
         vec![image(&dir.join("tall.png")), text("Free OCR.")],
     )];
     let out = p.process(&conv).unwrap();
-    assert_eq!(out.input_ids.len(), 1 + 7 + 10);
-    assert!(out.labels.iter().all(|&l| l == IGNORE_INDEX));
+    assert_eq!(out.ids.input_ids.len(), 1 + 7 + 10);
+    assert!(out.ids.labels.iter().all(|&l| l == IGNORE_INDEX));
     assert_eq!(out.images[0].global_size, 128);
 }
 
@@ -375,87 +375,44 @@ fn a_prompt_without_answer_has_no_labels() {
 // (c) errors
 // ---------------------------------------------------------------------------------------------
 
+/// What the fixture processor refuses `conv` with.
+fn refusal(conv: &[Message]) -> String {
+    processor(FIXTURE_OPTIONS).process(conv).unwrap_err().to_string()
+}
+
 #[test]
 fn missing_image_names_the_file_and_the_part() {
-    let p = processor(FIXTURE_OPTIONS);
     let path = fixture_dir().join("preprocess/images/does_not_exist.png");
-    let conv = vec![
-        msg(Speaker::User, vec![text("Look: "), image(&path)]),
-        msg(Speaker::Assistant, vec![text("x")]),
-    ];
-    let err = p.process(&conv).unwrap_err();
-    assert!(
-        err.to_string().starts_with("message 0, part 1: image file not found: ")
-            && err.to_string().contains(&path.display().to_string()),
-        "{err:?}"
-    );
-    let s = err.to_string();
-    assert!(
-        s.contains("does_not_exist.png") && s.contains("message 0, part 1"),
-        "{s}"
-    );
+    let err = refusal(&[msg(Speaker::User, vec![text("Look: "), image(&path)]), msg(Speaker::Assistant, vec![text("x")])]);
+    assert!(err.starts_with("message 0, part 1: image file not found: ") && err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("does_not_exist.png") && err.contains("message 0, part 1"), "{err}");
 }
 
 #[test]
 fn a_system_message_is_rejected_with_advice() {
-    let p = processor(FIXTURE_OPTIONS);
-    let conv = vec![
+    let err = refusal(&[
         msg(Speaker::System, vec![text("You are an OCR engine.")]),
         msg(Speaker::User, vec![text("hi")]),
         msg(Speaker::Assistant, vec![text("x")]),
-    ];
-    let err = p.process(&conv).unwrap_err();
-    assert!(
-        err.to_string().starts_with("message 0 is a system message"),
-        "{err:?}"
-    );
-    let s = err.to_string();
-    assert!(
-        s.contains("message 0") && s.contains("first user message"),
-        "{s}"
-    );
+    ]);
+    assert!(err.starts_with("message 0 is a system message"), "{err}");
+    assert!(err.contains("message 0") && err.contains("first user message"), "{err}");
 }
 
 #[test]
 fn an_image_in_an_answer_is_rejected() {
-    let p = processor(FIXTURE_OPTIONS);
     let png = fixture_dir().join("preprocess/images/small.png");
-    let conv = vec![
-        msg(Speaker::User, vec![text("hi")]),
-        msg(Speaker::Assistant, vec![text("see"), image(&png)]),
-    ];
-    let err = p.process(&conv).unwrap_err();
-    assert!(
-        err.to_string().starts_with("message 1 (assistant), part 1 is an image"),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("message 1 (assistant), part 1"),
-        "{err}"
-    );
+    let err = refusal(&[msg(Speaker::User, vec![text("hi")]), msg(Speaker::Assistant, vec![text("see"), image(&png)])]);
+    assert!(err.starts_with("message 1 (assistant), part 1 is an image"), "{err}");
+    assert!(err.contains("message 1 (assistant), part 1"), "{err}");
 }
 
 #[test]
 fn a_literal_placeholder_and_an_empty_answer_are_rejected() {
-    let p = processor(FIXTURE_OPTIONS);
-    let conv = vec![
-        msg(Speaker::User, vec![text("a <image> b")]),
-        msg(Speaker::Assistant, vec![text("x")]),
-    ];
-    let err = p.process(&conv).unwrap_err();
-    assert!(
-        err.to_string().starts_with("message 0, part 0: the text contains the literal image placeholder"),
-        "{err:?}"
-    );
-    let conv = vec![
-        msg(Speaker::User, vec![text("hi")]),
-        msg(Speaker::Assistant, vec![text("  \n")]),
-    ];
-    let err = p.process(&conv).unwrap_err();
-    assert!(
-        err.to_string().starts_with("message 1 (assistant) has an empty answer"),
-        "{err:?}"
-    );
+    let err = refusal(&[msg(Speaker::User, vec![text("a <image> b")]), msg(Speaker::Assistant, vec![text("x")])]);
+    assert!(err.starts_with("message 0, part 0: the text contains the literal image placeholder"), "{err}");
+    let err = refusal(&[msg(Speaker::User, vec![text("hi")]), msg(Speaker::Assistant, vec![text("  \n")])]);
+    assert!(err.starts_with("message 1 (assistant) has an empty answer"), "{err}");
 }
 
 #[test]

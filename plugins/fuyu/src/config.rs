@@ -11,56 +11,40 @@
 //! * **nested** (transformers 5's `save_pretrained`): `text_config` with
 //!   `PersimmonConfig`'s defaults and a `rope_parameters` dict.
 
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::config_struct;
 use vlmhost_plugin_sdk::files::{
     check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
     TextDefaults, TextSizes,
 };
 
-/// The Persimmon language model (`PersimmonConfig`, whose defaults are the fuyu-8b values).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct TextConfig {
-    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
-    pub sizes: TextSizes,
-    pub hidden_act: String,
-    pub layer_norm_eps: f64,
-    pub qk_layernorm: bool,
-    pub hidden_dropout: f64,
-    pub attention_dropout: f64,
-    pub rope_theta: f64,
-    pub partial_rotary_factor: f64,
-    /// transformers 5's RoPE settings (`rope_theta`, `partial_rotary_factor`); read into the fields above.
-    #[serde(skip_serializing)]
-    pub rope_parameters: Option<Value>,
-    /// Refused unless the default RoPE.
-    #[serde(skip_serializing)]
-    pub rope_scaling: Option<Value>,
+config_struct! {
+    /// The Persimmon language model (`PersimmonConfig`, whose defaults are the fuyu-8b values).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct TextConfig {
+        #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+        pub sizes: TextSizes = Self::SIZES,
+        pub hidden_act: String = "relu2".into(),
+        pub layer_norm_eps: f64 = 1e-5,
+        pub qk_layernorm: bool = true,
+        pub hidden_dropout: f64 = 0.0,
+        pub attention_dropout: f64 = 0.0,
+        pub rope_theta: f64 = 10000.0,
+        pub partial_rotary_factor: f64 = 0.5,
+        /// transformers 5's RoPE settings (`rope_theta`, `partial_rotary_factor`); read into the fields above.
+        #[serde(skip_serializing)]
+        pub rope_parameters: Option<Value> = None,
+        /// Refused unless the default RoPE.
+        #[serde(skip_serializing)]
+        pub rope_scaling: Option<Value> = None,
+    }
 }
 
 impl TextDefaults for TextConfig {
     /// `PersimmonConfig`'s vocabulary, widths, depth and heads (fuyu-8b's).
     const SIZES: TextSizes = TextSizes::new(262144, 4096, 16384, 36, 64);
-}
-
-impl Default for TextConfig {
-    fn default() -> Self {
-        TextConfig {
-            sizes: Self::SIZES,
-            hidden_act: "relu2".into(),
-            layer_norm_eps: 1e-5,
-            qk_layernorm: true,
-            hidden_dropout: 0.0,
-            attention_dropout: 0.0,
-            rope_theta: 10000.0,
-            partial_rotary_factor: 0.5,
-            rope_parameters: None,
-            rope_scaling: None,
-        }
-    }
 }
 
 impl TextConfig {
@@ -70,19 +54,13 @@ impl TextConfig {
     }
 }
 
-/// The top-level keys of `config.json` besides the language model's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-struct Top {
-    patch_size: i64,
-    num_channels: i64,
-    image_token_id: i64,
-    tie_word_embeddings: Option<bool>,
-}
-
-impl Default for Top {
-    fn default() -> Self {
-        Top { patch_size: 30, num_channels: 3, image_token_id: 71011, tie_word_embeddings: None }
+config_struct! {
+    /// The top-level keys of `config.json` besides the language model's.
+    struct Top {
+        patch_size: i64 = 30,
+        num_channels: i64 = 3,
+        image_token_id: i64 = 71011,
+        tie_word_embeddings: Option<bool> = None,
     }
 }
 

@@ -21,7 +21,8 @@
 use serde_json::json;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
-use vlmhost_plugin_sdk::init::{choose, write_files, File};
+use vlmhost_plugin_sdk::files::TextSizes;
+use vlmhost_plugin_sdk::init::{choose, config_json, joined, write_files, File};
 
 /// The tokenizer (see the module doc for its ids).
 pub const TOKENIZER: &str = include_str!("../assets/tokenizer.json");
@@ -36,13 +37,13 @@ const PATCH: i64 = 16;
 struct Preset {
     /// (height, width) images are shrunk to fit
     target: (i64, i64),
-    /// (hidden, layers, heads, MLP width)
-    llm: (i64, i64, i64, i64),
+    /// The language model (vocabulary, hidden, MLP width, layers, heads).
+    llm: TextSizes,
 }
 
 const PRESETS: [(&str, Preset); 2] = [
-    ("tiny", Preset { target: (64, 256), llm: (128, 4, 4, 512) }),
-    ("small", Preset { target: (128, 512), llm: (384, 6, 6, 1536) }),
+    ("tiny", Preset { target: (64, 256), llm: TextSizes::new(VOCAB, 128, 512, 4, 4) }),
+    ("small", Preset { target: (128, 512), llm: TextSizes::new(VOCAB, 384, 1536, 6, 6) }),
 ];
 
 /// Write config.json, the tokenizer files, processor_config.json (the target
@@ -50,37 +51,28 @@ const PRESETS: [(&str, Preset); 2] = [
 pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     let p = choose(preset_name, &PRESETS)?;
     let (height, width) = p.target;
-    let (hidden, layers, heads, inter) = p.llm;
-    let config = json!({
-        "_name_or_path": format!("vlmhost-init-fuyu-{preset_name}"),
-        "architectures": ["FuyuForCausalLM"],
-        "model_type": "fuyu",
-        "dtype": "float32",
+    let text_config = json!({
+        "model_type": "persimmon",
+        "hidden_act": "relu2",
+        "layer_norm_eps": 1e-5,
+        "qk_layernorm": true,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": false,
+        "bos_token_id": BOS,
+        "eos_token_id": END,
+        "pad_token_id": null,
+    });
+    let config = config_json::<crate::FuyuModel>(preset_name, json!({
         "image_token_id": SPEAKER,
         "patch_size": PATCH,
         "num_channels": 3,
         "image_size": height.max(width),
         "tie_word_embeddings": false,
-        "text_config": {
-            "model_type": "persimmon",
-            "vocab_size": VOCAB,
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "hidden_act": "relu2",
-            "layer_norm_eps": 1e-5,
-            "qk_layernorm": true,
-            "hidden_dropout": 0.0,
-            "attention_dropout": 0.0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": false,
-            "bos_token_id": BOS,
-            "eos_token_id": END,
-            "pad_token_id": null,
-        },
-    });
+        "text_config": joined([p.llm.to_json(), text_config]),
+    }));
     let processor = json!({
         "processor_class": "FuyuProcessor",
         "image_processor": {

@@ -20,9 +20,9 @@ use model::Fuyu;
 use processor::{FuyuProcessor, FuyuSample};
 use std::path::Path;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_api::{ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::tensor_f32;
-use vlmhost_plugin_sdk::{Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{About, Architecture, Family, FamilyPlugin, Init, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<FuyuModel>);
 
@@ -50,8 +50,11 @@ pub struct FuyuModel {
     pub processor: FuyuProcessor,
 }
 
-impl FuyuModel {
-    pub fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
+impl Family for FuyuModel {
+    const ABOUT: About = About::new("fuyu", "Fuyu: encoder-free, linear patch projector + Persimmon decoder", &["FuyuForCausalLM"]);
+    const INIT: Init = init::init;
+
+    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
         let size = target_size(options)?;
         let config = FuyuConfig::from_dir(dir)?;
         let processor = FuyuProcessor::from_dir(dir, size).map_err(processor_err)?;
@@ -74,26 +77,8 @@ impl FuyuModel {
         }
         Ok(FuyuModel { model: Fuyu::new(config), processor })
     }
-}
 
-impl Family for FuyuModel {
-    type Arch = Fuyu;
-
-    fn info() -> FamilyInfo {
-        FamilyInfo::new("fuyu", "Fuyu: encoder-free, linear patch projector + Persimmon decoder")
-            .model_types(["fuyu"])
-            .architectures(["FuyuForCausalLM"])
-    }
-
-    fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
-        FuyuModel::open(dir, options)
-    }
-
-    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-
-    fn arch(&self) -> &Fuyu {
+    fn arch(&self) -> &dyn Architecture {
         &self.model
     }
 
@@ -102,12 +87,7 @@ impl Family for FuyuModel {
         let p = self.processor.process(&s).map_err(processor_err)?;
         let n = (p.image.rows * p.image.cols) as i64;
         let pixel_values = tensor_f32(&p.image.patches, &[n, self.model.config.patch_features()])?;
-        Ok(PreparedSample {
-            input_ids: p.input_ids,
-            labels: p.labels,
-            image_token_mask: p.image_token_mask,
-            tensors: vec![("pixel_values".into(), pixel_values)],
-        })
+        Ok(p.ids.into_prepared(p.image_token_mask, vec![("pixel_values".into(), pixel_values)]))
     }
 }
 

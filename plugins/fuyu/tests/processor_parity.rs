@@ -36,8 +36,8 @@ fn ids(t: &Tensor) -> Vec<i64> {
 
 fn check(p: &FuyuProcessor, s: &FuyuSample, r: &HashMap<String, Tensor>, what: &str) {
     let out = p.process(s).unwrap();
-    assert_eq!(out.input_ids, ids(&r["input_ids"]), "{what}: input ids");
-    assert_eq!(out.labels, ids(&r["labels"]), "{what}: labels");
+    assert_eq!(out.ids.input_ids, ids(&r["input_ids"]), "{what}: input ids");
+    assert_eq!(out.ids.labels, ids(&r["labels"]), "{what}: labels");
     assert_eq!(out.prompt_len as i64, r["prompt_len"].int64_value(&[0]), "{what}: prompt length");
     // The uint8 image: transformers' is [C, H, W].
     let img = Tensor::from_slice(&out.image.image.data)

@@ -5,43 +5,28 @@
 //! (transformers 5.23, `models/llava/configuration_llava.py`,
 //! `models/clip/configuration_clip.py`, `models/llama/configuration_llama.py`).
 
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::config_struct;
 use vlmhost_plugin_sdk::files::{
     check_activations, check_sizes, config_error as invalid, config_section, object, parse_config, read_config_text, rope_kind,
     TextDefaults, TextSizes,
 };
 
-/// The CLIP vision tower.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct VisionConfig {
-    pub hidden_size: i64,
-    pub intermediate_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub num_channels: i64,
-    pub image_size: i64,
-    pub patch_size: i64,
-    pub hidden_act: String,
-    pub layer_norm_eps: f64,
-}
-
-impl Default for VisionConfig {
-    fn default() -> Self {
-        VisionConfig {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            num_channels: 3,
-            image_size: 224,
-            patch_size: 32,
-            hidden_act: "quick_gelu".into(),
-            layer_norm_eps: 1e-5,
-        }
+config_struct! {
+    /// The CLIP vision tower.
+    #[derive(Debug, Clone)]
+    pub struct VisionConfig {
+        pub hidden_size: i64 = 768,
+        pub intermediate_size: i64 = 3072,
+        pub num_hidden_layers: i64 = 12,
+        pub num_attention_heads: i64 = 12,
+        pub num_channels: i64 = 3,
+        pub image_size: i64 = 224,
+        pub patch_size: i64 = 32,
+        pub hidden_act: String = "quick_gelu".into(),
+        pub layer_norm_eps: f64 = 1e-5,
     }
 }
 
@@ -56,47 +41,29 @@ impl VisionConfig {
     }
 }
 
-/// The Llama language model.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct TextConfig {
-    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
-    pub sizes: TextSizes,
-    pub num_key_value_heads: Option<i64>,
-    pub head_dim: Option<i64>,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    pub rope_theta: Option<f64>,
-    pub rope_parameters: Option<Value>,
-    pub rope_scaling: Option<Value>,
-    pub attention_bias: bool,
-    pub mlp_bias: bool,
-    pub tie_word_embeddings: Option<bool>,
-    pub pad_token_id: Option<i64>,
+config_struct! {
+    /// The Llama language model.
+    #[derive(Debug, Clone)]
+    pub struct TextConfig {
+        #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+        pub sizes: TextSizes = Self::SIZES,
+        pub num_key_value_heads: Option<i64> = None,
+        pub head_dim: Option<i64> = None,
+        pub hidden_act: String = "silu".into(),
+        pub rms_norm_eps: f64 = 1e-6,
+        pub rope_theta: Option<f64> = None,
+        pub rope_parameters: Option<Value> = None,
+        pub rope_scaling: Option<Value> = None,
+        pub attention_bias: bool = false,
+        pub mlp_bias: bool = false,
+        pub tie_word_embeddings: Option<bool> = None,
+        pub pad_token_id: Option<i64> = None,
+    }
 }
 
 impl TextDefaults for TextConfig {
     /// `LlamaConfig`'s vocabulary, widths, depth and heads.
     const SIZES: TextSizes = TextSizes::new(32000, 4096, 11008, 32, 32);
-}
-
-impl Default for TextConfig {
-    fn default() -> Self {
-        TextConfig {
-            sizes: Self::SIZES,
-            num_key_value_heads: None,
-            head_dim: None,
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-6,
-            rope_theta: None,
-            rope_parameters: None,
-            rope_scaling: None,
-            attention_bias: false,
-            mlp_bias: false,
-            tie_word_embeddings: None,
-            pad_token_id: None,
-        }
-    }
 }
 
 impl TextConfig {

@@ -19,7 +19,9 @@
 use serde_json::{json, Value};
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
-use vlmhost_plugin_sdk::init::{choose, write_files, File};
+use vlmhost_plugin_sdk::files::TextSizes;
+use vlmhost_plugin_sdk::init::{choose, config_json, joined, write_files, File};
+use vlmhost_plugin_sdk::pixels::Pixels;
 
 /// The byte-level tokenizer (see the module doc for its ids).
 pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
@@ -38,25 +40,36 @@ struct Preset {
     vision: (i64, i64, i64, i64),
     /// (image size, patch size)
     image: (i64, i64),
-    /// (hidden, layers, heads, kv heads, MLP width)
-    llm: (i64, i64, i64, i64, i64),
+    /// The language model (vocabulary, hidden, MLP width, layers, heads) and its key/value heads.
+    llm: TextSizes,
+    kv_heads: i64,
 }
 
 const PRESETS: [(&str, Preset); 2] = [
-    ("tiny", Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: (128, 4, 4, 2, 384) }),
-    ("small", Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: (384, 6, 6, 2, 1024) }),
+    ("tiny", Preset { vision: (64, 2, 4, 256), image: (64, 8), llm: TextSizes::new(VOCAB, 128, 384, 4, 4), kv_heads: 2 }),
+    ("small", Preset { vision: (192, 4, 6, 768), image: (128, 8), llm: TextSizes::new(VOCAB, 384, 1024, 6, 6), kv_heads: 2 }),
 ];
 
 /// config.json of preset `p`.
 fn config(name: &str, p: &Preset) -> Value {
     let (vw, vl, vh, vi) = p.vision;
     let (image, patch) = p.image;
-    let (hidden, layers, heads, kv, inter) = p.llm;
-    json!({
-        "_name_or_path": format!("vlmhost-init-llava-{name}"),
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "dtype": "float32",
+    let text_config = json!({
+        "model_type": "llama",
+        "num_key_value_heads": p.kv_heads,
+        "head_dim": p.llm.head_dim(),
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 4096,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "tie_word_embeddings": false,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+    });
+    config_json::<crate::LlavaModel>(name, json!({
         "image_token_index": IMAGE,
         "image_seq_length": (image / patch) * (image / patch),
         "pad_token_id": PAD,
@@ -65,26 +78,7 @@ fn config(name: &str, p: &Preset) -> Value {
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
         "tie_word_embeddings": false,
-        "text_config": {
-            "model_type": "llama",
-            "vocab_size": VOCAB,
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "head_dim": hidden / heads,
-            "hidden_act": "silu",
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-            "max_position_embeddings": 4096,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "tie_word_embeddings": false,
-            "bos_token_id": BOS,
-            "eos_token_id": EOS,
-            "pad_token_id": PAD,
-        },
+        "text_config": joined([p.llm.to_json(), text_config]),
         "vision_config": {
             "model_type": "clip_vision_model",
             "hidden_size": vw,
@@ -98,7 +92,7 @@ fn config(name: &str, p: &Preset) -> Value {
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
         },
-    })
+    }))
 }
 
 /// processor_config.json: the CLIP image processor resizing to the square.
@@ -109,20 +103,18 @@ fn processor(image: i64, patch: i64) -> Value {
         "patch_size": patch,
         "num_additional_image_tokens": 1,
         "vision_feature_select_strategy": "default",
-        "image_processor": {
-            "image_processor_type": "CLIPImageProcessor",
-            "do_resize": true,
-            "size": {"height": image, "width": image},
-            "resample": 3,
-            "do_center_crop": false,
-            "crop_size": {"height": image, "width": image},
-            "do_rescale": true,
-            "rescale_factor": 1.0 / 255.0,
-            "do_normalize": true,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "do_convert_rgb": true,
-        },
+        "image_processor": joined([
+            json!({
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": true,
+                "size": {"height": image, "width": image},
+                "resample": 3,
+                "do_center_crop": false,
+                "crop_size": {"height": image, "width": image},
+                "do_convert_rgb": true,
+            }),
+            Pixels::CLIP.to_json(),
+        ]),
     })
 }
 

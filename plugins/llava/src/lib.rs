@@ -18,9 +18,9 @@ use model::Llava;
 use processor::LlavaProcessor;
 use std::path::Path;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_api::{ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::tensor_f32;
-use vlmhost_plugin_sdk::{CommonOptions, Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{About, Architecture, CommonOptions, Family, FamilyPlugin, Init, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<LlavaModel>);
 
@@ -35,11 +35,7 @@ fn processor_err(e: ProcessorError) -> PluginError {
 }
 
 impl LlavaModel {
-    pub fn open(dir: &Path) -> Result<Self, PluginError> {
-        Self::open_with_template(dir, None)
-    }
-
-    /// [`open`](Self::open) with the user's chat template file instead of the checkpoint's.
+    /// Opens the checkpoint in `dir`, with the user's chat template file instead of the checkpoint's when given.
     pub fn open_with_template(dir: &Path, chat_template: Option<&Path>) -> Result<Self, PluginError> {
         let config = LlavaConfig::from_dir(dir)?;
         let processor = LlavaProcessor::from_dir_with(dir, chat_template).map_err(processor_err)?;
@@ -57,18 +53,13 @@ impl LlavaModel {
 }
 
 impl Family for LlavaModel {
-    type Arch = Llava;
-
-    fn info() -> FamilyInfo {
-        FamilyInfo::new("llava", "LLaVA-1.5: CLIP ViT + GELU MLP projector + Llama")
-            .model_types(["llava"])
-            .architectures(["LlavaForConditionalGeneration"])
-    }
+    const ABOUT: About = About::new("llava", "LLaVA-1.5: CLIP ViT + GELU MLP projector + Llama", &["LlavaForConditionalGeneration"]);
+    const INIT: Init = init::init;
 
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
         // The CLIP processor's settings come from the checkpoint's files.
         options.check_keys(&[])?;
-        LlavaModel::open(dir)
+        LlavaModel::open_with_template(dir, None)
     }
 
     fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
@@ -77,11 +68,7 @@ impl Family for LlavaModel {
         LlavaModel::open_with_template(dir, common.chat_template.as_deref())
     }
 
-    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-
-    fn arch(&self) -> &Llava {
+    fn arch(&self) -> &dyn Architecture {
         &self.model
     }
 
@@ -89,13 +76,8 @@ impl Family for LlavaModel {
         let p = self.processor.process(&sample.messages).map_err(processor_err)?;
         let (h, w) = if p.n_images > 0 { p.image_size } else { self.processor.image_config.crop_size };
         let pixel_values = tensor_f32(&p.pixel_values, &[p.n_images as i64, 3, h as i64, w as i64])?;
-        let image_id = self.model.config.image_token_index;
-        Ok(PreparedSample {
-            image_token_mask: p.input_ids.iter().map(|&t| t == image_id).collect(),
-            input_ids: p.input_ids,
-            labels: p.labels,
-            tensors: vec![("pixel_values".into(), pixel_values)],
-        })
+        let image_token_mask = p.ids.mask_of(self.model.config.image_token_index);
+        Ok(p.ids.into_prepared(image_token_mask, vec![("pixel_values".into(), pixel_values)]))
     }
 }
 

@@ -236,8 +236,8 @@ fn processed_samples_match_transformers() {
         let r = Reference::load(&f.dir, i);
         let out = f.processor.process(conv).unwrap();
 
-        assert_eq!(out.input_ids, r.i64s("input_ids"), "sample {i}: input_ids");
-        assert_eq!(out.labels, r.i64s("labels"), "sample {i}: labels");
+        assert_eq!(out.ids.input_ids, r.i64s("input_ids"), "sample {i}: input_ids");
+        assert_eq!(out.ids.labels, r.i64s("labels"), "sample {i}: labels");
         assert_eq!(
             out.attention_mask(),
             r.i64s("attention_mask"),
@@ -249,7 +249,7 @@ fn processed_samples_match_transformers() {
             .iter()
             .map(|v| v.as_i64().unwrap())
             .collect();
-        assert_eq!(out.input_ids, ids_json, "sample {i}: samples.json ids");
+        assert_eq!(out.ids.input_ids, ids_json, "sample {i}: samples.json ids");
 
         let (shape, pv) = r.f32s("pixel_values");
         assert_eq!(
@@ -271,8 +271,8 @@ fn processed_samples_match_transformers() {
             .all(|(a, b)| a.to_bits() == b.to_bits());
         eprintln!(
             "sample {i}: L={} labelled={} pixel_values max |diff| {max_diff:e} (bit-identical: {bit_identical})",
-            out.input_ids.len(),
-            out.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+            out.ids.input_ids.len(),
+            out.ids.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
         );
         // The plugin's own float32 arithmetic per pixel (no libtorch, no summation): the same on
         // every CPU, bit-identical to transformers' here (measured 0 under every variant of issue
@@ -373,8 +373,8 @@ fn empty_or_missing_answers_are_rejected() {
         content: vec![Part::Text { text: "Hi".into() }],
     }];
     let p = f.processor.process(&only_user).unwrap();
-    assert!(p.labels.iter().all(|&l| l == -100));
-    let text = f.processor.tokenizer().decode(&p.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
+    assert!(p.ids.labels.iter().all(|&l| l == -100));
+    let text = f.processor.tokenizer().decode(&p.ids.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
     assert!(text.trim_end().ends_with("ASSISTANT:"), "{text}");
     // Ending with a system message is neither an answer nor a prompt.
     let only_system = vec![Message { role: Role::System, content: vec![Part::Text { text: "Be brief.".into() }] }];

@@ -5,54 +5,36 @@
 //! transformers 5.23 `models/qwen2_vl/configuration_qwen2_vl.py`
 //! (`Qwen2VLConfig`, `Qwen2VLTextConfig`, `Qwen2VLVisionConfig`).
 
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
+use vlmhost_plugin_sdk::config_struct;
 use vlmhost_plugin_sdk::files::{
     check_activations, check_sizes, config_section, object, parse_config, read_config_text, rope_kind, TextDefaults, TextSizes,
 };
 
-/// The vision tower (`Qwen2VLVisionConfig`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct VisionConfig {
-    pub depth: i64,
-    pub embed_dim: i64,
-    /// Output width of the merger: the language model's hidden size.
-    pub hidden_size: i64,
-    pub hidden_act: String,
-    pub mlp_ratio: f64,
-    pub num_heads: i64,
-    /// `in_channels` (transformers 5) or `in_chans` (the hub's).
-    #[serde(alias = "in_chans")]
-    pub in_channels: i64,
-    pub patch_size: i64,
-    pub spatial_merge_size: i64,
-    pub temporal_patch_size: i64,
-    /// Base of the 2-D vision RoPE (`rope_parameters.rope_theta`, 10000).
-    pub rope_theta: f64,
-    /// transformers 5's RoPE settings (`rope_type` axial, `rope_theta`); read into `rope_theta`.
-    #[serde(skip_serializing)]
-    pub rope_parameters: Option<Value>,
-}
-
-impl Default for VisionConfig {
-    fn default() -> Self {
-        VisionConfig {
-            depth: 32,
-            embed_dim: 1280,
-            hidden_size: 3584,
-            hidden_act: "quick_gelu".into(),
-            mlp_ratio: 4.0,
-            num_heads: 16,
-            in_channels: 3,
-            patch_size: 14,
-            spatial_merge_size: 2,
-            temporal_patch_size: 2,
-            rope_theta: 10000.0,
-            rope_parameters: None,
-        }
+config_struct! {
+    /// The vision tower (`Qwen2VLVisionConfig`).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct VisionConfig {
+        pub depth: i64 = 32,
+        pub embed_dim: i64 = 1280,
+        /// Output width of the merger: the language model's hidden size.
+        pub hidden_size: i64 = 3584,
+        pub hidden_act: String = "quick_gelu".into(),
+        pub mlp_ratio: f64 = 4.0,
+        pub num_heads: i64 = 16,
+        /// `in_channels` (transformers 5) or `in_chans` (the hub's).
+        #[serde(alias = "in_chans")]
+        pub in_channels: i64 = 3,
+        pub patch_size: i64 = 14,
+        pub spatial_merge_size: i64 = 2,
+        pub temporal_patch_size: i64 = 2,
+        /// Base of the 2-D vision RoPE (`rope_parameters.rope_theta`, 10000).
+        pub rope_theta: f64 = 10000.0,
+        /// transformers 5's RoPE settings (`rope_type` axial, `rope_theta`); read into `rope_theta`.
+        #[serde(skip_serializing)]
+        pub rope_parameters: Option<Value> = None,
     }
 }
 
@@ -89,23 +71,24 @@ impl VisionConfig {
     }
 }
 
-/// The Qwen2 language model (`Qwen2VLTextConfig`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct TextConfig {
-    #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
-    pub sizes: TextSizes,
-    pub num_key_value_heads: i64,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    /// Resolved from `rope_theta` and `rope_parameters` / `rope_scaling` ([`text_rope`]).
-    #[serde(skip)]
-    pub rope_theta: f64,
-    /// How the rotary frequencies (head_dim / 2) split over the t, h, w axes.
-    #[serde(skip)]
-    pub mrope_section: Vec<i64>,
-    #[serde(skip_serializing)]
-    pub use_sliding_window: bool,
+config_struct! {
+    /// The Qwen2 language model (`Qwen2VLTextConfig`).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct TextConfig {
+        #[serde(flatten, deserialize_with = "TextSizes::deserialize_for::<TextConfig, _>")]
+        pub sizes: TextSizes = Self::SIZES,
+        pub num_key_value_heads: i64 = 8,
+        pub hidden_act: String = "silu".into(),
+        pub rms_norm_eps: f64 = 1e-5,
+        /// Resolved from `rope_theta` and `rope_parameters` / `rope_scaling` ([`text_rope`]).
+        #[serde(skip)]
+        pub rope_theta: f64 = 1_000_000.0,
+        /// How the rotary frequencies (head_dim / 2) split over the t, h, w axes.
+        #[serde(skip)]
+        pub mrope_section: Vec<i64> = vec![16, 24, 24],
+        #[serde(skip_serializing)]
+        pub use_sliding_window: bool = false,
+    }
 }
 
 impl TextDefaults for TextConfig {
@@ -113,40 +96,14 @@ impl TextDefaults for TextConfig {
     const SIZES: TextSizes = TextSizes::new(152064, 8192, 29568, 80, 64);
 }
 
-impl Default for TextConfig {
-    fn default() -> Self {
-        TextConfig {
-            sizes: Self::SIZES,
-            num_key_value_heads: 8,
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-5,
-            rope_theta: 1_000_000.0,
-            mrope_section: vec![16, 24, 24],
-            use_sliding_window: false,
-        }
-    }
-}
-
-/// The top-level keys of `config.json`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-struct Top {
-    image_token_id: i64,
-    video_token_id: i64,
-    vision_start_token_id: i64,
-    vision_end_token_id: i64,
-    tie_word_embeddings: bool,
-}
-
-impl Default for Top {
-    fn default() -> Self {
-        Top {
-            image_token_id: 151655,
-            video_token_id: 151656,
-            vision_start_token_id: 151652,
-            vision_end_token_id: 151653,
-            tie_word_embeddings: false,
-        }
+config_struct! {
+    /// The top-level keys of `config.json`.
+    struct Top {
+        image_token_id: i64 = 151655,
+        video_token_id: i64 = 151656,
+        vision_start_token_id: i64 = 151652,
+        vision_end_token_id: i64 = 151653,
+        tie_word_embeddings: bool = false,
     }
 }
 

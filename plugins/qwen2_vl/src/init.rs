@@ -21,7 +21,9 @@
 use serde_json::{json, Value};
 use std::path::Path;
 use vlmhost_plugin_api::PluginError;
-use vlmhost_plugin_sdk::init::{choose, write_files, File};
+use vlmhost_plugin_sdk::files::TextSizes;
+use vlmhost_plugin_sdk::init::{choose, config_json, joined, write_files, File};
+use vlmhost_plugin_sdk::pixels::Pixels;
 
 /// The byte-level tokenizer (see the module doc for its ids).
 pub const BYTE_TOKENIZER: &str = include_str!("../assets/byte_tokenizer.json");
@@ -44,56 +46,48 @@ struct Preset {
     vision: (i64, i64, i64),
     /// (min_pixels, max_pixels)
     pixels: (i64, i64),
-    /// (hidden, layers, heads, kv heads, MLP width)
-    llm: (i64, i64, i64, i64, i64),
+    /// The language model (vocabulary, hidden, MLP width, layers, heads) and its key/value heads.
+    llm: TextSizes,
+    kv_heads: i64,
 }
 
 const PRESETS: [(&str, Preset); 2] = [
-    ("tiny", Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: (128, 4, 4, 2, 384) }),
-    ("small", Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: (384, 6, 6, 2, 1024) }),
+    ("tiny", Preset { vision: (64, 2, 4), pixels: (1024, 16384), llm: TextSizes::new(VOCAB, 128, 384, 4, 4), kv_heads: 2 }),
+    ("small", Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: TextSizes::new(VOCAB, 384, 1024, 6, 6), kv_heads: 2 }),
 ];
 
 /// config.json of preset `p`.
 fn config(preset_name: &str, p: &Preset) -> Value {
     let (vw, depth, vheads) = p.vision;
-    let (hidden, layers, heads, kv, inter) = p.llm;
     // M-RoPE splits head_dim / 2 frequencies over (t, h, w) as Qwen2-VL's 16/24/24 of 64.
-    let half = hidden / heads / 2;
+    let half = p.llm.head_dim() / 2;
     let mrope = [half / 4, half * 3 / 8, half - half / 4 - half * 3 / 8];
-    json!({
-        "_name_or_path": format!("vlmhost-init-qwen2_vl-{preset_name}"),
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        "dtype": "float32",
+    let text_config = json!({
+        "model_type": "qwen2_vl_text",
+        "num_key_value_heads": p.kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        "max_position_embeddings": 4096,
+        "use_sliding_window": false,
+        "sliding_window": null,
+        "layer_types": vec!["full_attention"; p.llm.num_hidden_layers as usize],
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": IM_END,
+        "pad_token_id": ENDOFTEXT,
+    });
+    config_json::<crate::Qwen2VlModel>(preset_name, json!({
         "image_token_id": IMAGE_PAD,
         "video_token_id": VIDEO_PAD,
         "vision_start_token_id": VISION_START,
         "vision_end_token_id": VISION_END,
         "tie_word_embeddings": true,
-        "text_config": {
-            "model_type": "qwen2_vl_text",
-            "vocab_size": VOCAB,
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
-            "hidden_act": "silu",
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-            "max_position_embeddings": 4096,
-            "use_sliding_window": false,
-            "sliding_window": null,
-            "layer_types": vec!["full_attention"; layers as usize],
-            "bos_token_id": ENDOFTEXT,
-            "eos_token_id": IM_END,
-            "pad_token_id": ENDOFTEXT,
-        },
+        "text_config": joined([p.llm.to_json(), text_config]),
         "vision_config": {
             "model_type": "qwen2_vl_vision",
             "depth": depth,
             "embed_dim": vw,
-            "hidden_size": hidden,
+            "hidden_size": p.llm.hidden_size,
             "hidden_act": "quick_gelu",
             "mlp_ratio": 4,
             "num_heads": vheads,
@@ -103,7 +97,7 @@ fn config(preset_name: &str, p: &Preset) -> Value {
             "temporal_patch_size": 2,
             "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
         },
-    })
+    }))
 }
 
 /// Write config.json, the tokenizer files, preprocessor_config.json (the
@@ -112,7 +106,7 @@ fn config(preset_name: &str, p: &Preset) -> Value {
 pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     let p = choose(preset_name, &PRESETS)?;
     let (min_pixels, max_pixels) = p.pixels;
-    let preprocessor = json!({
+    let preprocessor = joined([json!({
         "image_processor_type": "Qwen2VLImageProcessor",
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
@@ -122,13 +116,8 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
         "temporal_patch_size": 2,
         "do_resize": true,
         "resample": 3,
-        "do_rescale": true,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
         "do_convert_rgb": true,
-    });
+    }), Pixels::CLIP.to_json()]);
     let tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "processor_class": "Qwen2VLProcessor",

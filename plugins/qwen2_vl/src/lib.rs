@@ -23,9 +23,9 @@ use model::Qwen2Vl;
 use processor::{PixelOptions, Qwen2VlProcessor};
 use std::path::Path;
 use vlmhost_plugin_api::sample::Sample;
-use vlmhost_plugin_api::{FamilyInfo, ModelOptions, PluginError, PreparedSample};
+use vlmhost_plugin_api::{ModelOptions, PluginError, PreparedSample};
 use vlmhost_plugin_sdk::family::{tensor_f32, tensor_i64};
-use vlmhost_plugin_sdk::{CommonOptions, Family, FamilyPlugin, ProcessorError};
+use vlmhost_plugin_sdk::{About, Architecture, CommonOptions, Family, FamilyPlugin, Init, ProcessorError};
 
 vlmhost_plugin_api::export_plugin!(FamilyPlugin<Qwen2VlModel>);
 
@@ -46,11 +46,7 @@ pub struct Qwen2VlModel {
 }
 
 impl Qwen2VlModel {
-    pub fn open(dir: &Path, options: PixelOptions) -> Result<Self, PluginError> {
-        Self::open_with_template(dir, options, None)
-    }
-
-    /// [`open`](Self::open) with the user's chat template file instead of the checkpoint's.
+    /// Opens the checkpoint in `dir`, with the user's chat template file instead of the checkpoint's when given.
     pub fn open_with_template(dir: &Path, options: PixelOptions, chat_template: Option<&Path>) -> Result<Self, PluginError> {
         let config = Qwen2VlConfig::from_dir(dir)?;
         let processor = Qwen2VlProcessor::from_dir_with(dir, options, chat_template).map_err(processor_err)?;
@@ -88,16 +84,11 @@ impl Qwen2VlModel {
 }
 
 impl Family for Qwen2VlModel {
-    type Arch = Qwen2Vl;
-
-    fn info() -> FamilyInfo {
-        FamilyInfo::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE")
-            .model_types(["qwen2_vl"])
-            .architectures(["Qwen2VLForConditionalGeneration"])
-    }
+    const ABOUT: About = About::new("qwen2_vl", "Qwen2-VL: ViT with 2-D RoPE + 2x2 patch merger + Qwen2 with M-RoPE", &["Qwen2VLForConditionalGeneration"]);
+    const INIT: Init = init::init;
 
     fn open(dir: &Path, options: &ModelOptions) -> Result<Self, PluginError> {
-        Qwen2VlModel::open(dir, pixel_options(options)?)
+        Qwen2VlModel::open_with_template(dir, pixel_options(options)?, None)
     }
 
     fn open_with(dir: &Path, options: &ModelOptions, common: &CommonOptions) -> Result<Self, PluginError> {
@@ -105,11 +96,7 @@ impl Family for Qwen2VlModel {
         Qwen2VlModel::open_with_template(dir, pixel_options(options)?, common.chat_template.as_deref())
     }
 
-    fn init(preset: &str, dir: &Path) -> Result<(), PluginError> {
-        init::init(preset, dir)
-    }
-
-    fn arch(&self) -> &Qwen2Vl {
+    fn arch(&self) -> &dyn Architecture {
         &self.model
     }
 
@@ -119,13 +106,8 @@ impl Family for Qwen2VlModel {
         let pixel_values = tensor_f32(&p.pixel_values, &[p.pixel_values.len() as i64 / dim, dim])?;
         let flat: Vec<i64> = p.grids.iter().flatten().copied().collect();
         let grids = tensor_i64(&flat, &[p.grids.len() as i64, 3])?;
-        let image = self.processor.image_token_id;
-        Ok(PreparedSample {
-            image_token_mask: p.input_ids.iter().map(|&t| t == image).collect(),
-            input_ids: p.input_ids,
-            labels: p.labels,
-            tensors: vec![("pixel_values".into(), pixel_values), ("image_grid_thw".into(), grids)],
-        })
+        let image_token_mask = p.ids.mask_of(self.processor.image_token_id);
+        Ok(p.ids.into_prepared(image_token_mask, vec![("pixel_values".into(), pixel_values), ("image_grid_thw".into(), grids)]))
     }
 }
 

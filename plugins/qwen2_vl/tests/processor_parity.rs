@@ -72,16 +72,16 @@ fn ids_labels_pixels_and_grids_equal_transformers() {
     for (i, conv) in convs.iter().enumerate() {
         let r = Reference::load(&format!("sample_{i}.safetensors"));
         let out = p.process(conv).unwrap();
-        assert_eq!(out.input_ids, r.i64s("input_ids"), "sample {i}: input ids");
-        assert_eq!(out.labels, r.i64s("labels"), "sample {i}: labels");
+        assert_eq!(out.ids.input_ids, r.i64s("input_ids"), "sample {i}: input ids");
+        assert_eq!(out.ids.labels, r.i64s("labels"), "sample {i}: labels");
         assert_eq!(out.grids, grids(&r), "sample {i}: image_grid_thw");
         let theirs = r.f32s("pixel_values");
         assert_eq!(out.pixel_values.len(), theirs.len(), "sample {i}: pixel value count");
         let diff = out.pixel_values.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // PNG inputs: bit-identical (the bound of the issue is 1e-5).
         assert_eq!(diff, 0.0, "sample {i}: pixel values differ by up to {diff}");
-        let labelled = out.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-        eprintln!("qwen2_vl sample {i}: {} tokens, {labelled} labelled, grids {:?}, pixels bit-identical", out.input_ids.len(), out.grids);
+        let labelled = out.ids.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        eprintln!("qwen2_vl sample {i}: {} tokens, {labelled} labelled, grids {:?}, pixels bit-identical", out.ids.input_ids.len(), out.grids);
     }
 }
 
@@ -159,7 +159,7 @@ fn pixel_options_change_the_grid_and_unknown_keys_are_refused() {
     let small = processor(PixelOptions { min_pixels: None, max_pixels: Some(3136) }).process(conv).unwrap();
     assert_eq!(small.grids, [[1, 2, 4]]); // smart_resize(150, 200, 28, 3136, 3136) = (28, 56)
     let image = samples_json()["image_token_id"].as_i64().unwrap();
-    assert_eq!(small.input_ids.iter().filter(|&&t| t == image).count(), 2);
+    assert_eq!(small.ids.input_ids.iter().filter(|&&t| t == image).count(), 2);
     let options = ModelOptions::from_json(r#"{"max_pixels": 3136, "resolution": "high"}"#).unwrap();
     let e = vlmhost_plugin_qwen2_vl::pixel_options(&options).unwrap_err().to_string();
     assert!(e.contains("unknown option(s) resolution") && e.contains("min_pixels, max_pixels"), "{e}");
@@ -202,10 +202,10 @@ fn a_prompt_gets_the_generation_prompt_and_no_labels() {
     let conv = &conversations()[0];
     let prompt = &conv[..1];
     let out = p.process(prompt).unwrap();
-    assert!(out.labels.iter().all(|&l| l == IGNORE_INDEX));
-    let text = p.tokenizer().decode(&out.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
+    assert!(out.ids.labels.iter().all(|&l| l == IGNORE_INDEX));
+    let text = p.tokenizer().decode(&out.ids.input_ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
     assert!(text.ends_with("<|im_end|>\n<|im_start|>assistant\n"), "{text:?}");
     // The full sample starts with exactly these tokens.
     let full = p.process(conv).unwrap();
-    assert_eq!(&full.input_ids[..out.input_ids.len()], &out.input_ids[..]);
+    assert_eq!(&full.ids.input_ids[..out.ids.input_ids.len()], &out.ids.input_ids[..]);
 }

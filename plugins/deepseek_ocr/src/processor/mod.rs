@@ -23,6 +23,7 @@ use tokenizers::Tokenizer;
 use vlmhost_imaging::RgbImage;
 use vlmhost_plugin_api::sample::{Message, Speaker};
 use vlmhost_plugin_sdk::files::read_value;
+use vlmhost_plugin_sdk::labels::LabelledIds;
 use vlmhost_plugin_sdk::tokens::Tokens;
 
 pub use image::{image_views, normalize, num_image_tokens, round_bf16, ImageOptions, ImageViews, ProcessedImage, PAD_FILL};
@@ -39,10 +40,9 @@ pub const EOS_TOKEN: &str = "<｜end▁of▁sentence｜>";
 /// Model inputs of one conversation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Processed {
-    /// `[L]`: bos, then the messages (image tokens in place of the images).
-    pub input_ids: Vec<i64>,
-    /// `[L]`: the answer tokens and their eos; -100 elsewhere. Not shifted.
-    pub labels: Vec<i64>,
+    /// `[L]`: bos, then the messages (image tokens in place of the images);
+    /// labelled: the answer tokens and their eos.
+    pub ids: LabelledIds,
     /// `[L]`: true at image tokens.
     pub images_seq_mask: Vec<bool>,
     /// In the order of the image parts.
@@ -54,10 +54,8 @@ struct Sequence<'a>(&'a mut Processed);
 
 impl Sequence<'_> {
     fn push(&mut self, ids: &[i64], labelled: bool, image: bool) {
-        let p = &mut *self.0;
-        p.input_ids.extend_from_slice(ids);
-        p.labels.extend(ids.iter().map(|&id| if labelled { id } else { IGNORE_INDEX }));
-        p.images_seq_mask.extend(std::iter::repeat_n(image, ids.len()));
+        self.0.ids.push(ids, labelled);
+        self.0.images_seq_mask.extend(std::iter::repeat_n(image, ids.len()));
     }
 }
 
@@ -147,8 +145,9 @@ impl DeepseekOcrProcessor {
     /// tokens; each answer tokenized, then eos, and labelled. Messages follow each other with
     /// no separator. A conversation without an answer is a prompt (nothing labelled).
     pub fn process(&self, messages: &[Message]) -> Result<Processed> {
-        let mut out = Processed { input_ids: vec![self.bos_id], labels: vec![IGNORE_INDEX], images_seq_mask: vec![false], images: Vec::new() };
+        let mut out = Processed { ids: LabelledIds::default(), images_seq_mask: Vec::new(), images: Vec::new() };
         let mut seq = Sequence(&mut out);
+        seq.push(&[self.bos_id], false, false);
         for (index, m) in messages.iter().enumerate() {
             match m.role {
                 Speaker::System => {

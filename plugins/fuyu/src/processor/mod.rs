@@ -17,20 +17,21 @@ pub mod prompt;
 
 use std::path::Path;
 use tokenizers::Tokenizer;
+use vlmhost_plugin_sdk::labels::LabelledIds;
 use vlmhost_plugin_sdk::tokens::Tokens;
 
 pub use image::{ImageConfig, ProcessedImage};
 pub use prompt::{FuyuSample, BOA_TOKEN, BOS_TOKEN, END_TOKEN, IMAGE_TOKEN, NEWLINE_TOKEN};
 pub use vlmhost_imaging::{load_image, resize, ResampleFilter, RgbImage};
-pub use vlmhost_plugin_sdk::{ProcessorError, IGNORE_INDEX};
+pub use vlmhost_plugin_sdk::ProcessorError;
 
 use vlmhost_plugin_sdk::error::Result;
 
 /// One sample turned into inputs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Processed {
-    pub input_ids: Vec<i64>,
-    pub labels: Vec<i64>,
+    /// Labelled: the answer and `|ENDOFTEXT|`.
+    pub ids: LabelledIds,
     /// True on the `|SPEAKER|` and `|NEWLINE|` tokens.
     pub image_token_mask: Vec<bool>,
     pub image: ProcessedImage,
@@ -122,19 +123,18 @@ impl FuyuProcessor {
     pub fn process(&self, sample: &FuyuSample) -> Result<Processed> {
         let decoded = load_image(&sample.image)?;
         let image = self.image_config.process(&decoded, &sample.image)?;
-        let mut input_ids = self.image_ids(image.rows, image.cols)?;
-        let n_image = input_ids.len() - 1;
-        input_ids.extend(self.encode(&format!("{}{BOA_TOKEN}", sample.prompt))?);
-        let prompt_len = input_ids.len();
-        let mut labels = vec![IGNORE_INDEX; prompt_len];
+        let mut ids = LabelledIds::default();
+        ids.push(&self.image_ids(image.rows, image.cols)?, false);
+        let n_image = ids.input_ids.len() - 1;
+        ids.push(&self.encode(&format!("{}{BOA_TOKEN}", sample.prompt))?, false);
+        let prompt_len = ids.input_ids.len();
         if let Some(answer) = &sample.answer {
             let mut answer = self.encode(answer)?;
             answer.push(self.end_id);
-            labels.extend_from_slice(&answer);
-            input_ids.extend(answer);
+            ids.push(&answer, true);
         }
-        let image_token_mask = (0..input_ids.len()).map(|i| i < n_image).collect();
-        Ok(Processed { input_ids, labels, image_token_mask, image, prompt_len })
+        let image_token_mask = (0..ids.input_ids.len()).map(|i| i < n_image).collect();
+        Ok(Processed { ids, image_token_mask, image, prompt_len })
     }
 }
 

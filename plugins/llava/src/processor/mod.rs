@@ -35,7 +35,7 @@ use tokenizers::Tokenizer;
 use vlmhost_plugin_api::sample::Message;
 use vlmhost_plugin_sdk::chat::{self, ChatTemplate};
 use vlmhost_plugin_sdk::files::read_json_or_default;
-use vlmhost_plugin_sdk::labels::{expand_placeholders, is_prompt, span_labels, RenderedChat};
+use vlmhost_plugin_sdk::labels::{expand_placeholders, is_prompt, LabelledIds, RenderedChat};
 use vlmhost_plugin_sdk::tokens::{special_token, tokenizer_config, Tokens};
 
 pub use image::{ImageProcessorConfig, ResizeTarget};
@@ -49,10 +49,9 @@ use vlmhost_plugin_sdk::error::Result;
 /// Model inputs of one sample.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Processed {
-    /// `[L]` token ids: `<s>`, then the rendered conversation with each `<image>` expanded.
-    pub input_ids: Vec<i64>,
-    /// `[L]` the answer tokens and their `</s>`; -100 elsewhere. Not shifted (HF convention).
-    pub labels: Vec<i64>,
+    /// `[L]` token ids: `<s>`, then the rendered conversation with each `<image>` expanded;
+    /// labelled: the answer tokens and their `</s>`.
+    pub ids: LabelledIds,
     /// `[n_images, 3, H, W]` flattened, images in placeholder order.
     pub pixel_values: Vec<f32>,
     pub n_images: usize,
@@ -63,7 +62,7 @@ pub struct Processed {
 impl Processed {
     /// `[L]` attention mask of this unpadded sequence: all ones.
     pub fn attention_mask(&self) -> Vec<i64> {
-        vec![1; self.input_ids.len()]
+        vec![1; self.ids.input_ids.len()]
     }
 }
 
@@ -194,11 +193,9 @@ impl LlavaProcessor {
         }
         let (pixel_values, replacements, image_size) = self.images(&chat)?;
         let (text, spans) = expand_placeholders(&chat.text, &self.image_token, &replacements, &chat.generation_spans);
-        let Tokenized { ids: input_ids, char_offsets } = self.tokenize(&text)?;
-        let labels = span_labels(&text, &spans, &input_ids, &char_offsets);
+        let Tokenized { ids, char_offsets } = self.tokenize(&text)?;
         Ok(Processed {
-            input_ids,
-            labels,
+            ids: LabelledIds::from_spans(&text, &spans, ids, &char_offsets),
             pixel_values,
             n_images: chat.images.len(),
             image_size: image_size.unwrap_or((0, 0)),

@@ -30,7 +30,7 @@ use tokenizers::Tokenizer;
 use vlmhost_imaging::load_image;
 use vlmhost_plugin_api::sample::Message;
 use vlmhost_plugin_sdk::chat::{self, ChatTemplate};
-use vlmhost_plugin_sdk::labels::{expand_placeholders, is_prompt, span_labels, RenderedChat};
+use vlmhost_plugin_sdk::labels::{expand_placeholders, is_prompt, LabelledIds, RenderedChat};
 use vlmhost_plugin_sdk::tokens::{special_token, tokenizer_config, Tokens};
 
 pub use image::{smart_resize, ImageConfig, PixelOptions, ProcessedImage, DEFAULT_MAX_PIXELS};
@@ -42,9 +42,8 @@ use vlmhost_plugin_sdk::error::Result;
 /// Model inputs of one sample.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Processed {
-    pub input_ids: Vec<i64>,
-    /// The answer tokens and their `<|im_end|>`; -100 elsewhere. Not shifted.
-    pub labels: Vec<i64>,
+    /// Labelled: the answer tokens and their `<|im_end|>`.
+    pub ids: LabelledIds,
     /// `[patches, C*T*P*P]` of all images, in order.
     pub pixel_values: Vec<f32>,
     /// `image_grid_thw`, one (t, h, w) per image.
@@ -125,8 +124,7 @@ impl Qwen2VlProcessor {
             grids.push(p.grid);
         }
         let (text, spans) = expand_placeholders(&chat.text, IMAGE_PAD, &replacements, &chat.generation_spans);
-        let (input_ids, offsets) = self.tokens.encode_with_offsets(&text, true)?;
-        let labels = span_labels(&text, &spans, &input_ids, &offsets);
-        Ok(Processed { input_ids, labels, pixel_values, grids })
+        let (ids, offsets) = self.tokens.encode_with_offsets(&text, true)?;
+        Ok(Processed { ids: LabelledIds::from_spans(&text, &spans, ids, &offsets), pixel_values, grids })
     }
 }
