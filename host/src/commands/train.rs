@@ -42,7 +42,8 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     // cuda:LOCAL_RANK with NCCL, or the CPU with Gloo).
     let launch = dist::Launch::from_env()?;
     if let Some(l) = &launch {
-        args.model.device = l.device_arg(&args.model.device, tch::Cuda::is_available());
+        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+        args.model.device = l.device_arg(&args.model.device, gpus);
     }
     let (mut cfg, opts) = args.model.resolve()?;
     let group = match &launch {

@@ -90,12 +90,16 @@ impl Launch {
         }))
     }
 
-    /// The `--device` this rank trains on: `auto` and `cuda` become
-    /// `cuda:LOCAL_RANK` when CUDA is usable; anything else is kept.
-    pub fn device_arg(&self, asked: &str, cuda_available: bool) -> String {
+    /// The `--device` this rank trains on, given the CUDA devices this
+    /// process sees: `auto` (when there are any) and `cuda` become
+    /// `cuda:LOCAL_RANK`, or `cuda:0` when the process sees a single GPU
+    /// (`srun --gpus-per-task 1`, or `CUDA_VISIBLE_DEVICES` set per rank);
+    /// anything else is kept.
+    pub fn device_arg(&self, asked: &str, cuda_devices: i64) -> String {
+        let index = if cuda_devices == 1 { 0 } else { self.local_rank };
         match asked {
-            "auto" if cuda_available => format!("cuda:{}", self.local_rank),
-            "cuda" => format!("cuda:{}", self.local_rank),
+            "auto" if cuda_devices > 0 => format!("cuda:{index}"),
+            "cuda" => format!("cuda:{index}"),
             other => other.to_owned(),
         }
     }
@@ -142,9 +146,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((l.launcher, l.rank, l.world, l.local_rank, l.master_port, l.agent_store), ("torchrun", 3, 4, 1, 1234, true));
-        assert_eq!(l.device_arg("auto", true), "cuda:1");
-        assert_eq!(l.device_arg("auto", false), "auto");
-        assert_eq!(l.device_arg("cpu", true), "cpu");
+        assert_eq!(l.device_arg("auto", 8), "cuda:1");
+        assert_eq!(l.device_arg("auto", 1), "cuda:0", "one GPU per task");
+        assert_eq!(l.device_arg("auto", 0), "auto");
+        assert_eq!(l.device_arg("cpu", 8), "cpu");
         let s = launch(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("SLURM_STEP_ID", "0"), ("MASTER_ADDR", "n0")]).unwrap().unwrap();
         assert_eq!((s.launcher, s.rank, s.world, s.local_rank, s.master_port, s.agent_store), ("slurm", 5, 8, 1, 29500, false));
     }
