@@ -60,8 +60,8 @@ fn nccl_includes(libtorch: &Path) -> Option<Vec<PathBuf>> {
     let nccl = nvidia.join("nccl/include");
     let cuda = std::fs::read_dir(&nvidia).ok()?.flatten().map(|e| e.path().join("include")).find(|p| p.join("cuda_runtime_api.h").is_file())?;
     let triton = site.join("triton/backends/nvidia/include");
-    let wanted = [(nccl.join("nccl.h"), &nccl), (cuda.join("cuda_runtime_api.h"), &cuda), (triton.join("crt/host_config.h"), &triton)];
-    if wanted.iter().all(|(f, _)| f.is_file()) {
+    let wanted = [nccl.join("nccl.h"), cuda.join("cuda_runtime_api.h"), triton.join("crt/host_config.h")];
+    if wanted.iter().all(|f| f.is_file()) {
         // triton's folder last: its CUDA headers are another version's.
         Some(vec![nccl, cuda, triton])
     } else {
