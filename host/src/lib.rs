@@ -7,6 +7,8 @@
 //!
 //! * [`config`], [`files`], [`font`]: leaves (the configuration file's schema;
 //!   writing files atomically; the embedded font).
+//! * [`dist`]: a leaf too: the data-parallel launch, process group and
+//!   collectives over PyTorch's c10d (`csrc/dist.cpp`).
 //! * [`plugin`]: finding and loading plugin libraries, the libtorch underneath.
 //! * [`model`]: a checkpoint opened through its plugin, rules and LoRA
 //!   applied; forward passes, the loss, greedy decoding, PEFT adapters.
@@ -17,6 +19,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dist;
 pub mod files;
 pub mod font;
 pub mod model;

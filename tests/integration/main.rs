@@ -8,6 +8,7 @@
 
 mod cli;
 mod common;
+mod data_parallel;
 mod demo;
 mod families;
 mod generate;

@@ -9,25 +9,25 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 
 /// The LLaVA fixture (`target/fixtures/llava`).
-fn fixture() -> std::path::PathBuf {
+pub(crate) fn fixture() -> std::path::PathBuf {
     crate::families::family("llava").fixture()
 }
 
-fn model() -> String {
+pub(crate) fn model() -> String {
     fixture().join("model").display().to_string()
 }
 
-fn data() -> String {
+pub(crate) fn data() -> String {
     fixture().join("samples/data.jsonl").display().to_string()
 }
 
-fn config(dir: &Path, yaml: &str) -> String {
+pub(crate) fn config(dir: &Path, yaml: &str) -> String {
     let p = dir.join("config.yaml");
     std::fs::write(&p, yaml).unwrap();
     p.display().to_string()
 }
 
-fn train_cmd(dir: &Path, cfg: &str, out: &Path, extra: &[&str]) -> Command {
+pub(crate) fn train_cmd(dir: &Path, cfg: &str, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(vlmhost_bin());
     let (m, d) = (model(), data());
     cmd.args(["train", "--plugin", "llava", "--model", &m, "--dataset", &d, "--config", cfg, "--output"])
@@ -39,13 +39,13 @@ fn train_cmd(dir: &Path, cfg: &str, out: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-fn run(mut cmd: Command) -> Run {
+pub(crate) fn run(mut cmd: Command) -> Run {
     let r: Run = cmd.output().unwrap().into();
     assert!(!r.stderr.contains("panicked at"), "{}", r.all());
     r
 }
 
-fn losses(out: &Path) -> Vec<(usize, Option<f64>)> {
+pub(crate) fn losses(out: &Path) -> Vec<(usize, Option<f64>)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()

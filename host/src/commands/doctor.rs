@@ -1,6 +1,6 @@
 //! `vlmhost doctor`: is this machine ready to train? Loads every plugin it can
 //! find and reports every failure at once, with the libtorch and CUDA facts a
-//! bug report needs.
+//! bug report needs, and the data-parallel launch it sees.
 
 use crate::plugin::loader::{Discovery, SearchDir};
 use crate::plugin::torch_env::{self, CudaBackend, GpuInfo};
@@ -47,6 +47,32 @@ pub struct CudaReport {
     pub gpus: Vec<GpuInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver_error: Option<String>,
+}
+
+/// The data-parallel launch this process's environment describes.
+#[derive(Debug, Serialize)]
+pub struct DistReport {
+    /// `None`: a plain run (no torchrun or srun variables).
+    pub launch: Option<crate::dist::Launch>,
+    /// The backend `train` would use: nccl on CUDA, gloo on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'static str>,
+    /// Whether this build can create the NCCL backend.
+    pub nccl_built: bool,
+    /// Variables that are set but wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DistReport {
+    fn collect(cuda: bool) -> DistReport {
+        let (launch, error) = match crate::dist::Launch::from_env() {
+            Ok(l) => (l, None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let backend = launch.as_ref().map(|_| if cuda { "nccl" } else { "gloo" });
+        DistReport { launch, backend, nccl_built: crate::dist::group::has_nccl(), error }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +200,8 @@ pub struct DoctorReport {
     pub plugin_api_version: String,
     pub libtorch: LibtorchReport,
     pub cuda: CudaReport,
+    /// The data-parallel launch seen (torchrun, srun).
+    pub dist: DistReport,
     #[serde(flatten)]
     pub plugins: PluginsReport,
     /// Everything found broken; empty means healthy.
@@ -201,6 +229,7 @@ impl DoctorReport {
             gpus,
             driver_error,
         };
+        let dist = DistReport::collect(cuda.available);
         let discovery = Discovery::default_path();
         let plugins = PluginsReport::from_discovery(&discovery);
 
@@ -233,6 +262,12 @@ impl DoctorReport {
                 backend
             ));
         }
+        if let Some(e) = &dist.error {
+            issues.push(format!("data-parallel launch: {e}"));
+        }
+        if dist.backend == Some("nccl") && !dist.nccl_built {
+            issues.push("launched data parallel on CUDA, but this vlmhost was built without NCCL (rebuild with torch's nvidia-* wheels installed, or pass --device cpu to train on Gloo)".into());
+        }
         if let Some(e) = &cuda.driver_error {
             issues.push(format!("the NVIDIA driver library is present but failed: {e}"));
         }
@@ -241,6 +276,7 @@ impl DoctorReport {
             plugin_api_version: vlmhost_plugin_api::API_VERSION.to_owned(),
             libtorch,
             cuda,
+            dist,
             ok: issues.is_empty(),
             issues,
             plugins,
@@ -288,6 +324,18 @@ impl DoctorReport {
                 gib(g.total_memory_bytes),
                 gib(g.free_memory_bytes)
             );
+        }
+        let nccl = if self.dist.nccl_built { "NCCL and Gloo built in" } else { "Gloo built in, no NCCL" };
+        match (&self.dist.launch, &self.dist.error) {
+            (Some(l), _) => {
+                let _ = writeln!(s, "distributed {l}; backend {} ({nccl})", self.dist.backend.unwrap_or("?"));
+            }
+            (None, Some(e)) => {
+                let _ = writeln!(s, "distributed launch variables are wrong: {e}");
+            }
+            (None, None) => {
+                let _ = writeln!(s, "distributed not launched (no torchrun or srun variables): a plain run ({nccl})");
+            }
         }
         let _ = writeln!(s, "plugins    {} loaded", self.plugins.plugins.len());
         for p in &self.plugins.plugins {

@@ -1,9 +1,11 @@
 //! `vlmhost train`: resolve the configuration, open the model (from an
 //! earlier stage's PEFT adapter when `--init-from` names one), and run the
-//! trainer ([`crate::train`]).
+//! trainer ([`crate::train`]), as one rank of a data-parallel run when
+//! `torchrun` or `srun` launched it ([`crate::dist`]).
 
 use super::args::ModelArgs;
 use super::print_json;
+use crate::dist;
 use crate::model::peft;
 use crate::train::{self, Resume, TrainJob};
 use anyhow::{anyhow, Result};
@@ -35,8 +37,23 @@ pub struct Args {
     val_dataset: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
+pub fn run(mut args: Args) -> Result<ExitCode> {
+    // Launched by torchrun or srun: join the other ranks first (on
+    // cuda:LOCAL_RANK with NCCL, or the CPU with Gloo).
+    let launch = dist::Launch::from_env()?;
+    if let Some(l) = &launch {
+        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+        args.model.device = l.device_arg(&args.model.device, gpus);
+    }
     let (mut cfg, opts) = args.model.resolve()?;
+    let group = match &launch {
+        Some(l) => {
+            let g = dist::Group::join(l, dist::Backend::for_device(opts.device))?;
+            tracing::info!("joined the {} process group: {l}", g.backend.name());
+            Some(g)
+        }
+        None => None,
+    };
     if args.max_steps.is_some() {
         cfg.train.max_steps = args.max_steps;
         cfg.validate().map_err(|e| anyhow!("--max-steps: {e}"))?;
@@ -68,7 +85,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         init_from,
         progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let summary = train::train(&m, &cfg, &job)?;
-    print_json(&summary)?;
+    let summary = train::train(&m, &cfg, &job, group.as_ref())?;
+    if group.as_ref().is_none_or(|g| g.is_writer()) {
+        print_json(&summary)?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,14 +11,19 @@
 //! * What a run leaves: `config.yaml`, `metrics.jsonl`, checkpoints
 //!   ([`super::checkpoint`]), the adapter in PEFT's format, `summary.json`,
 //!   plots, and with `train.eval_generate` the scored answers before and after.
+//! * Data parallel under `torchrun` or `srun` ([`super::data_parallel`]): each
+//!   rank trains on its share of every micro-batch, gradients are summed
+//!   over the ranks, and rank 0 alone writes the run folder.
 
 use super::checkpoint::{self, Resume, TrainState, TRAINABLE_FILE};
+use super::data_parallel::{fingerprint, World};
 use super::dataset::{self, Dataset, DatasetOptions, Record};
 use super::eval::{evaluate, Evaluation};
 use super::micro_batch;
 use super::optim::AdamW;
 use super::schedule::{epoch_order, held_out, learning_rate, val_count};
 use crate::config::TrainConfig;
+use crate::dist::Group;
 use crate::files::{self, fault};
 use crate::model::weights::read_tensors;
 use crate::model::HostModel;
@@ -64,9 +69,10 @@ pub struct TrainSummary {
     pub memory: PeakMemory,
 }
 
-/// Run training. The model's rules (mode, LoRA) are already applied.
-pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob) -> Result<TrainSummary> {
-    let mut run = Run::start(model, cfg, job)?;
+/// Run training. The model's rules (mode, LoRA) are already applied. With
+/// `group`, this process is one rank of a data-parallel run.
+pub fn train(model: &HostModel, cfg: &TrainConfig, job: &TrainJob, group: Option<&Group>) -> Result<TrainSummary> {
+    let mut run = Run::start(model, cfg, job, World::new(group))?;
     while run.state.step < run.state.total_steps {
         if run.step()? == Next::Stop {
             break;
@@ -87,13 +93,15 @@ struct Run<'a> {
     model: &'a HostModel,
     cfg: &'a TrainConfig,
     job: &'a TrainJob,
+    world: World<'a>,
     train_set: Vec<Record>,
     val_set: Vec<Record>,
     opt: AdamW,
     state: TrainState,
     /// The data order of the current epoch.
     order: Vec<usize>,
-    metrics: MetricsLog,
+    /// Rank 0's (the only writer's) metrics log.
+    metrics: Option<MetricsLog>,
     progress: Progress,
     start: Instant,
     first_loss: Option<f64>,
@@ -109,22 +117,25 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     /// Check the output and the resume point, read and split the data, build
     /// the optimizer, load `--init-from` or the checkpoint resumed, score the
-    /// starting point's answers, open the metrics log.
-    fn start(model: &'a HostModel, cfg: &'a TrainConfig, job: &'a TrainJob) -> Result<Run<'a>> {
+    /// starting point's answers, open the metrics log. Data parallel: check
+    /// that the ranks agree, and start every rank from rank 0's tensors.
+    fn start(model: &'a HostModel, cfg: &'a TrainConfig, job: &'a TrainJob, world: World<'a>) -> Result<Run<'a>> {
         let t = &cfg.train;
+        let writer = world.is_writer();
         let resume_dir = checkpoint::resume_dir(&job.output, job.resume.as_ref())?;
-        std::fs::create_dir_all(&job.output).with_context(|| format!("cannot create {}", job.output.display()))?;
-        // The resolved configuration, before step 1.
-        files::write_atomic(&job.output.join(CONFIG_FILE), serde_yaml::to_string(cfg)?.as_bytes())?;
 
         let data = dataset::load(&job.dataset, model, &DatasetOptions::from(t))?;
         let summary = data.summary(&job.dataset);
         tracing::info!("{summary}");
-        eprintln!("{summary}");
+        if writer {
+            eprintln!("{summary}");
+        }
         let (train_set, val_set) = split(model, cfg, data)?;
+        // Every rank takes batch_size samples of each global micro-batch.
+        let global_batch = t.batch_size * world.size();
         let total_steps = match t.max_steps {
             Some(s) => s,
-            None => ((train_set.len() as f64 * t.epochs) / (t.batch_size * t.grad_accum) as f64).ceil().max(1.0) as usize,
+            None => ((train_set.len() as f64 * t.epochs) / (global_batch * t.grad_accum) as f64).ceil().max(1.0) as usize,
         };
 
         let mut opt = AdamW::for_model(model, &cfg.optimizer);
@@ -135,11 +146,23 @@ impl<'a> Run<'a> {
         }
         if let Some(dir) = &resume_dir {
             state = checkpoint::load(dir, model, &mut opt, &state)?;
-            eprintln!("resumed from {} at step {}", dir.display(), state.step);
+            if writer {
+                eprintln!("resumed from {} at step {}", dir.display(), state.step);
+            }
+        }
+        world.agree(&fingerprint(cfg, model, &train_set, &val_set, &state, resume_dir.as_deref())?)?;
+        world.take_rank0_tensors(model)?;
+        if world.size() > 1 && writer {
+            eprintln!("data parallel: {} ranks x batch {} = global batch {global_batch}", world.size(), t.batch_size);
+        }
+        if writer {
+            std::fs::create_dir_all(&job.output).with_context(|| format!("cannot create {}", job.output.display()))?;
+            // The resolved configuration, before step 1.
+            files::write_atomic(&job.output.join(CONFIG_FILE), serde_yaml::to_string(cfg)?.as_bytes())?;
         }
 
-        let generate_eval = t.eval_generate && !val_set.is_empty();
-        if t.eval_generate && val_set.is_empty() {
+        let generate_eval = writer && t.eval_generate && !val_set.is_empty();
+        if writer && t.eval_generate && val_set.is_empty() {
             eprintln!("warning: train.eval_generate is set but there is no validation set (set train.val_size or train.val_dataset)");
         }
         let generation_before = if generate_eval && (resume_dir.is_none() || !job.output.join(EVAL_BEFORE_FILE).is_file()) {
@@ -148,14 +171,15 @@ impl<'a> Run<'a> {
             None
         };
 
-        let metrics = MetricsLog::open(&job.output, resume_dir.as_ref().map(|_| state.step))?;
+        let metrics = if writer { Some(MetricsLog::open(&job.output, resume_dir.as_ref().map(|_| state.step))?) } else { None };
         // The run's CUDA peaks count from here: the weights, adapters and optimizer state in place.
         crate::model::memory::reset_cuda_peak(model.device());
-        let progress = Progress::new(job.progress_bar, &state);
+        let progress = Progress::new(job.progress_bar && writer, writer, &state);
         Ok(Run {
             model,
             cfg,
             job,
+            world,
             order: epoch_order(train_set.len(), t.seed, state.epoch),
             train_set,
             val_set,
@@ -175,14 +199,15 @@ impl<'a> Run<'a> {
     }
 
     /// The records of the next optimizer step (indices into the training
-    /// set): `grad_accum` micro-batches of `batch_size`, in the epoch's order
-    /// (a new epoch draws a new order).
+    /// set): `grad_accum` global micro-batches of `batch_size` times the
+    /// ranks, in the epoch's order (a new epoch draws a new order).
     fn next_micro_batches(&mut self) -> Vec<Vec<usize>> {
         let t = &self.cfg.train;
+        let global_batch = t.batch_size * self.world.size();
         let mut micro = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
-            let mut b = Vec::with_capacity(t.batch_size);
-            for _ in 0..t.batch_size {
+            let mut b = Vec::with_capacity(global_batch);
+            for _ in 0..global_batch {
                 if self.state.position >= self.order.len() {
                     self.state.epoch += 1;
                     self.state.position = 0;
@@ -197,8 +222,9 @@ impl<'a> Run<'a> {
     }
 
     /// Forward and backward over the step's micro-batches, each micro-batch's
-    /// loss summed and divided by the step's supervised tokens: (the summed
-    /// loss, or `None` at the first non-finite one; the tokens seen).
+    /// loss summed and divided by the step's supervised tokens (of all
+    /// ranks): (the summed loss, or `None` at the first non-finite one; the
+    /// tokens seen).
     fn forward_backward(&self, micro: &[Vec<usize>], supervised: usize) -> Result<(Option<f64>, usize)> {
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
@@ -226,11 +252,13 @@ impl<'a> Run<'a> {
         let t = &cfg.train;
         tch::manual_seed((t.seed as i64).wrapping_add(self.state.step as i64));
         let step_start = Instant::now();
-        let micro = self.next_micro_batches();
-        let supervised: usize = micro.iter().flatten().map(|&i| self.train_set[i].supervised).sum();
+        let global = self.next_micro_batches();
+        let supervised: usize = global.iter().flatten().map(|&i| self.train_set[i].supervised).sum();
+        let micro: Vec<Vec<usize>> = global.iter().map(|b| self.world.shard(b)).collect();
         let lr = learning_rate(cfg.optimizer.lr, t.schedule, t.warmup_steps, self.state.step, self.state.total_steps);
         self.opt.zero_grad();
         let (loss_sum, tokens) = self.forward_backward(&micro, supervised)?;
+        let (loss_sum, tokens) = self.world.sum_step(loss_sum, tokens, self.model.device())?;
         let mut record = StepMetrics {
             step: self.state.step + 1,
             epoch: self.state.epoch,
@@ -248,6 +276,7 @@ impl<'a> Run<'a> {
         match loss_sum {
             Some(sum) => {
                 self.state.bad_steps_in_a_row = 0;
+                self.world.sum_gradients(self.model)?;
                 let norm = self.opt.clip_grad_norm(t.max_grad_norm)?;
                 self.opt.step(lr)?;
                 let loss = sum / supervised.max(1) as f64;
@@ -261,7 +290,9 @@ impl<'a> Run<'a> {
                 self.state.bad_steps_in_a_row += 1;
                 let msg = format!("non-finite loss at step {}: step skipped ({} in a row)", self.state.step + 1, self.state.bad_steps_in_a_row);
                 tracing::warn!("{msg}");
-                eprintln!("warning: {msg}");
+                if self.world.is_writer() {
+                    eprintln!("warning: {msg}");
+                }
                 record.skipped = Some(msg);
                 if self.state.bad_steps_in_a_row >= t.max_bad_steps {
                     bail!("{} non-finite losses in a row: stopping (lower the learning rate, check the data)", self.state.bad_steps_in_a_row);
@@ -271,14 +302,18 @@ impl<'a> Run<'a> {
         self.state.step += 1;
         record.val_loss = self.validate()?;
         record.elapsed_seconds = self.start.elapsed().as_secs_f64();
-        self.metrics.append(&record)?;
+        if let Some(m) = &mut self.metrics {
+            m.append(&record)?;
+        }
         self.progress.show(&record, &self.state);
         let early = t.early_stopping_patience.is_some_and(|p| self.state.evals_without_improvement >= p);
         let step = self.state.step;
-        if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || step == self.state.total_steps || early {
+        let due = (t.save_every > 0 && step.is_multiple_of(t.save_every)) || step == self.state.total_steps || early;
+        if due && self.world.is_writer() {
             self.last_checkpoint = checkpoint::save(self.model, &self.opt, &self.state, self.cfg, &self.job.output)?;
         }
         if early {
+            tracing::info!("early stopping at step {step}");
             eprintln!("early stopping: no validation improvement in {} evaluations", self.state.evals_without_improvement);
             self.stopped_early = true;
             return Ok(Next::Stop);
@@ -310,7 +345,12 @@ impl<'a> Run<'a> {
     /// and the plots.
     fn finish(self) -> Result<TrainSummary> {
         self.progress.finish();
-        let output = &self.job.output;
+        let job = self.job;
+        let output = &job.output;
+        if !self.world.is_writer() {
+            // Rank 0 writes the adapter, the summary and the plots.
+            return Ok(self.summary(None));
+        }
         let adapter = output.join("adapter");
         match crate::model::peft::save(self.model, &adapter) {
             Ok(()) => eprintln!("PEFT adapter written to {}", adapter.display()),
@@ -321,7 +361,20 @@ impl<'a> Run<'a> {
         } else {
             None
         };
-        let summary = TrainSummary {
+        let summary = self.summary(generation_after);
+        files::write_atomic(&output.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        match crate::report::plot::write_run_plots(output) {
+            Ok(files) => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                eprintln!("plots written: {}", names.join(", "));
+            }
+            Err(e) => eprintln!("warning: no plots written: {e:#}"),
+        }
+        Ok(summary)
+    }
+
+    fn summary(self, generation_after: Option<OcrMetrics>) -> TrainSummary {
+        TrainSummary {
             steps: self.state.step,
             first_loss: self.first_loss,
             last_loss: self.last_loss,
@@ -332,16 +385,7 @@ impl<'a> Run<'a> {
             generation_before: self.generation_before,
             generation_after,
             memory: PeakMemory::read(self.model.device()),
-        };
-        files::write_atomic(&output.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-        match crate::report::plot::write_run_plots(output) {
-            Ok(files) => {
-                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                eprintln!("plots written: {}", names.join(", "));
-            }
-            Err(e) => eprintln!("warning: no plots written: {e:#}"),
         }
-        Ok(summary)
     }
 }
 
@@ -384,10 +428,12 @@ fn generation_eval(model: &HostModel, val_set: &[Record], cfg: &TrainConfig, out
 /// Progress on the terminal: a bar when stderr is a terminal, else a line a step.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// Lines on the terminal (rank 0 only; other ranks log at debug level).
+    lines: bool,
 }
 
 impl Progress {
-    fn new(bar: bool, state: &TrainState) -> Progress {
+    fn new(bar: bool, lines: bool, state: &TrainState) -> Progress {
         let bar = bar.then(|| {
             let b = indicatif::ProgressBar::new(state.total_steps as u64);
             b.set_style(
@@ -397,7 +443,7 @@ impl Progress {
             b.set_position(state.step as u64);
             b
         });
-        Progress { bar }
+        Progress { bar, lines }
     }
 
     fn show(&self, record: &StepMetrics, state: &TrainState) {
@@ -416,7 +462,8 @@ impl Progress {
                 b.set_message(line);
                 b.set_position(state.step as u64);
             }
-            None => eprintln!("{line}"),
+            None if self.lines => eprintln!("{line}"),
+            None => tracing::debug!("{line}"),
         }
     }
 
