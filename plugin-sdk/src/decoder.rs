@@ -76,14 +76,38 @@ pub fn past_len(past: Option<&[Tensor]>) -> i64 {
     past.and_then(|p| p.first()).map_or(0, |k| k.size()[2])
 }
 
-/// The boolean attention mask for `new` tokens: causal and hiding padding,
-/// offset by the cached tokens when decoding with a cache.
-pub fn attention_mask(attention_mask: &Tensor, cached: bool, new: i64) -> R {
+/// The attention mask for `new` tokens, for [`ops::attention`] with `causal`:
+///
+/// * `None` (causality alone) for a right-padded batch without a cache, as
+///   the host collates training and evaluation batches: a row's padding only
+///   follows its real tokens, so no real query can reach a padded key, and
+///   without an explicit mask SDPA may take its fastest kernels (on CUDA,
+///   flash attention only runs without one). Padded queries then also attend
+///   to padded keys; nothing reads their outputs (their labels are -100 and
+///   only later padded positions attend to them).
+/// * Otherwise the boolean mask, causal and hiding padding, offset by the
+///   cached tokens when decoding with a cache.
+pub fn attention_mask(attention_mask: &Tensor, cached: bool, new: i64) -> R<Option<Tensor>> {
     if cached {
-        ops::causal_padding_mask_cached(attention_mask, new)
-    } else {
-        ops::causal_padding_mask(attention_mask)
+        return Ok(Some(ops::causal_padding_mask_cached(attention_mask, new)?));
     }
+    if is_right_padded(attention_mask)? {
+        return Ok(None);
+    }
+    Ok(Some(ops::causal_padding_mask(attention_mask)?))
+}
+
+/// Whether every row of `attention_mask` `[batch, seq]` (1 real, 0 padding)
+/// is its real tokens followed by its padding, if any.
+pub fn is_right_padded(attention_mask: &Tensor) -> R<bool> {
+    let l = attention_mask.size()[1];
+    if l < 2 {
+        return Ok(true);
+    }
+    let real = attention_mask.f_ne(0)?;
+    // Never real after padding: real[t + 1] implies real[t].
+    let ok = real.f_narrow(1, 1, l - 1)?.f_le_tensor(&real.f_narrow(1, 0, l - 1)?)?.f_all()?;
+    Ok(ok.int64_value(&[]) != 0)
 }
 
 /// Token embeddings `[batch, seq, hidden]` from table `table`.
@@ -135,8 +159,9 @@ impl Attention {
         }
     }
 
-    /// Causal attention of `y` `[batch, seq, hidden]` under `mask`, keys and values through `cache`.
-    pub fn forward(&self, host: Host<'_, '_>, y: &Tensor, rope: &Rope, mask: &Tensor, cache: &mut KvCache<'_>) -> R {
+    /// Causal attention of `y` `[batch, seq, hidden]` under `mask` (`None`:
+    /// causality alone, see [`attention_mask`]), keys and values through `cache`.
+    pub fn forward(&self, host: Host<'_, '_>, y: &Tensor, rope: &Rope, mask: Option<&Tensor>, cache: &mut KvCache<'_>) -> R {
         let (b, l) = (y.size()[0], y.size()[1]);
         let (heads, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let q = host.linear(self.q, y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?;
@@ -145,7 +170,7 @@ impl Attention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = cache.append(k, v)?;
-        let att = ops::attention(&q, &k, &v, Some(mask), true, (hd as f64).powf(-0.5))?;
+        let att = ops::attention(&q, &k, &v, mask, true, (hd as f64).powf(-0.5))?;
         let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
         host.linear(self.o, &att)
     }
@@ -232,7 +257,7 @@ impl<F> LlamaText<F> {
         host: Host<'_, '_>,
         mut x: Tensor,
         rope: &Rope,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         past: Option<&[Tensor]>,
         ffn: impl Fn(&F, &Tensor) -> R,
     ) -> R<(Tensor, Vec<Tensor>)> {
@@ -247,5 +272,47 @@ impl<F> LlamaText<F> {
         }
         let x = ops::rms_norm(host, &self.norm, &x)?;
         Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn mask(rows: &[&[i64]]) -> Tensor {
+        Tensor::from_slice2(rows).to_kind(Kind::Int64)
+    }
+
+    #[test]
+    fn right_padded_batches_attend_causally_without_a_mask() {
+        let right = mask(&[&[1, 1, 1, 1], &[1, 1, 0, 0]]);
+        let left = mask(&[&[1, 1, 1, 1], &[0, 0, 1, 1]]);
+        assert!(is_right_padded(&right).unwrap() && !is_right_padded(&left).unwrap());
+        assert!(attention_mask(&right, false, 4).unwrap().is_none());
+        assert!(attention_mask(&left, false, 4).unwrap().is_some());
+        // With a cache the offset mask stays explicit.
+        assert!(attention_mask(&right, true, 1).unwrap().is_some());
+
+        // Causality alone equals the explicit causal + padding mask on every real query.
+        tch::manual_seed(0);
+        let (q, k, v) = (
+            Tensor::randn([2, 2, 4, 8], (Kind::Float, Device::Cpu)),
+            Tensor::randn([2, 2, 4, 8], (Kind::Float, Device::Cpu)),
+            Tensor::randn([2, 2, 4, 8], (Kind::Float, Device::Cpu)),
+        );
+        let explicit = ops::causal_padding_mask(&right).unwrap();
+        let with_mask = ops::attention(&q, &k, &v, Some(&explicit), true, 0.5).unwrap();
+        let causal = ops::attention(&q, &k, &v, None, true, 0.5).unwrap();
+        let real = right.to_kind(Kind::Bool).view([2, 1, 4, 1]);
+        let diff = (with_mask - causal).abs().f_masked_select(&real).unwrap().max().double_value(&[]);
+        // Same keys, same weights, another kernel (flash vs math): rounding only.
+        assert!(diff < 1e-5, "{diff}");
+
+        // libtorch's kernel choice (SDPBackend: 0 math, 1 flash attention): without a mask,
+        // flash attention. (The CPU's flash kernel also takes masks; CUDA's does not, which is
+        // where leaving the mask out pays: scripts/gpu_check.sh.)
+        let choice = Tensor::f_internal_fused_sdp_choice(&q, &k, &v, None::<Tensor>, 0.0, true, 0.5, false).unwrap();
+        assert_eq!(choice, 1, "SDPA backend without a mask");
     }
 }

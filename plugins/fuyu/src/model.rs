@@ -134,7 +134,7 @@ impl Fuyu {
     /// Persimmon's attention on `y` `[B, L, D]`: fused QKV split per head,
     /// q/k LayerNorm, rotary embeddings on the first `rotary_dim` dimensions
     /// of each head, attention dropout when training.
-    fn attention(&self, host: Host<'_, '_>, layer: &Layer, y: &Tensor, rope: &Rope, mask: &Tensor, cache: &mut KvCache<'_>) -> R {
+    fn attention(&self, host: Host<'_, '_>, layer: &Layer, y: &Tensor, rope: &Rope, mask: Option<&Tensor>, cache: &mut KvCache<'_>) -> R {
         let t = &self.config.text;
         let (b, l) = (y.size()[0], y.size()[1]);
         let (heads, hd, rd) = (t.sizes.num_attention_heads, t.sizes.head_dim(), t.rotary_dim());
@@ -155,7 +155,7 @@ impl Fuyu {
         let k = partial(&k.f_transpose(1, 2)?)?;
         let (k, v) = cache.append(k, v.f_transpose(1, 2)?)?;
         let dropout = if host.training() { t.attention_dropout } else { 0.0 };
-        let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), dropout, false, (hd as f64).powf(-0.5), false)?;
+        let att = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, dropout, mask.is_none(), (hd as f64).powf(-0.5), false)?;
         host.linear(layer.dense, &att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?)
     }
 }
@@ -183,7 +183,7 @@ impl Architecture for Fuyu {
         for layer in &self.layers {
             let residual = x.shallow_clone();
             let y = ops::layer_norm(host, &layer.input_norm, &x)?;
-            x = residual.f_add(&self.attention(host, layer, &y, &rope, &mask, &mut cache)?)?;
+            x = residual.f_add(&self.attention(host, layer, &y, &rope, mask.as_ref(), &mut cache)?)?;
             let residual = x.shallow_clone();
             let y = ops::layer_norm(host, &layer.post_norm, &x)?;
             let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;

@@ -46,11 +46,12 @@ impl Text {
     }
 
     /// The decoder on `x` `[batch, seq, hidden]` at M-RoPE `positions`
-    /// `[3, batch, seq]` with boolean attention `mask` `[batch, 1, seq, keys]`;
+    /// `[3, batch, seq]` with boolean attention `mask` `[batch, 1, seq, keys]`
+    /// (`None`: causal attention alone, `decoder::attention_mask`);
     /// with `past` (keys and values per layer, `[batch, kv_heads, past, hd]`)
     /// the new keys and values are appended and returned as the new cache.
     /// Returns the logits `[batch, seq, vocab]`.
-    pub fn decode(&self, host: Host<'_, '_>, x: Tensor, positions: &Tensor, mask: &Tensor, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+    pub fn decode(&self, host: Host<'_, '_>, x: Tensor, positions: &Tensor, mask: Option<&Tensor>, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let (cos, sin) = mrope_cos_sin(positions, c.sizes.head_dim(), c.rope_theta, &c.mrope_section)?;
         let rope = Rope { cos, sin };

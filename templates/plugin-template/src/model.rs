@@ -291,10 +291,14 @@ impl ToyVlm {
         // Positions past_len..past_len+l (right padding: real tokens start at 0).
         let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, tc.rope_theta, x.device())?;
         let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
-        // Causal, and padded keys hidden; `attention_mask` covers past + new tokens.
+        // Without a cache: causality alone. Batches are right-padded, so a padded key
+        // only follows its row's real tokens and no real query reaches it; without an
+        // explicit mask SDPA may take its fastest kernels (flash attention on CUDA).
+        // With a cache: causal with the offset, padded keys hidden (`attention_mask`
+        // covers past + new tokens).
         let mask = match past {
-            Some(_) => ops::causal_padding_mask_cached(&batch.attention_mask, l)?,
-            None => ops::causal_padding_mask(&batch.attention_mask)?,
+            Some(_) => Some(ops::causal_padding_mask_cached(&batch.attention_mask, l)?),
+            None => None,
         };
         let mut cache = Vec::new();
         for (i, layer) in self.text.layers.iter().enumerate() {
@@ -307,7 +311,7 @@ impl ToyVlm {
             // With a cache: the earlier tokens' keys and values first, [b, kv, past + l, hd].
             let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
             // kv < heads: grouped-query attention.
-            let att = ops::attention(&q, &k, &v, Some(&mask), true, (hd as f64).powf(-0.5))?;
+            let att = ops::attention(&q, &k, &v, mask.as_ref(), true, (hd as f64).powf(-0.5))?;
             let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
             x = x.f_add(&host.linear(layer.o, &att)?)?;
             let y = ops::rms_norm(host, &layer.post_norm, &x)?;
