@@ -69,7 +69,7 @@ pub use manifest::{FamilyInfo, PluginManifest};
 pub use model::{ModelSpec, ParamKind, Role};
 pub use options::ModelOptions;
 pub use root::{PluginMod, PluginModRef};
-pub use sdk::{BatchInputs, FamilyModel, Plugin, PreparedSample};
+pub use sdk::{BatchInputs, FamilyModel, Plugin, PreparedSample, LOGIT_ROWS};
 pub use tensor::{OwnedTensor, TensorRef};
 
 #[doc(hidden)]

@@ -133,3 +133,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, caus
     let gqa = q.size()[1] != k.size()[1];
     Ok(Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal && mask.is_none(), scale, gqa)?)
 }
+
+/// The hidden states `x` `[batch, seq, hidden]` at `rows` (the host's
+/// [`crate::BatchInputs::logit_rows`]: rows of the flattened `[batch * seq]`
+/// positions) as `[1, n, hidden]`, for a head that runs on those positions
+/// only; `x` itself without `rows`.
+pub fn select_rows(x: &Tensor, rows: Option<&Tensor>) -> R {
+    match rows {
+        None => Ok(x.shallow_clone()),
+        Some(rows) => {
+            let size = x.size();
+            let (b, l, d) = (size[0], size[1], size[2]);
+            Ok(x.f_reshape([b * l, d])?.f_index_select(0, rows)?.f_unsqueeze(0)?)
+        }
+    }
+}

@@ -68,7 +68,20 @@ impl BatchInputs {
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
+
+    /// The positions whose logits the host needs, when it says so (training
+    /// and evaluation: those whose next token is labelled): `[n]` int64 rows
+    /// of the flattened `[batch * seq]` positions, in order (tensor
+    /// [`LOGIT_ROWS`]). A plugin may then run its head on those rows only and
+    /// return logits `[1, n, vocab]` ([`crate::ops::select_rows`] before the
+    /// head); returning the whole `[batch, seq, vocab]` stays correct.
+    pub fn logit_rows(&self) -> Option<&Tensor> {
+        self.get(LOGIT_ROWS)
+    }
 }
+
+/// The batch tensor of [`BatchInputs::logit_rows`].
+pub const LOGIT_ROWS: &str = "logit_rows";
 
 /// A model opened by a plugin, in plain Rust.
 pub trait FamilyModel: Send + Sync + 'static {

@@ -252,6 +252,9 @@ impl<F> LlamaText<F> {
 
     /// The layers on `x` `[batch, seq, hidden]`, then the final norm and the
     /// head: logits and the next cache. `ffn` runs a layer's feed-forward block.
+    /// With `rows` (the host's `BatchInputs::logit_rows`) the head runs on those
+    /// positions only: logits `[1, n, vocab]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         host: Host<'_, '_>,
@@ -259,6 +262,7 @@ impl<F> LlamaText<F> {
         rope: &Rope,
         mask: Option<&Tensor>,
         past: Option<&[Tensor]>,
+        rows: Option<&Tensor>,
         ffn: impl Fn(&F, &Tensor) -> R,
     ) -> R<(Tensor, Vec<Tensor>)> {
         let mut cache = KvCache::new(past);
@@ -270,6 +274,7 @@ impl<F> LlamaText<F> {
             let y = ops::rms_norm(host, &layer.post_norm, &x)?;
             x = residual.f_add(&ffn(&layer.ffn, &y)?)?;
         }
+        let x = ops::select_rows(&x, rows)?;
         let x = ops::rms_norm(host, &self.norm, &x)?;
         Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
     }

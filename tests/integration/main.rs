@@ -13,6 +13,7 @@ mod demo;
 mod families;
 mod generate;
 mod init;
+mod loss;
 mod plugin_kit;
 mod plugins;
 mod precision;

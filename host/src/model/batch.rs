@@ -59,28 +59,46 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, i64)>
 const LOSS_CHUNK_VALUES: i64 = 1 << 26;
 
 /// The summed token losses of [`causal_lm_loss`] and the number of supervised
-/// tokens, without the fp32 copies of the whole logits: only the positions
-/// whose next token is labelled are gathered (in the logits' dtype), then
-/// converted to fp32 and scored a chunk of positions at a time. A batch
-/// without a labelled token gives 0 (still connected to the logits).
+/// tokens, without fp32 copies of whole logits: only the positions whose next
+/// token is labelled are scored ([`labelled_rows`]), converted to fp32 a chunk
+/// of positions at a time. `logits` are the whole `[batch, seq, vocab]`, or
+/// `[1, n, vocab]` at those positions only (a plugin that honoured the batch's
+/// `logit_rows`). A batch without a labelled token gives 0 (still connected
+/// to the logits).
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, i64)> {
     loss_sum_in_chunks(logits, labels, LOSS_CHUNK_VALUES)
 }
 
-fn loss_sum_in_chunks(logits: &Tensor, labels: &Tensor, chunk_values: i64) -> Result<(Tensor, i64)> {
-    let (b, l, v) = logits.size3()?;
+/// The positions whose next token is labelled, as rows of the flattened
+/// `[batch * seq]` positions (in order: what the batch tensor `logit_rows`
+/// holds), and those next tokens.
+pub fn labelled_rows(labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, l) = labels.size2()?;
     // Position t predicts the label at t + 1; the last position predicts nothing.
     let next = labels.f_narrow(1, 1, l - 1)?;
     let labelled = next.f_ne(IGNORE_INDEX)?;
-    let targets = next.f_masked_select(&labelled)?;
+    let at = labelled.f_nonzero()?;
+    let rows = at.f_select(1, 0)?.f_mul_scalar(l)?.f_add(&at.f_select(1, 1)?)?;
+    Ok((rows, next.f_masked_select(&labelled)?))
+}
+
+fn loss_sum_in_chunks(logits: &Tensor, labels: &Tensor, chunk_values: i64) -> Result<(Tensor, i64)> {
+    let (b, l) = labels.size2()?;
+    let (rows, targets) = labelled_rows(labels)?;
     let n = targets.size()[0];
     if n == 0 {
         return Ok((logits.f_sum(Kind::Float)?.f_mul_scalar(0.0)?, 0));
     }
-    // Row (sample * l + position) of each labelled position in the [b * l, v] logits, in order.
-    let at = labelled.f_nonzero()?;
-    let rows = at.f_select(1, 0)?.f_mul_scalar(l)?.f_add(&at.f_select(1, 1)?)?;
-    let picked = logits.f_reshape([b * l, v])?.f_index_select(0, &rows)?;
+    let size = logits.size();
+    let v = *size.last().ok_or_else(|| anyhow!("logits without dimensions"))?;
+    let picked = if size == [b, l, v] {
+        logits.f_reshape([b * l, v])?.f_index_select(0, &rows)?
+    } else if size == [1, n, v] {
+        // Already at the labelled positions (n < b * l, so never mistaken for whole logits).
+        logits.f_reshape([n, v])?
+    } else {
+        return Err(anyhow!("the model returned logits {size:?} for a [{b}, {l}] batch with {n} labelled positions: expected [{b}, {l}, vocab] or [1, {n}, vocab]"));
+    };
     let chunk = (chunk_values / v).max(1);
     let mut sum: Option<Tensor> = None;
     for start in (0..n).step_by(chunk as usize) {
@@ -144,6 +162,25 @@ mod tests {
                 logits.zero_grad();
             }
         }
+    }
+
+    #[test]
+    fn logits_at_the_labelled_rows_only_give_the_same_loss() {
+        tch::manual_seed(1);
+        let labels = Tensor::from_slice2(&[[-100i64, -100, 3, 4, -100], [-100, 1, 2, -100, -100]]);
+        let logits = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
+        let (rows, targets) = labelled_rows(&labels).unwrap();
+        // Sample 0 predicts 3 and 4 from positions 1, 2; sample 1 predicts 1, 2 from 0, 1 (rows 5, 6).
+        assert_eq!(Vec::<i64>::try_from(&rows).unwrap(), [1, 2, 5, 6]);
+        assert_eq!(Vec::<i64>::try_from(&targets).unwrap(), [3, 4, 1, 2]);
+        let packed = logits.reshape([10, 6]).index_select(0, &rows).unsqueeze(0);
+        let (whole, n) = causal_lm_loss_sum(&logits, &labels).unwrap();
+        let (at_rows, m) = causal_lm_loss_sum(&packed, &labels).unwrap();
+        assert_eq!((n, m), (4, 4));
+        assert_eq!(whole.double_value(&[]), at_rows.double_value(&[]), "the same values in the same order");
+        // Any other shape is an error naming both.
+        let err = causal_lm_loss_sum(&logits.narrow(1, 0, 4), &labels).unwrap_err().to_string();
+        assert!(err.contains("[2, 4, 6]") && err.contains("[1, 4, vocab]"), "{err}");
     }
 
     #[test]

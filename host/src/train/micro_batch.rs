@@ -3,7 +3,8 @@
 //! the causal-LM loss, summed over its supervised tokens.
 
 use super::dataset::Record;
-use crate::model::{causal_lm_loss_sum, collate, HostModel, PreparedSample};
+use crate::model::{causal_lm_loss_sum, collate, labelled_rows, HostModel, PreparedSample};
+use vlmhost_plugin_api::LOGIT_ROWS;
 use anyhow::Result;
 use tch::Tensor;
 
@@ -37,7 +38,10 @@ pub struct MicroBatchLoss {
 /// Sum of token losses and supervised tokens of one micro-batch.
 pub fn loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Result<MicroBatchLoss> {
     let refs: Vec<&PreparedSample> = samples.iter().collect();
-    let batch = collate(&refs, 0, model.device())?;
+    let mut batch = collate(&refs, 0, model.device())?;
+    // The positions the loss needs: a plugin that reads `logit_rows` runs its head there only.
+    let (rows, _) = labelled_rows(&batch.labels)?;
+    batch.tensors.push((LOGIT_ROWS.to_owned(), rows));
     // In the model's precision (bf16 autocast for bf16 weights); the loss is computed in fp32.
     let logits = model.autocast(|| model.forward(&batch, training))?;
     let (sum, n) = causal_lm_loss_sum(&logits, &batch.labels)?;

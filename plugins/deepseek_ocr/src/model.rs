@@ -240,6 +240,6 @@ impl Architecture for DeepseekOcr {
         let l = x.size()[1];
         let rope = Rope::at(past_len, l, t.sizes.head_dim(), t.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
-        self.text.run(host, x, &rope, mask.as_ref(), past, |ffn, y| ffn.forward(t, host, y))
+        self.text.run(host, x, &rope, mask.as_ref(), past, batch.logit_rows(), |ffn, y| ffn.forward(t, host, y))
     }
 }

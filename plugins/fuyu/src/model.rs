@@ -193,6 +193,8 @@ impl Architecture for Fuyu {
             }
             x = y.f_add(&residual)?;
         }
+        // The head on the positions the host needs only (training: those whose next token is labelled).
+        let x = ops::select_rows(&x, batch.logit_rows())?;
         let x = ops::layer_norm(host, &self.final_norm, &x)?;
         Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
     }

@@ -228,6 +228,6 @@ impl Architecture for Llava {
         let l = ids.size()[1];
         let rope = Rope::at(past_len, l, tc.head_dim(), self.config.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
-        self.text.run(host, x, &rope, mask.as_ref(), past, |mlp, y| mlp.forward(host, &tc.hidden_act, y))
+        self.text.run(host, x, &rope, mask.as_ref(), past, batch.logit_rows(), |mlp, y| mlp.forward(host, &tc.hidden_act, y))
     }
 }

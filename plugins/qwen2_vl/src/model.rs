@@ -177,7 +177,7 @@ impl Architecture for Qwen2Vl {
         };
         let attention = attention_mask(mask, past.is_some(), l)?;
         let kv = past.map(|p| if p.is_empty() { p } else { &p[..2 * layers] });
-        let (logits, mut cache) = self.text.decode(host, x, &positions, attention.as_ref(), kv)?;
+        let (logits, mut cache) = self.text.decode(host, x, &positions, attention.as_ref(), kv, batch.logit_rows())?;
         if past.is_some() {
             cache.push(next);
         }

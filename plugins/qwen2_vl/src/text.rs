@@ -50,12 +50,13 @@ impl Text {
     /// (`None`: causal attention alone, `decoder::attention_mask`);
     /// with `past` (keys and values per layer, `[batch, kv_heads, past, hd]`)
     /// the new keys and values are appended and returned as the new cache.
-    /// Returns the logits `[batch, seq, vocab]`.
-    pub fn decode(&self, host: Host<'_, '_>, x: Tensor, positions: &Tensor, mask: Option<&Tensor>, past: Option<&[Tensor]>) -> R<(Tensor, Vec<Tensor>)> {
+    /// Returns the logits `[batch, seq, vocab]` (with `rows`, the host's
+    /// `logit_rows`: `[1, n, vocab]` for those positions only).
+    pub fn decode(&self, host: Host<'_, '_>, x: Tensor, positions: &Tensor, mask: Option<&Tensor>, past: Option<&[Tensor]>, rows: Option<&Tensor>) -> R<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let (cos, sin) = mrope_cos_sin(positions, c.sizes.head_dim(), c.rope_theta, &c.mrope_section)?;
         let rope = Rope { cos, sin };
-        self.llama.run(host, x, &rope, mask, past, |mlp, y| mlp.forward(host, &c.hidden_act, y))
+        self.llama.run(host, x, &rope, mask, past, rows, |mlp, y| mlp.forward(host, &c.hidden_act, y))
     }
 
     pub fn num_layers(&self) -> usize {

@@ -242,7 +242,8 @@ impl ToyVlm {
         Ok(y.f_reshape([-1, hidden])?)
     }
 
-    /// Logits `[batch, seq, vocab]` of a whole batch.
+    /// Logits `[batch, seq, vocab]` of a whole batch (`[1, n, vocab]` at the
+    /// host's `logit_rows`, when it names them).
     pub fn forward(&self, host: Host<'_, '_>, batch: &BatchInputs) -> R {
         Ok(self.decode(host, batch, None)?.0)
     }
@@ -320,8 +321,11 @@ impl ToyVlm {
             let y = gate.f_mul(&host.linear(layer.up, &y)?)?;
             x = x.f_add(&host.linear(layer.down, &y)?)?;
         }
+        // When the host names the positions it needs (training: those whose next token is
+        // labelled), the head runs on them only: logits [1, n, vocab] instead of [b, l, vocab].
+        let x = ops::select_rows(&x, batch.logit_rows())?;
         let x = ops::rms_norm(host, &self.text.norm, &x)?;
-        Ok((host.linear(self.text.lm_head, &x)?, cache)) // [b, l, vocab]
+        Ok((host.linear(self.text.lm_head, &x)?, cache))
     }
 }
 
