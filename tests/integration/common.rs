@@ -98,6 +98,14 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("cannot create a temporary folder")
 }
 
+/// `count` synthetic OCR pages (`vlmhost data synth-ocr`) in `dir/ocr`: data
+/// every family takes (not every fixture has samples). Returns the data file.
+pub fn synth_ocr(dir: &Path, count: usize) -> PathBuf {
+    let run = vlmhost(&["data", "synth-ocr", "--count", &count.to_string(), "--output", "ocr"], dir, None);
+    assert!(run.success(), "{}", run.all());
+    dir.join("ocr/data.jsonl")
+}
+
 /// Every sample of the data file `data` (messages or LLaVA JSONL), prepared by `m`.
 pub fn prepare_file(m: &vlmhost::model::HostModel, data: &Path) -> Vec<vlmhost::model::PreparedSample> {
     std::fs::read_to_string(data)

@@ -10,9 +10,7 @@ use vlmhost::plugin_api::LOGIT_ROWS;
 #[test]
 fn every_family_runs_its_head_on_the_labelled_positions_only() {
     let dir = tempdir();
-    let synth = vlmhost(&["data", "synth-ocr", "--count", "2", "--output", "ocr"], dir.path(), None);
-    assert!(synth.success(), "{}", synth.all());
-    let data = dir.path().join("ocr/data.jsonl");
+    let data = synth_ocr(dir.path(), 2);
     for f in families::all() {
         let m = f.open(Mode::Llm, &TrainConfig::default());
         let samples = prepare_file(&m, &data);

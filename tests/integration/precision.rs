@@ -21,11 +21,8 @@ const BF16_LOSS_RTOL: f64 = 0.03;
 
 #[test]
 fn bf16_weights_train_with_fp32_masters_in_every_family() {
-    // Two synthetic OCR pages: data every family takes (not every fixture has samples).
     let dir = tempdir();
-    let synth = vlmhost(&["data", "synth-ocr", "--count", "2", "--output", "ocr"], dir.path(), None);
-    assert!(synth.success(), "{}", synth.all());
-    let data = dir.path().join("ocr/data.jsonl");
+    let data = synth_ocr(dir.path(), 2);
     for f in families::all() {
         let cfg = TrainConfig::default();
         let fp32 = f.open(Mode::Llm, &cfg);

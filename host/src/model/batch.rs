@@ -66,7 +66,15 @@ const LOSS_CHUNK_VALUES: i64 = 1 << 26;
 /// `logit_rows`). A batch without a labelled token gives 0 (still connected
 /// to the logits).
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, i64)> {
-    loss_sum_in_chunks(logits, labels, LOSS_CHUNK_VALUES)
+    let (rows, targets) = labelled_rows(labels)?;
+    loss_sum_at_rows(logits, labels.size2()?, &rows, &targets)
+}
+
+/// [`causal_lm_loss_sum`] with the batch's [`labelled_rows`] computed already
+/// (`shape`: the labels' `[batch, seq]`): training computes them once, for the
+/// batch's `logit_rows` and for the loss.
+pub fn loss_sum_at_rows(logits: &Tensor, shape: (i64, i64), rows: &Tensor, targets: &Tensor) -> Result<(Tensor, i64)> {
+    loss_sum_in_chunks(logits, shape, rows, targets, LOSS_CHUNK_VALUES)
 }
 
 /// The positions whose next token is labelled, as rows of the flattened
@@ -82,9 +90,7 @@ pub fn labelled_rows(labels: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((rows, next.f_masked_select(&labelled)?))
 }
 
-fn loss_sum_in_chunks(logits: &Tensor, labels: &Tensor, chunk_values: i64) -> Result<(Tensor, i64)> {
-    let (b, l) = labels.size2()?;
-    let (rows, targets) = labelled_rows(labels)?;
+fn loss_sum_in_chunks(logits: &Tensor, (b, l): (i64, i64), rows: &Tensor, targets: &Tensor, chunk_values: i64) -> Result<(Tensor, i64)> {
     let n = targets.size()[0];
     if n == 0 {
         return Ok((logits.f_sum(Kind::Float)?.f_mul_scalar(0.0)?, 0));
@@ -92,7 +98,7 @@ fn loss_sum_in_chunks(logits: &Tensor, labels: &Tensor, chunk_values: i64) -> Re
     let size = logits.size();
     let v = *size.last().ok_or_else(|| anyhow!("logits without dimensions"))?;
     let picked = if size == [b, l, v] {
-        logits.f_reshape([b * l, v])?.f_index_select(0, &rows)?
+        logits.f_reshape([b * l, v])?.f_index_select(0, rows)?
     } else if size == [1, n, v] {
         // Already at the labelled positions (n < b * l, so never mistaken for whole logits).
         logits.f_reshape([n, v])?
@@ -146,7 +152,8 @@ mod tests {
             logits.zero_grad();
             // Chunks of 2 positions (22 values), of 1, and all at once.
             for chunk_values in [22, 1, 1 << 26] {
-                let (got, n) = loss_sum_in_chunks(&logits, &labels, chunk_values).unwrap();
+                let (rows, targets) = labelled_rows(&labels).unwrap();
+                let (got, n) = loss_sum_in_chunks(&logits, (b, l), &rows, &targets, chunk_values).unwrap();
                 assert_eq!(n, labels.narrow(1, 1, l - 1).ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]));
                 let got = got / n as f64;
                 // fp32 sums in another order: a few ulps of the loss (~2.4).

@@ -30,7 +30,7 @@ pub mod peft;
 pub mod rules;
 pub mod weights;
 
-pub use batch::{causal_lm_loss, causal_lm_loss_sum, collate, labelled_rows, BatchTensors};
+pub use batch::{causal_lm_loss, causal_lm_loss_sum, collate, labelled_rows, loss_sum_at_rows, BatchTensors};
 pub use host_model::HostModel;
 pub use open::{open, open_with, OpenOptions};
 pub use vlmhost_plugin_api::PreparedSample;

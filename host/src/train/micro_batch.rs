@@ -3,7 +3,7 @@
 //! the causal-LM loss, summed over its supervised tokens.
 
 use super::dataset::Record;
-use crate::model::{causal_lm_loss_sum, collate, labelled_rows, HostModel, PreparedSample};
+use crate::model::{collate, labelled_rows, loss_sum_at_rows, HostModel, PreparedSample};
 use vlmhost_plugin_api::LOGIT_ROWS;
 use anyhow::Result;
 use tch::Tensor;
@@ -40,11 +40,11 @@ pub fn loss(model: &HostModel, samples: &[PreparedSample], training: bool) -> Re
     let refs: Vec<&PreparedSample> = samples.iter().collect();
     let mut batch = collate(&refs, 0, model.device())?;
     // The positions the loss needs: a plugin that reads `logit_rows` runs its head there only.
-    let (rows, _) = labelled_rows(&batch.labels)?;
-    batch.tensors.push((LOGIT_ROWS.to_owned(), rows));
+    let (rows, targets) = labelled_rows(&batch.labels)?;
+    batch.tensors.push((LOGIT_ROWS.to_owned(), rows.shallow_clone()));
     // In the model's precision (bf16 autocast for bf16 weights); the loss is computed in fp32.
     let logits = model.autocast(|| model.forward(&batch, training))?;
-    let (sum, n) = causal_lm_loss_sum(&logits, &batch.labels)?;
+    let (sum, n) = loss_sum_at_rows(&logits, batch.labels.size2()?, &rows, &targets)?;
     let tokens = samples.iter().map(|s| s.input_ids.len()).sum();
     Ok(MicroBatchLoss { sum, supervised: n, tokens })
 }
