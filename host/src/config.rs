@@ -316,6 +316,10 @@ pub struct TrainSettings {
     /// are decoded (a guard against decompression bombs); absent: Pillow's
     /// limit, [`vlmhost_imaging::DEFAULT_MAX_IMAGE_PIXELS`].
     pub max_image_pixels: Option<u64>,
+    /// Activation checkpointing: keep only the inputs of each decoder layer
+    /// and vision block (the segments the plugin marks) and recompute the
+    /// layer in the backward pass (less memory, about a third more compute).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainSettings {
@@ -343,6 +347,7 @@ impl Default for TrainSettings {
             on_bad_sample: BadSamplePolicy::default(),
             system_prompt: None,
             max_image_pixels: None,
+            gradient_checkpointing: false,
         }
     }
 }

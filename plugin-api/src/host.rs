@@ -2,7 +2,8 @@
 //! linear layers as plain `tch::Tensor`s, with errors as `PluginError`.
 
 use crate::builder::{LinearId, ParamId};
-use crate::model::{HostOpsRef, Role};
+use crate::model::{HostOpsRef, Role, Segment};
+use abi_stable::std_types::RVec;
 use crate::tensor::TensorRef;
 use crate::PluginError;
 use tch::Tensor;
@@ -36,5 +37,16 @@ impl<'a, 'b> Host<'a, 'b> {
     /// Whether anything in `role` trains (run it without autograd if not).
     pub fn role_trains(&self, role: Role) -> bool {
         self.ops.role_trains(role)
+    }
+
+    /// Run segment `id` (a decoder layer, a vision block) on `inputs` through
+    /// the host, which calls back [`crate::FamilyModel::run_segment`] with
+    /// them: directly, or with activation checkpointing on, keeping only
+    /// `inputs` and recomputing the segment in the backward pass. Everything
+    /// the segment reads besides the host's parameters must be in `inputs`
+    /// (hidden states, rotary tables, masks) or in the model itself.
+    pub fn segment(&self, id: Segment, inputs: &[&Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        let inputs: RVec<TensorRef<'_>> = inputs.iter().map(|t| TensorRef::new(t)).collect();
+        self.ops.segment(id, inputs).into_result().map(|v| v.into_iter().map(|t| t.into_tensor()).collect())
     }
 }

@@ -66,7 +66,7 @@ pub use builder::{LinearId, ParamId, SpecBuilder, SpecPath};
 pub use error::PluginError;
 pub use host::Host;
 pub use manifest::{FamilyInfo, PluginManifest};
-pub use model::{ModelSpec, ParamKind, Role};
+pub use model::{ModelSpec, ParamKind, Role, Segment};
 pub use options::ModelOptions;
 pub use root::{PluginMod, PluginModRef};
 pub use sdk::{BatchInputs, FamilyModel, Plugin, PreparedSample, LOGIT_ROWS};

@@ -235,6 +235,35 @@ pub trait HostOps {
     /// part without building an autograd graph.
     #[sabi(last_prefix_field)]
     fn role_trains(&self, role: Role) -> bool;
+
+    /// Run segment `id` (a decoder layer, a vision block) on `inputs`: the
+    /// host calls back [`Model::run_segment`] with them, either directly or,
+    /// with activation checkpointing, without keeping the segment's
+    /// activations, recomputing it (the same call, the same inputs) in the
+    /// backward pass. So a segment must be a function of its inputs and the
+    /// host's parameters alone. Added after the prefix: a host older than the
+    /// plugin lacks it (the call fails inside the SDK's panic guard, which
+    /// returns it as an error).
+    fn segment(&self, id: Segment, inputs: RVec<TensorRef<'_>>) -> RResult<RVec<OwnedTensor>, PluginError>;
+}
+
+/// A part of a forward pass the host may recompute instead of keeping its
+/// activations ([`HostOps::segment`]): layer `layer` of the family's stack
+/// `stack` (its numbering: `0` the LLM's decoder layers, say, `1` a vision
+/// tower's blocks), which belongs to `role`.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Segment {
+    pub role: Role,
+    pub stack: u32,
+    pub layer: u32,
+}
+
+impl Segment {
+    /// Layer `layer` of stack `stack`, in `role`.
+    pub const fn new(role: Role, stack: u32, layer: u32) -> Segment {
+        Segment { role, stack, layer }
+    }
 }
 
 /// A borrowed [`HostOps`] trait object.
@@ -266,6 +295,16 @@ pub trait Model: Send + Sync {
         batch: &Batch<'_>,
         past: RVec<TensorRef<'_>>,
     ) -> RResult<CachedOutput, PluginError>;
+
+    /// Run segment `id` on `inputs` (what the plugin passed to
+    /// [`HostOps::segment`]); the host calls it only for segments the plugin
+    /// asked it to run. Added after the prefix.
+    fn run_segment(
+        &self,
+        host: &HostOpsRef<'_>,
+        id: Segment,
+        inputs: RVec<TensorRef<'_>>,
+    ) -> RResult<RVec<OwnedTensor>, PluginError>;
 }
 
 /// What [`Model::forward_cached`] returns.

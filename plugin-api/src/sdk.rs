@@ -4,7 +4,7 @@
 //! [`export_plugin!`]: crate::export_plugin
 
 use crate::host::Host;
-use crate::model::{Batch, CachedOutput, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared};
+use crate::model::{Batch, CachedOutput, HostOpsRef, Model, ModelBox, ModelSpec, NamedTensor, Prepared, Segment};
 use crate::sample::Sample;
 use crate::tensor::{OwnedTensor, TensorRef};
 use crate::{FamilyInfo, ModelOptions, PluginError, PluginManifest};
@@ -106,6 +106,14 @@ pub trait FamilyModel: Send + Sync + 'static {
     ) -> Result<(Tensor, Vec<Tensor>), PluginError> {
         Err(PluginError::unsupported("incremental decoding (forward_cached) is not implemented by this family"))
     }
+
+    /// Run segment `id` on `inputs`, as the forward pass asked the host to
+    /// with [`Host::segment`]: the host calls this (once, or twice with
+    /// activation checkpointing: again in the backward pass, with the same
+    /// inputs). Families that mark no segments never receive it.
+    fn run_segment(&self, _host: Host<'_, '_>, id: Segment, _inputs: &[Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        Err(PluginError::unsupported(format!("segment {id:?}: this family marks no segments (run_segment is not implemented)")))
+    }
 }
 
 fn batch_inputs(batch: &Batch<'_>) -> BatchInputs {
@@ -180,6 +188,19 @@ impl Model for ModelAdapter {
             let past: Vec<Tensor> = past.iter().map(|t| t.to_tensor()).collect();
             let (logits, cache) = self.0.forward_cached(Host::new(host), &batch_inputs(batch), &past)?;
             Ok(CachedOutput { logits: OwnedTensor::new(logits), cache: cache.into_iter().map(OwnedTensor::new).collect() })
+        })
+    }
+
+    fn run_segment(
+        &self,
+        host: &HostOpsRef<'_>,
+        id: Segment,
+        inputs: RVec<TensorRef<'_>>,
+    ) -> RResult<RVec<OwnedTensor>, PluginError> {
+        guard(|| {
+            let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_tensor()).collect();
+            let outputs = self.0.run_segment(Host::new(host), id, &inputs)?;
+            Ok(outputs.into_iter().map(OwnedTensor::new).collect())
         })
     }
 }

@@ -11,7 +11,7 @@
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::builder::{RmsNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{Host, LinearId, ParamId, PluginError};
+use vlmhost_plugin_api::{Host, LinearId, ParamId, PluginError, Role, Segment};
 
 pub type R<T = Tensor> = Result<T, PluginError>;
 
@@ -207,6 +207,19 @@ pub struct LlamaLayer<F = SwiGlu> {
     pub post_norm: RmsNormParams,
 }
 
+impl<F> LlamaLayer<F> {
+    /// The layer on `x` `[batch, seq, hidden]`; `ffn` runs its feed-forward block.
+    pub fn forward(&self, host: Host<'_, '_>, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, cache: &mut KvCache<'_>, ffn: impl Fn(&F, &Tensor) -> R) -> R {
+        let y = ops::rms_norm(host, &self.input_norm, x)?;
+        let x = x.f_add(&self.attn.forward(host, &y, rope, mask, cache)?)?;
+        let y = ops::rms_norm(host, &self.post_norm, &x)?;
+        Ok(x.f_add(&ffn(&self.ffn, &y)?)?)
+    }
+}
+
+/// The segment stack ([`Segment::stack`]) of a language model's decoder layers.
+pub const LLM_STACK: u32 = 0;
+
 /// Embeddings, decoder layers, final norm and head of a Llama-style language model.
 pub struct LlamaText<F = SwiGlu> {
     pub embed_tokens: ParamId,
@@ -266,18 +279,43 @@ impl<F> LlamaText<F> {
         ffn: impl Fn(&F, &Tensor) -> R,
     ) -> R<(Tensor, Vec<Tensor>)> {
         let mut cache = KvCache::new(past);
-        for layer in &self.layers {
-            let residual = x.shallow_clone();
-            let y = ops::rms_norm(host, &layer.input_norm, &x)?;
-            x = residual.f_add(&layer.attn.forward(host, &y, rope, mask, &mut cache)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::rms_norm(host, &layer.post_norm, &x)?;
-            x = residual.f_add(&ffn(&layer.ffn, &y)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = if past.is_some() {
+                layer.forward(host, &x, rope, mask, &mut cache, &ffn)?
+            } else {
+                // Without a cache each layer is a segment: the host may recompute it in backward.
+                let mut inputs = vec![&x, &rope.cos, &rope.sin];
+                inputs.extend(mask);
+                one_output(host.segment(Segment::new(Role::Llm, LLM_STACK, i as u32), &inputs)?)?
+            };
         }
         let x = ops::select_rows(&x, rows)?;
         let x = ops::rms_norm(host, &self.norm, &x)?;
         Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
     }
+
+    /// Decoder layer `layer` as [`LlamaText::run`] marked it a segment, on its
+    /// inputs (hidden states, the rotary `cos` and `sin`, the mask if any).
+    pub fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor], ffn: impl Fn(&F, &Tensor) -> R) -> R<Vec<Tensor>> {
+        let (Some(l), [x, cos, sin, mask @ ..]) = (self.layers.get(layer as usize), inputs) else {
+            return Err(segment_error(Segment::new(Role::Llm, LLM_STACK, layer), inputs.len()));
+        };
+        let rope = Rope { cos: cos.shallow_clone(), sin: sin.shallow_clone() };
+        Ok(vec![l.forward(host, x, &rope, mask.first(), &mut KvCache::new(None), ffn)?])
+    }
+}
+
+/// The single output of a segment.
+pub fn one_output(mut outputs: Vec<Tensor>) -> R {
+    match outputs.len() {
+        1 => Ok(outputs.remove(0)),
+        n => Err(PluginError::invalid("segment", format!("expected one output tensor, the host returned {n}"))),
+    }
+}
+
+/// The error for a segment the model does not have, or called with the wrong inputs.
+pub fn segment_error(id: Segment, inputs: usize) -> PluginError {
+    PluginError::invalid("segment", format!("no {} segment {} of stack {} taking {inputs} inputs", id.role, id.layer, id.stack))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::path::Path;
 use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
 use vlmhost_plugin_api::{
-    BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample,
+    BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, PreparedSample, Segment,
 };
 
 /// An architecture: its spec and its forward pass.
@@ -24,6 +24,14 @@ pub trait Architecture: Send + Sync + 'static {
     /// cache for the next call.
     fn decode(&self, host: Host<'_, '_>, batch: &BatchInputs, past: Option<&[Tensor]>)
         -> Result<(Tensor, Vec<Tensor>), PluginError>;
+
+    /// Segment `id` on `inputs`: what `decode` passed to [`Host::segment`]
+    /// for one of its layers (the host calls it then, and again in the
+    /// backward pass when it recomputes the layer).
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        let _ = host;
+        Err(crate::decoder::segment_error(id, inputs.len()))
+    }
 }
 
 /// Who a family is and which checkpoints it serves: the ABI's [`FamilyInfo`]
@@ -131,6 +139,10 @@ impl<F: Family> FamilyModel for Served<F> {
 
     fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
         self.0.arch().decode(host, batch, Some(past))
+    }
+
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        self.0.arch().run_segment(host, id, inputs)
     }
 }
 

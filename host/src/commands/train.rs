@@ -35,6 +35,11 @@ pub struct Args {
     /// Held-out data for validation (overrides train.val_dataset and train.val_size).
     #[arg(long, value_name = "FILE")]
     val_dataset: Option<PathBuf>,
+    /// Activation checkpointing: recompute each decoder layer and vision
+    /// block in the backward pass instead of keeping its activations (sets
+    /// train.gradient_checkpointing).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
@@ -60,6 +65,9 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     }
     if args.val_dataset.is_some() {
         cfg.train.val_dataset = args.val_dataset;
+    }
+    if args.gradient_checkpointing {
+        cfg.train.gradient_checkpointing = true;
     }
     cfg.plugin = Some(opts.plugin.clone());
     cfg.model = Some(opts.model_dir.clone());

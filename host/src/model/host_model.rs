@@ -47,6 +47,12 @@ pub struct HostModel {
     pub(super) load_report: LoadReport,
     pub(super) kind: Kind,
     pub(super) device: Device,
+    /// This model's id for the backward pass's recomputations ([`super::segments`]).
+    pub(super) id: u64,
+    /// Whether training forward passes checkpoint the plugin's segments.
+    pub(super) gradient_checkpointing: bool,
+    /// Segments recomputed in backward passes so far, per role (in [`Role::ALL`] order).
+    pub(super) recomputed: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl HostModel {
@@ -226,7 +232,7 @@ impl HostModel {
     /// and the cache for the next call.
     pub fn forward_cached(&self, batch: &BatchTensors, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
         self.check_weights()?;
-        let ops = Ops { model: self, training: false };
+        let ops = Ops { model: self, training: false, recompute: false };
         let past: RVec<TensorRef<'_>> = past.iter().map(TensorRef::new).collect();
         let out = self
             .model
@@ -240,7 +246,7 @@ impl HostModel {
     /// linear layers with their adapters), for code that calls a family
     /// crate's functions directly: tests of a plugin's parts, tools.
     pub fn with_ops<T>(&self, training: bool, f: impl FnOnce(&HostOpsRef<'_>) -> T) -> T {
-        let ops = Ops { model: self, training };
+        let ops = Ops { model: self, training, recompute: false };
         let abi = ops.abi();
         f(&abi)
     }
@@ -248,13 +254,38 @@ impl HostModel {
     /// Logits `[batch, seq, vocab]` for a collated batch.
     pub fn forward(&self, batch: &BatchTensors, training: bool) -> Result<Tensor> {
         self.check_weights()?;
-        let ops = Ops { model: self, training };
+        let ops = Ops { model: self, training, recompute: false };
         let logits = self
             .model
             .forward(&ops.abi(), &abi_batch(batch))
             .into_result()
             .map_err(|e| plugin_err(&self.family, "forward", e))?;
         Ok(logits.into_tensor())
+    }
+
+    /// Back-propagate from `loss` (a scalar): what training calls instead of
+    /// `loss.backward()`, so that segments checkpointed in the forward pass
+    /// can be recomputed with this model ([`super::segments`]).
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        let _lent = super::segments::Lent::new(self);
+        loss.f_backward().map_err(|e| anyhow::anyhow!("backward pass: {e}"))
+    }
+
+    /// Whether training forward passes run the plugin's segments (decoder
+    /// layers, vision blocks) with activation checkpointing.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// How many segments of `role` backward passes have recomputed so far
+    /// (activation checkpointing at work).
+    pub fn segments_recomputed(&self, role: Role) -> u64 {
+        self.recomputed[role as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turn activation checkpointing on or off (from `train.gradient_checkpointing` at opening).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Refuse to run a model opened without weights (`inspect`'s dry run).

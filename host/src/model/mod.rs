@@ -12,6 +12,8 @@
 //!   [`autocast`] runs a closure in bf16 autocast (models with bf16 weights);
 //!   [`memory`] reads the CUDA allocator's counters and the peak RSS.
 //! * [`peft`] reads and writes adapters in PEFT's format.
+//! * `segments`: the plugin's segments (decoder layers, vision blocks), run
+//!   plainly or with activation checkpointing ([`HostModel::backward`]).
 //!
 //! This layer may use [`crate::config`], [`crate::plugin`] and
 //! [`crate::files`]; it knows nothing of training runs, reports or commands.
@@ -25,6 +27,7 @@ mod host_model;
 pub mod lora;
 pub mod open;
 mod ops;
+mod segments;
 pub mod patterns;
 pub mod peft;
 pub mod rules;

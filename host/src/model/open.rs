@@ -84,10 +84,13 @@ pub fn open_with(
         plan,
         params,
         adapters,
-        config,
         load_report,
         kind: opts.kind,
         device: opts.device,
+        id: super::segments::next_model_id(),
+        gradient_checkpointing: config.train.gradient_checkpointing,
+        recomputed: Default::default(),
+        config,
     })
 }
 

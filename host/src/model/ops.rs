@@ -7,13 +7,17 @@ use super::HostModel;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RVec};
 use tch::Tensor;
-use vlmhost_plugin_api::model::{Batch, HostOps, HostOpsRef, ModuleKind, NamedTensorRef};
+use super::segments;
+use vlmhost_plugin_api::model::{Batch, HostOps, HostOpsRef, ModuleKind, NamedTensorRef, Segment};
 use vlmhost_plugin_api::{OwnedTensor, PluginError, Role, TensorRef};
 
 /// The host side of a forward pass over `model`.
 pub(super) struct Ops<'a> {
     pub model: &'a HostModel,
     pub training: bool,
+    /// A checkpointed segment's recomputation in the backward pass: its
+    /// segments run plainly.
+    pub recompute: bool,
 }
 
 impl Ops<'_> {
@@ -59,6 +63,27 @@ impl Ops<'_> {
     }
 }
 
+impl Ops<'_> {
+    /// The plugin's segment `id` on `inputs`, with these operations.
+    pub fn run_segment(&self, id: Segment, inputs: &[Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        let out = self.model.model.run_segment(&self.abi(), id, segments::refs(inputs)).into_result()?;
+        Ok(out.into_iter().map(|t| t.into_tensor()).collect())
+    }
+
+    /// Whether segment `id` on `inputs` runs checkpointed: a training forward
+    /// pass (not a recomputation) that records autograd, with checkpointing
+    /// on, and a graph to keep: something in the segment's role trains, or
+    /// a gradient flows through it (an input requires grad: a frozen LLM
+    /// under a training vision tower).
+    fn checkpoints(&self, id: Segment, inputs: &[Tensor]) -> bool {
+        self.training
+            && !self.recompute
+            && self.model.gradient_checkpointing
+            && segments::grad_enabled()
+            && (self.model.plan().role_trains(id.role, self.model.spec()) || inputs.iter().any(Tensor::requires_grad))
+    }
+}
+
 impl HostOps for Ops<'_> {
     fn param(&self, index: u32) -> RResult<OwnedTensor, PluginError> {
         match self.model.params().get(index as usize) {
@@ -81,5 +106,15 @@ impl HostOps for Ops<'_> {
 
     fn role_trains(&self, role: Role) -> bool {
         self.model.plan().role_trains(role, self.model.spec())
+    }
+
+    fn segment(&self, id: Segment, inputs: RVec<TensorRef<'_>>) -> RResult<RVec<OwnedTensor>, PluginError> {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_tensor()).collect();
+        let run = || if self.checkpoints(id, &inputs) { segments::checkpointed(self, id, inputs) } else { self.run_segment(id, &inputs) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok(out)) => RResult::ROk(out.into_iter().map(OwnedTensor::new).collect()),
+            Ok(Err(e)) => RResult::RErr(e),
+            Err(_) => RResult::RErr(PluginError::Torch { message: "host segment panicked".into() }),
+        }
     }
 }

@@ -241,7 +241,7 @@ impl<'a> Run<'a> {
                 return Ok((None, tokens));
             }
             loss_sum += v;
-            (l.sum / supervised.max(1) as f64).backward();
+            self.model.backward(&(l.sum / supervised.max(1) as f64))?;
         }
         Ok((Some(loss_sum), tokens))
     }

@@ -6,8 +6,11 @@ use crate::config::ClipConfig;
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{Host, LinearId, ParamId, ParamKind};
-use vlmhost_plugin_sdk::decoder::R;
+use vlmhost_plugin_api::{Host, LinearId, ParamId, ParamKind, Role, Segment};
+use vlmhost_plugin_sdk::decoder::{one_output, segment_error, R};
+
+/// The segment stack of CLIP's layers (SAM's is `sam::SAM_STACK`).
+pub const CLIP_STACK: u32 = 2;
 
 pub(crate) struct ClipLayer {
     pub(crate) ln1: LayerNormParams,
@@ -83,21 +86,35 @@ impl Clip {
 
     /// CLIP's transformer layers on `[n, tokens, W]` (fused `qkv_proj`, quick_gelu, no final norm).
     pub fn run_layers(&self, host: Host<'_, '_>, mut x: Tensor) -> R {
+        for i in 0..self.layers.len() {
+            // Each layer is a segment: the host may recompute it in backward.
+            x = one_output(host.segment(Segment::new(Role::Vision, CLIP_STACK, i as u32), &[&x])?)?;
+        }
+        Ok(x)
+    }
+
+    /// Layer `layer` as [`Clip::run_layers`] marked it a segment.
+    pub fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        match (self.layers.get(layer as usize), inputs) {
+            (Some(l), [x]) => Ok(vec![self.layer(host, l, x)?]),
+            _ => Err(segment_error(Segment::new(Role::Vision, CLIP_STACK, layer), inputs.len())),
+        }
+    }
+
+    /// One transformer layer on `x` `[n, tokens, W]`.
+    fn layer(&self, host: Host<'_, '_>, layer: &ClipLayer, x: &Tensor) -> R {
         let size = x.size();
         let (n, l, width) = (size[0], size[1], size[2]);
         let heads = self.config.heads;
         let hd = width / heads;
-        for layer in &self.layers {
-            let y = ops::layer_norm(host, &layer.ln1, &x)?;
-            let qkv = host.linear(layer.qkv, &y)?.f_view([n, l, 3, heads, hd])?;
-            let part = |i: i64| qkv.f_select(2, i)?.f_permute([0, 2, 1, 3]);
-            let att = ops::attention(&part(0)?, &part(1)?, &part(2)?, None, false, (hd as f64).powf(-0.5))?;
-            let att = att.f_permute([0, 2, 1, 3])?.f_reshape([n, l, width])?;
-            let h = x.f_add(&host.linear(layer.out, &att)?)?;
-            let y = ops::layer_norm(host, &layer.ln2, &h)?;
-            let y = host.linear(layer.fc2, &activation("quick_gelu", &host.linear(layer.fc1, &y)?)?)?;
-            x = h.f_add(&y)?;
-        }
-        Ok(x)
+        let y = ops::layer_norm(host, &layer.ln1, x)?;
+        let qkv = host.linear(layer.qkv, &y)?.f_view([n, l, 3, heads, hd])?;
+        let part = |i: i64| qkv.f_select(2, i)?.f_permute([0, 2, 1, 3]);
+        let att = ops::attention(&part(0)?, &part(1)?, &part(2)?, None, false, (hd as f64).powf(-0.5))?;
+        let att = att.f_permute([0, 2, 1, 3])?.f_reshape([n, l, width])?;
+        let h = x.f_add(&host.linear(layer.out, &att)?)?;
+        let y = ops::layer_norm(host, &layer.ln2, &h)?;
+        let y = host.linear(layer.fc2, &activation("quick_gelu", &host.linear(layer.fc1, &y)?)?)?;
+        Ok(h.f_add(&y)?)
     }
 }

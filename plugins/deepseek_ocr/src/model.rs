@@ -10,17 +10,18 @@
 //! runs without one. The projector (with `image_newline` and
 //! `view_seperator`) always trains.
 
-use crate::clip::{declare_clip, Clip};
+use crate::clip::{declare_clip, Clip, CLIP_STACK};
 use crate::config::DeepseekOcrConfig;
-use crate::sam::{declare_sam, Sam};
+use crate::sam::{declare_sam, Sam, SAM_STACK};
 use crate::text::{declare_layer, Ffn};
 pub use crate::text::{Mlp, Moe};
 use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{key_rule, role_rule};
-use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, PluginError, Role, SpecBuilder};
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, PluginError, Role, Segment, SpecBuilder};
 use vlmhost_plugin_sdk::decoder::{
-    attention_mask, batch_error, embed, image_tokens, merge_image_features, past_len, LlamaText, Rope, TextLayout, R,
+    attention_mask, batch_error, embed, image_tokens, merge_image_features, past_len, segment_error, LlamaText, Rope, TextLayout,
+    LLM_STACK, R,
 };
 
 /// The model: the spec and typed handles into it.
@@ -241,5 +242,15 @@ impl Architecture for DeepseekOcr {
         let rope = Rope::at(past_len, l, t.sizes.head_dim(), t.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
         self.text.run(host, x, &rope, mask.as_ref(), past, batch.logit_rows(), |ffn, y| ffn.forward(t, host, y))
+    }
+
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        let t = &self.config.text;
+        match (id.role, id.stack) {
+            (Role::Llm, LLM_STACK) => self.text.run_segment(host, id.layer, inputs, |ffn, y| ffn.forward(t, host, y)),
+            (Role::Vision, SAM_STACK) => self.sam.run_segment(host, id.layer, inputs),
+            (Role::Vision, CLIP_STACK) => self.clip.run_segment(host, id.layer, inputs),
+            _ => Err(segment_error(id, inputs.len())),
+        }
     }
 }

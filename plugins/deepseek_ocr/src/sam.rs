@@ -5,8 +5,11 @@
 use crate::config::SamConfig;
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{ConvParams, LayerNormParams, SpecPath};
-use vlmhost_plugin_api::{ops, Host, LinearId, ParamId, ParamKind};
-use vlmhost_plugin_sdk::decoder::R;
+use vlmhost_plugin_api::{ops, Host, LinearId, ParamId, ParamKind, Role, Segment};
+use vlmhost_plugin_sdk::decoder::{one_output, segment_error, R};
+
+/// The segment stack of SAM's blocks (the LLM's is `decoder::LLM_STACK`, CLIP's `clip::CLIP_STACK`).
+pub const SAM_STACK: u32 = 1;
 
 pub(crate) struct SamBlock {
     pub(crate) norm1: LayerNormParams,
@@ -101,21 +104,9 @@ impl Sam {
             pos
         };
         let mut x = x.f_add(&pos)?;
-        for blk in &s.blocks {
-            let shortcut = x.shallow_clone();
-            let y = ops::layer_norm(host, &blk.norm1, &x)?;
-            let y = if blk.window > 0 {
-                let (h, w) = (y.size()[1], y.size()[2]);
-                let (windows, padded) = window_partition(&y, blk.window)?;
-                let out = self.attention(host, blk, &windows)?;
-                window_unpartition(&out, blk.window, padded, (h, w))?
-            } else {
-                self.attention(host, blk, &y)?
-            };
-            x = shortcut.f_add(&y)?;
-            let y = ops::layer_norm(host, &blk.norm2, &x)?;
-            let y = host.linear(blk.lin2, &host.linear(blk.lin1, &y)?.f_gelu("none")?)?;
-            x = x.f_add(&y)?;
+        for i in 0..s.blocks.len() {
+            // Each block is a segment: the host may recompute it in backward.
+            x = one_output(host.segment(Segment::new(Role::Vision, SAM_STACK, i as u32), &[&x])?)?;
         }
         let mut x = x.f_permute([0, 3, 1, 2])?;
         for (conv, norm) in s.neck.iter().zip(&s.neck_norm) {
@@ -124,6 +115,31 @@ impl Sam {
             x = layer_norm_2d(host, norm, &x)?;
         }
         Ok(x)
+    }
+
+    /// Block `layer` on `x` `[n, h, w, C]` (windowed or global attention, then the MLP).
+    fn block(&self, host: Host<'_, '_>, blk: &SamBlock, x: &Tensor) -> R {
+        let y = ops::layer_norm(host, &blk.norm1, x)?;
+        let y = if blk.window > 0 {
+            let (h, w) = (y.size()[1], y.size()[2]);
+            let (windows, padded) = window_partition(&y, blk.window)?;
+            let out = self.attention(host, blk, &windows)?;
+            window_unpartition(&out, blk.window, padded, (h, w))?
+        } else {
+            self.attention(host, blk, &y)?
+        };
+        let x = x.f_add(&y)?;
+        let y = ops::layer_norm(host, &blk.norm2, &x)?;
+        let y = host.linear(blk.lin2, &host.linear(blk.lin1, &y)?.f_gelu("none")?)?;
+        Ok(x.f_add(&y)?)
+    }
+
+    /// Block `layer` as [`Sam::neck`] marked it a segment.
+    pub fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        match (self.blocks.get(layer as usize), inputs) {
+            (Some(blk), [x]) => Ok(vec![self.block(host, blk, x)?]),
+            _ => Err(segment_error(Segment::new(Role::Vision, SAM_STACK, layer), inputs.len())),
+        }
     }
 
     /// Attention with decomposed relative positions over `[n, h, w, C]`.

@@ -13,10 +13,10 @@ use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{role_rule, LayerNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, Segment, SpecBuilder};
 
 use vlmhost_plugin_sdk::keys::KeyRules;
-use vlmhost_plugin_sdk::decoder::{attention_mask, embed, image_tokens, KvCache, Rope, R};
+use vlmhost_plugin_sdk::decoder::{attention_mask, embed, image_tokens, one_output, segment_error, KvCache, Rope, LLM_STACK, R};
 
 struct Layer {
     qkv: LinearId,
@@ -160,6 +160,22 @@ impl Fuyu {
     }
 }
 
+impl Fuyu {
+    /// Decoder layer `layer` on `x` `[batch, seq, hidden]`.
+    fn layer(&self, host: Host<'_, '_>, layer: &Layer, x: &Tensor, rope: &Rope, mask: Option<&Tensor>, cache: &mut KvCache<'_>) -> R {
+        let t = &self.config.text;
+        let y = ops::layer_norm(host, &layer.input_norm, x)?;
+        let x = x.f_add(&self.attention(host, layer, &y, rope, mask, cache)?)?;
+        let y = ops::layer_norm(host, &layer.post_norm, &x)?;
+        let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
+        let mut y = host.linear(layer.four_h_to_h, &y)?;
+        if host.training() && t.hidden_dropout > 0.0 {
+            y = y.f_dropout(t.hidden_dropout, true)?;
+        }
+        Ok(y.f_add(&x)?)
+    }
+}
+
 impl Architecture for Fuyu {
     fn spec(&self) -> &ModelSpec {
         &self.spec
@@ -180,22 +196,31 @@ impl Architecture for Fuyu {
         let l = batch.input_ids.size()[1];
         let rope = Rope::at(past_len, l, t.rotary_dim(), t.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
-        for layer in &self.layers {
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.input_norm, &x)?;
-            x = residual.f_add(&self.attention(host, layer, &y, &rope, mask.as_ref(), &mut cache)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.post_norm, &x)?;
-            let y = activation(&t.hidden_act, &host.linear(layer.h_to_4h, &y)?)?;
-            let mut y = host.linear(layer.four_h_to_h, &y)?;
-            if host.training() && t.hidden_dropout > 0.0 {
-                y = y.f_dropout(t.hidden_dropout, true)?;
-            }
-            x = y.f_add(&residual)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = if past.is_some() {
+                self.layer(host, layer, &x, &rope, mask.as_ref(), &mut cache)?
+            } else {
+                // Without a cache each layer is a segment: the host may recompute it in backward.
+                let mut inputs = vec![&x, &rope.cos, &rope.sin];
+                inputs.extend(mask.as_ref());
+                one_output(host.segment(Segment::new(Role::Llm, LLM_STACK, i as u32), &inputs)?)?
+            };
         }
         // The head on the positions the host needs only (training: those whose next token is labelled).
         let x = ops::select_rows(&x, batch.logit_rows())?;
         let x = ops::layer_norm(host, &self.final_norm, &x)?;
         Ok((host.linear(self.lm_head, &x)?, cache.into_next()))
+    }
+
+    /// Decoder layer `id.layer` as `decode` marked it a segment, on its
+    /// inputs (hidden states, the rotary `cos` and `sin`, the mask if any).
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        match (id.role, id.stack, self.layers.get(id.layer as usize), inputs) {
+            (Role::Llm, LLM_STACK, Some(layer), [x, cos, sin, mask @ ..]) => {
+                let rope = Rope { cos: cos.shallow_clone(), sin: sin.shallow_clone() };
+                Ok(vec![self.layer(host, layer, x, &rope, mask.first(), &mut KvCache::new(None))?])
+            }
+            _ => Err(segment_error(id, inputs.len())),
+        }
     }
 }

@@ -9,11 +9,11 @@ use vlmhost_plugin_sdk::Architecture;
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{role_rule, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, Role, SpecBuilder};
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, ParamKind, Role, Segment, SpecBuilder};
 use vlmhost_plugin_sdk::keys::KeyRules;
 use vlmhost_plugin_sdk::decoder::{
-    attention_mask, batch_error, image_tokens, merge_image_features, past_len, Attention, LlamaLayer,
-    LlamaText, Rope, SwiGlu, TextLayout, R,
+    attention_mask, batch_error, image_tokens, merge_image_features, one_output, past_len, segment_error, Attention,
+    LlamaLayer, LlamaText, Rope, SwiGlu, TextLayout, LLM_STACK, R,
 };
 
 struct ClipLayer {
@@ -26,6 +26,29 @@ struct ClipLayer {
     fc1: LinearId,
     fc2: LinearId,
 }
+
+impl ClipLayer {
+    /// The CLIP encoder layer on `x` `[images, tokens, hidden]`.
+    fn forward(&self, host: Host<'_, '_>, vc: &VisionConfig, x: &Tensor) -> R {
+        let heads = vc.num_attention_heads;
+        let hd = vc.hidden_size / heads;
+        let y = ops::layer_norm(host, &self.ln1, x)?;
+        let (b, l) = (y.size()[0], y.size()[1]);
+        let split = |t: Tensor| -> R { Ok(t.f_view([b, l, heads, hd])?.f_transpose(1, 2)?) };
+        let q = split(host.linear(self.q, &y)?)?;
+        let k = split(host.linear(self.k, &y)?)?;
+        let val = split(host.linear(self.v, &y)?)?;
+        let att = ops::attention(&q, &k, &val, None, false, (hd as f64).powf(-0.5))?;
+        let att = att.f_transpose(1, 2)?.f_reshape([b, l, vc.hidden_size])?;
+        let x = x.f_add(&host.linear(self.out, &att)?)?;
+        let y = ops::layer_norm(host, &self.ln2, &x)?;
+        let y = activation(&vc.hidden_act, &host.linear(self.fc1, &y)?)?;
+        Ok(x.f_add(&host.linear(self.fc2, &y)?)?)
+    }
+}
+
+/// The segment stack of the CLIP layers (the LLM's is [`LLM_STACK`]).
+const VISION_STACK: u32 = 1;
 
 struct Vision {
     class_embedding: ParamId,
@@ -148,23 +171,9 @@ impl Llava {
         let mut x = Tensor::f_cat(&[&class, &patches], 1)?.f_add(&pos.f_unsqueeze(0)?)?;
         x = ops::layer_norm(host, &v.pre_layrnorm, &x)?;
         let mut states = vec![x.shallow_clone()];
-        let heads = vc.num_attention_heads;
-        let hd = vc.hidden_size / heads;
-        for layer in v.layers.iter().take(needed) {
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.ln1, &x)?;
-            let (b, l) = (y.size()[0], y.size()[1]);
-            let split = |t: Tensor| -> R { Ok(t.f_view([b, l, heads, hd])?.f_transpose(1, 2)?) };
-            let q = split(host.linear(layer.q, &y)?)?;
-            let k = split(host.linear(layer.k, &y)?)?;
-            let val = split(host.linear(layer.v, &y)?)?;
-            let att = ops::attention(&q, &k, &val, None, false, (hd as f64).powf(-0.5))?;
-            let att = att.f_transpose(1, 2)?.f_reshape([b, l, vc.hidden_size])?;
-            x = residual.f_add(&host.linear(layer.out, &att)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &layer.ln2, &x)?;
-            let y = activation(&vc.hidden_act, &host.linear(layer.fc1, &y)?)?;
-            x = residual.f_add(&host.linear(layer.fc2, &y)?)?;
+        for i in 0..needed.min(v.layers.len()) {
+            // Each CLIP layer is a segment: the host may recompute it in backward.
+            x = one_output(host.segment(Segment::new(Role::Vision, VISION_STACK, i as u32), &[&x])?)?;
             states.push(x.shallow_clone());
         }
         Ok(states)
@@ -229,5 +238,14 @@ impl Architecture for Llava {
         let rope = Rope::at(past_len, l, tc.head_dim(), self.config.rope_theta, x.device())?;
         let mask = attention_mask(&batch.attention_mask, past.is_some(), l)?;
         self.text.run(host, x, &rope, mask.as_ref(), past, batch.logit_rows(), |mlp, y| mlp.forward(host, &tc.hidden_act, y))
+    }
+
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        let act = &self.config.text.hidden_act;
+        match (id.role, id.stack, self.vision.layers.get(id.layer as usize), inputs) {
+            (Role::Llm, LLM_STACK, ..) => self.text.run_segment(host, id.layer, inputs, |mlp, y| mlp.forward(host, act, y)),
+            (Role::Vision, VISION_STACK, Some(layer), [x]) => Ok(vec![layer.forward(host, &self.config.vision, x)?]),
+            _ => Err(segment_error(id, inputs.len())),
+        }
     }
 }

@@ -14,13 +14,13 @@
 use crate::config::Qwen2VlConfig;
 use crate::rope::{rope_index, Grid};
 use crate::text::Text;
-use crate::vision::Vision;
+use crate::vision::{Vision, VISION_STACK};
 use vlmhost_plugin_sdk::Architecture;
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::builder::role_rule;
 use vlmhost_plugin_sdk::keys::KeyRules;
-use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, Role, SpecBuilder};
-use vlmhost_plugin_sdk::decoder::{attention_mask, batch_error as batch_err, image_tokens, merge_image_features, R};
+use vlmhost_plugin_api::{BatchInputs, Host, ModelSpec, Role, Segment, SpecBuilder};
+use vlmhost_plugin_sdk::decoder::{attention_mask, batch_error as batch_err, image_tokens, merge_image_features, segment_error, LLM_STACK, R};
 
 /// The model: the spec and typed handles into it.
 pub struct Qwen2Vl {
@@ -182,6 +182,14 @@ impl Architecture for Qwen2Vl {
             cache.push(next);
         }
         Ok((logits, cache))
+    }
+
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        match (id.role, id.stack) {
+            (Role::Llm, LLM_STACK) => self.text.run_segment(host, id.layer, inputs),
+            (Role::Vision, VISION_STACK) => self.vision.run_segment(host, id.layer, inputs),
+            _ => Err(segment_error(id, inputs.len())),
+        }
     }
 }
 

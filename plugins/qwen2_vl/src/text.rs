@@ -59,6 +59,11 @@ impl Text {
         self.llama.run(host, x, &rope, mask, past, rows, |mlp, y| mlp.forward(host, &c.hidden_act, y))
     }
 
+    /// Decoder layer `layer` as a segment (see `LlamaText::run_segment`).
+    pub fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        self.llama.run_segment(host, layer, inputs, |mlp, y| mlp.forward(host, &self.config.hidden_act, y))
+    }
+
     pub fn num_layers(&self) -> usize {
         self.llama.layers.len()
     }

@@ -20,7 +20,8 @@ use crate::rope::{vision_cos_sin, vision_positions, Grid};
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{ConvParams, LayerNormParams, SpecPath};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{Host, LinearId, PluginError, Role};
+use vlmhost_plugin_api::{Host, LinearId, PluginError, Role, Segment};
+use vlmhost_plugin_sdk::decoder::{one_output, segment_error};
 
 type R<T = Tensor> = Result<T, PluginError>;
 
@@ -32,6 +33,27 @@ struct Block {
     fc1: LinearId,
     fc2: LinearId,
 }
+
+impl Block {
+    /// The block on `x` `[patches, embed]`, attention confined to frames of `segments` patches.
+    fn forward(&self, host: Host<'_, '_>, c: &VisionConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[i64]) -> R {
+        let (n, hd, heads) = (x.size()[0], c.head_dim(), c.num_heads);
+        let y = ops::layer_norm(host, &self.norm1, x)?;
+        // [n, 3, heads, hd] -> 3 x [n, heads, hd]
+        let qkv = host.linear(self.qkv, &y)?.f_reshape([n, 3, heads, hd])?;
+        let q = rope_f32(&qkv.f_select(1, 0)?, cos, sin)?;
+        let k = rope_f32(&qkv.f_select(1, 1)?, cos, sin)?;
+        let v = qkv.f_select(1, 2)?;
+        let att = segment_attention(&q, &k, &v, segments, (hd as f64).powf(-0.5))?;
+        let x = x.f_add(&host.linear(self.proj, &att.f_reshape([n, c.embed_dim])?)?)?;
+        let y = ops::layer_norm(host, &self.norm2, &x)?;
+        let y = activation(&c.hidden_act, &host.linear(self.fc1, &y)?)?;
+        Ok(x.f_add(&host.linear(self.fc2, &y)?)?)
+    }
+}
+
+/// The segment stack of the vision blocks (the LLM's is `decoder::LLM_STACK`).
+pub const VISION_STACK: u32 = 1;
 
 /// Handles into the spec for `visual.*`.
 pub struct Vision {
@@ -86,26 +108,27 @@ impl Vision {
         let w = host.param(self.patch_embed.weight)?;
         // Conv3d with kernel == stride == the whole patch: one matrix product. [n, embed]
         let mut x = pixel_values.f_to_kind(w.kind())?.f_matmul(&w.f_reshape([c.embed_dim, -1])?.f_transpose(0, 1)?)?;
-        let (hd, heads) = (c.head_dim(), c.num_heads);
+        let hd = c.head_dim();
         let (cos, sin) = vision_cos_sin(&vision_positions(grids, c.spatial_merge_size), hd, c.rope_theta, x.device())?;
         // Attention segments: one per frame (h * w patches).
         let segments: Vec<i64> = grids.iter().flat_map(|g| std::iter::repeat_n(g[1] * g[2], g[0] as usize)).collect();
-        for b in &self.blocks {
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &b.norm1, &x)?;
-            // [n, 3, heads, hd] -> 3 x [n, heads, hd]
-            let qkv = host.linear(b.qkv, &y)?.f_reshape([n, 3, heads, hd])?;
-            let q = rope_f32(&qkv.f_select(1, 0)?, &cos, &sin)?;
-            let k = rope_f32(&qkv.f_select(1, 1)?, &cos, &sin)?;
-            let v = qkv.f_select(1, 2)?;
-            let att = segment_attention(&q, &k, &v, &segments, (hd as f64).powf(-0.5))?;
-            x = residual.f_add(&host.linear(b.proj, &att.f_reshape([n, c.embed_dim])?)?)?;
-            let residual = x.shallow_clone();
-            let y = ops::layer_norm(host, &b.norm2, &x)?;
-            let y = activation(&c.hidden_act, &host.linear(b.fc1, &y)?)?;
-            x = residual.f_add(&host.linear(b.fc2, &y)?)?;
+        // The frames' sizes travel with each block's inputs, as a tensor.
+        let frames = Tensor::f_from_slice(&segments)?;
+        for i in 0..self.blocks.len() {
+            // Each block is a segment: the host may recompute it in backward.
+            x = one_output(host.segment(Segment::new(Role::Vision, VISION_STACK, i as u32), &[&x, &cos, &sin, &frames])?)?;
         }
         Ok(x)
+    }
+
+    /// Block `layer` as [`Vision::encode`] marked it a segment, on its inputs
+    /// (hidden states, the rotary `cos` and `sin`, the frames' sizes).
+    pub fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        let (Some(b), [x, cos, sin, frames]) = (self.blocks.get(layer as usize), inputs) else {
+            return Err(segment_error(Segment::new(Role::Vision, VISION_STACK, layer), inputs.len()));
+        };
+        let frames = Vec::<i64>::try_from(frames)?;
+        Ok(vec![b.forward(host, &self.config, x, cos, sin, &frames)?])
     }
 
     /// The merger (projector role): `[patches, embed]` -> `[patches / merge^2, hidden]`.

@@ -32,7 +32,7 @@ use std::path::Path;
 use tch::Tensor;
 use vlmhost_plugin_api::sample::Sample;
 use vlmhost_plugin_api::{
-    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError,
+    export_plugin, BatchInputs, FamilyInfo, FamilyModel, Host, ModelOptions, ModelSpec, Plugin, PluginError, Segment,
     PreparedSample,
 };
 
@@ -113,5 +113,9 @@ impl FamilyModel for ToyModel {
 
     fn forward_cached(&self, host: Host<'_, '_>, batch: &BatchInputs, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>), PluginError> {
         self.model.forward_cached(host, batch, past)
+    }
+
+    fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> Result<Vec<Tensor>, PluginError> {
+        self.model.run_segment(host, id, inputs)
     }
 }

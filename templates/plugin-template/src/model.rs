@@ -26,9 +26,21 @@ use crate::config::ToyConfig;
 use tch::{Kind, Tensor};
 use vlmhost_plugin_api::builder::{key_rule, role_rule, LayerNormParams, RmsNormParams};
 use vlmhost_plugin_api::ops::{self, activation};
-use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, SpecBuilder};
+use vlmhost_plugin_api::{BatchInputs, Host, LinearId, ModelSpec, ParamId, PluginError, Role, Segment, SpecBuilder};
 
 type R<T = Tensor> = Result<T, PluginError>;
+
+/// The segment stacks ([`Segment::stack`]): the decoder layers, the vision blocks.
+const LLM_STACK: u32 = 0;
+const VISION_STACK: u32 = 1;
+
+/// The one output of a segment.
+fn one(mut outputs: Vec<Tensor>) -> R {
+    match outputs.len() {
+        1 => Ok(outputs.remove(0)),
+        n => Err(PluginError::invalid("segment", format!("one output expected, {n} returned"))),
+    }
+}
 
 /// One pre-norm ViT block.
 struct VisionBlock {
@@ -216,22 +228,10 @@ impl ToyVlm {
                 .f_reshape([n, g * g, vc.patch_dim()])?;
             let pos = host.param(v.position_embedding)?;
             let mut x = host.linear(v.patch_embedding, &patches)?.f_add(&pos.f_unsqueeze(0)?)?; // [n, 16, h]
-            let heads = vc.num_attention_heads;
-            let hd = vc.hidden_size / heads;
-            for block in &v.blocks {
-                let y = ops::layer_norm(host, &block.norm1, &x)?;
-                let (b, l) = (y.size()[0], y.size()[1]);
-                let split = |t: Tensor| -> R { Ok(t.f_view([b, l, heads, hd])?.f_transpose(1, 2)?) }; // [b, heads, l, hd]
-                let q = split(host.linear(block.q, &y)?)?;
-                let k = split(host.linear(block.k, &y)?)?;
-                let val = split(host.linear(block.v, &y)?)?;
-                // Bidirectional attention over the patches of one image.
-                let att = ops::attention(&q, &k, &val, None, false, (hd as f64).powf(-0.5))?;
-                let att = att.f_transpose(1, 2)?.f_reshape([b, l, vc.hidden_size])?;
-                x = x.f_add(&host.linear(block.out, &att)?)?;
-                let y = ops::layer_norm(host, &block.norm2, &x)?;
-                let y = activation(&vc.hidden_act, &host.linear(block.fc1, &y)?)?;
-                x = x.f_add(&host.linear(block.fc2, &y)?)?;
+            // Each block is a segment: the host runs it back through `run_segment`, and with
+            // `train.gradient_checkpointing` keeps only its input and recomputes it in backward.
+            for i in 0..v.blocks.len() {
+                x = one(host.segment(Segment::new(Role::Vision, VISION_STACK, i as u32), &[&x])?)?;
             }
             ops::layer_norm(host, &v.post_layernorm, &x)
         };
@@ -240,6 +240,79 @@ impl ToyVlm {
         let y = host.linear(self.projector, &features)?; // [n, 16, text_hidden]
         let hidden = y.size()[2];
         Ok(y.f_reshape([-1, hidden])?)
+    }
+
+    /// Vision block `block` on `x` `[n, patches, hidden]`.
+    fn vision_block(&self, host: Host<'_, '_>, block: &VisionBlock, x: &Tensor) -> R {
+        let vc = &self.config.vision_config;
+        let heads = vc.num_attention_heads;
+        let hd = vc.hidden_size / heads;
+        let y = ops::layer_norm(host, &block.norm1, x)?;
+        let (b, l) = (y.size()[0], y.size()[1]);
+        let split = |t: Tensor| -> R { Ok(t.f_view([b, l, heads, hd])?.f_transpose(1, 2)?) }; // [b, heads, l, hd]
+        let q = split(host.linear(block.q, &y)?)?;
+        let k = split(host.linear(block.k, &y)?)?;
+        let val = split(host.linear(block.v, &y)?)?;
+        // Bidirectional attention over the patches of one image.
+        let att = ops::attention(&q, &k, &val, None, false, (hd as f64).powf(-0.5))?;
+        let att = att.f_transpose(1, 2)?.f_reshape([b, l, vc.hidden_size])?;
+        let x = x.f_add(&host.linear(block.out, &att)?)?;
+        let y = ops::layer_norm(host, &block.norm2, &x)?;
+        let y = activation(&vc.hidden_act, &host.linear(block.fc1, &y)?)?;
+        Ok(x.f_add(&host.linear(block.fc2, &y)?)?)
+    }
+
+    /// Decoder layer `layer` on `x` `[b, l, hidden]` at rotary `cos`/`sin`, with the
+    /// cache when decoding (`(past, layer index, the next cache)`).
+    #[allow(clippy::too_many_arguments)]
+    fn text_layer(
+        &self,
+        host: Host<'_, '_>,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(Option<&[Tensor]>, usize, &mut Vec<Tensor>)>,
+    ) -> R {
+        let tc = &self.config.text_config;
+        let (b, l) = (x.size()[0], x.size()[1]);
+        let (heads, kv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim());
+        let y = ops::rms_norm(host, &layer.input_norm, x)?;
+        let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?; // [b, heads, l, hd]
+        let k = host.linear(layer.k, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?; // [b, kv, l, hd]
+        let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
+        let q = ops::apply_rope(&q, cos, sin)?;
+        let k = ops::apply_rope(&k, cos, sin)?;
+        // With a cache: the earlier tokens' keys and values first, [b, kv, past + l, hd].
+        let (k, v) = match cache {
+            Some((past, i, next)) => ops::cached_kv(past, i, k, v, next)?,
+            None => (k, v),
+        };
+        // kv < heads: grouped-query attention.
+        let att = ops::attention(&q, &k, &v, mask, true, (hd as f64).powf(-0.5))?;
+        let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
+        let x = x.f_add(&host.linear(layer.o, &att)?)?;
+        let y = ops::rms_norm(host, &layer.post_norm, &x)?;
+        // SwiGLU: down(act(gate(y)) * up(y)).
+        let gate = activation(&tc.hidden_act, &host.linear(layer.gate, &y)?)?;
+        let y = gate.f_mul(&host.linear(layer.up, &y)?)?;
+        Ok(x.f_add(&host.linear(layer.down, &y)?)?)
+    }
+
+    /// A segment the forward pass marked, on the inputs it passed: the host calls this
+    /// (once; twice with activation checkpointing, the second time in the backward pass).
+    pub fn run_segment(&self, host: Host<'_, '_>, id: Segment, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        let layer = id.layer as usize;
+        match (id.role, id.stack, inputs) {
+            (Role::Vision, VISION_STACK, [x]) if layer < self.vision.blocks.len() => {
+                Ok(vec![self.vision_block(host, &self.vision.blocks[layer], x)?])
+            }
+            (Role::Llm, LLM_STACK, [x, cos, sin]) if layer < self.text.layers.len() => {
+                Ok(vec![self.text_layer(host, &self.text.layers[layer], x, cos, sin, None, None)?])
+            }
+            _ => Err(PluginError::invalid("segment", format!("toy_vlm has no segment {id:?} taking {} inputs", inputs.len()))),
+        }
     }
 
     /// Logits `[batch, seq, vocab]` of a whole batch (`[1, n, vocab]` at the
@@ -287,8 +360,8 @@ impl ToyVlm {
             _ => {}
         }
 
-        let (b, l) = (ids.size()[0], ids.size()[1]);
-        let (heads, kv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim());
+        let l = ids.size()[1];
+        let hd = tc.head_dim();
         // Positions past_len..past_len+l (right padding: real tokens start at 0).
         let (cos, sin) = ops::rope_cos_sin(past_len + l, hd, tc.rope_theta, x.device())?;
         let (cos, sin) = (cos.f_narrow(0, past_len, l)?, sin.f_narrow(0, past_len, l)?);
@@ -303,23 +376,13 @@ impl ToyVlm {
         };
         let mut cache = Vec::new();
         for (i, layer) in self.text.layers.iter().enumerate() {
-            let y = ops::rms_norm(host, &layer.input_norm, &x)?;
-            let q = host.linear(layer.q, &y)?.f_view([b, l, heads, hd])?.f_transpose(1, 2)?; // [b, heads, l, hd]
-            let k = host.linear(layer.k, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?; // [b, kv, l, hd]
-            let v = host.linear(layer.v, &y)?.f_view([b, l, kv, hd])?.f_transpose(1, 2)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
-            // With a cache: the earlier tokens' keys and values first, [b, kv, past + l, hd].
-            let (k, v) = ops::cached_kv(past, i, k, v, &mut cache)?;
-            // kv < heads: grouped-query attention.
-            let att = ops::attention(&q, &k, &v, mask.as_ref(), true, (hd as f64).powf(-0.5))?;
-            let att = att.f_transpose(1, 2)?.f_reshape([b, l, heads * hd])?;
-            x = x.f_add(&host.linear(layer.o, &att)?)?;
-            let y = ops::rms_norm(host, &layer.post_norm, &x)?;
-            // SwiGLU: down(act(gate(y)) * up(y)).
-            let gate = activation(&tc.hidden_act, &host.linear(layer.gate, &y)?)?;
-            let y = gate.f_mul(&host.linear(layer.up, &y)?)?;
-            x = x.f_add(&host.linear(layer.down, &y)?)?;
+            x = match past {
+                // Decoding with a cache: the layer directly, its keys and values into the cache.
+                Some(_) => self.text_layer(host, layer, &x, &cos, &sin, mask.as_ref(), Some((past, i, &mut cache)))?,
+                // Training and evaluation: each layer is a segment, its inputs the hidden states
+                // and the rotary tables (a segment reads nothing else but the host's parameters).
+                None => one(host.segment(Segment::new(Role::Llm, LLM_STACK, i as u32), &[&x, &cos, &sin])?)?,
+            };
         }
         // When the host names the positions it needs (training: those whose next token is
         // labelled), the head runs on them only: logits [1, n, vocab] instead of [b, l, vocab].

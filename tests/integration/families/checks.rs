@@ -325,3 +325,93 @@ pub fn checkpoint_save_and_reload_keeps_bytes(f: &Family) {
         assert!(t.equal(&m.params()[i]), "{} changed", m.spec().params[i].name);
     }
 }
+
+/// The trainable tensors' gradients after one forward and backward of `batch` (the loss as
+/// training computes it), seeded so dropout draws the same masks each time.
+fn gradients(m: &HostModel, batch: &BatchTensors) -> Vec<(String, Option<Tensor>)> {
+    for t in m.trainables() {
+        let mut g = t.tensor.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    tch::manual_seed(7);
+    let logits = m.autocast(|| m.forward(batch, true)).unwrap();
+    m.backward(&causal_lm_loss(&logits, &batch.labels).unwrap().0).unwrap();
+    m.trainables().into_iter().map(|t| (t.name, Some(t.tensor.grad()).filter(Tensor::defined).map(|g| g.copy()))).collect()
+}
+
+/// With `train.gradient_checkpointing` (every decoder layer and vision block a segment the host
+/// recomputes in backward) the gradients equal those without, for LoRA on every role, for fully
+/// trained roles and for the vision mode (a frozen LLM the gradient flows through), in fp32 and in
+/// bf16; and the segments of every role the gradient reaches were recomputed. Without dropout:
+/// libtorch's generator is one per process and the tests run in parallel threads, so dropout
+/// masks are not reproducible here (the recomputation's replay of them is checked by
+/// `train::gradient_checkpointing_keeps_the_losses`, a run in its own process).
+pub fn gradient_checkpointing_keeps_gradients(f: &Family, c: Checkpointing) {
+    let no_dropout = |mut cfg: TrainConfig| {
+        cfg.lora.lora_dropout = 0.0;
+        cfg
+    };
+    let lora = no_dropout(peft_all_linear(&Role::ALL));
+    let mut full = no_dropout(TrainConfig::default());
+    full.roles.vision.strategy = Some(Strategy::Full);
+    full.roles.llm.strategy = Some(Strategy::Full);
+    let default = no_dropout(TrainConfig::default());
+    let cases = [("LoRA everywhere", Mode::Both, &lora, Kind::Float), ("full vision and LLM", Mode::Both, &full, Kind::Float),
+                 ("vision mode", Mode::Vision, &default, Kind::Float), ("LoRA everywhere, bf16", Mode::Both, &lora, Kind::BFloat16)];
+    let has_vision = f.open(Mode::Llm, &TrainConfig::default()).spec().has_vision_encoder;
+    for (what, mode, cfg, kind) in cases {
+        // An encoder-free family has no vision role: its largest mode is llm.
+        let mode = match mode {
+            Mode::Vision if !has_vision => continue,
+            Mode::Both if !has_vision => Mode::Llm,
+            mode => mode,
+        };
+        let opts = OpenOptions { kind, ..f.options(mode) };
+        let mut m = f.open_with(&opts, cfg);
+        {
+            // LoRA B starts at zero, which would leave every A without gradient: make it random.
+            let _g = tch::no_grad_guard();
+            for (_, a) in m.adapters() {
+                a.b.shallow_clone().copy_(&(Tensor::randn_like(&a.b) * 0.1));
+            }
+        }
+        let batch = match c.batch {
+            Some(batch) => batch(),
+            None => f.collate(&f.samples(&m), c.samples),
+        };
+        let plain = gradients(&m, &batch);
+        m.set_gradient_checkpointing(true);
+        let checkpointed = gradients(&m, &batch);
+        let name = format!("{} {what}", f.name);
+        let trains = |r: Role| m.plan().role_trains(r, m.spec());
+        for role in [Role::Vision, Role::Llm] {
+            let n = m.segments_recomputed(role);
+            // The LLM's layers always run with autograd (the gradient reaches the image features
+            // through them when the LLM is frozen); the vision tower's when it trains.
+            let expected = role == Role::Llm || (trains(Role::Vision) && has_vision);
+            assert_eq!(n > 0, expected, "{name}: {n} {role} segments recomputed");
+        }
+        let mut worst = 0f64;
+        for ((n, want), (_, got)) in plain.iter().zip(&checkpointed) {
+            assert_eq!(want.is_some(), got.is_some(), "{name}: {n}: a gradient with one and not the other");
+            if let (Some(want), Some(got)) = (want, got) {
+                // The same kernels on the same inputs, the forward run as its recomputation
+                // (csrc/checkpoint.cpp): equal to the bit, but for where a family sums gradient
+                // contributions differently (deepseek_ocr in bf16, see its bound).
+                let rtol = if kind == Kind::BFloat16 { c.bf16_rtol } else { RTOL_ACT };
+                worst = worst.max(assert_close(&format!("{name} checkpointed gradient {n}"), got, want, rtol, ATOL_FLOOR).rel);
+            }
+        }
+        if kind == Kind::Float && mode != Mode::Vision {
+            // A checkpointed graph's backward outside HostModel::backward cannot reach the
+            // model to recompute: an error naming the segment, not a crash.
+            let logits = m.forward(&batch, true).unwrap();
+            let err = causal_lm_loss(&logits, &batch.labels).unwrap().0.f_backward().unwrap_err().to_string();
+            assert!(err.contains("outside HostModel::backward") && err.contains("segment"), "{name}: {err}");
+        }
+        eprintln!("{name}: {} gradients with activation checkpointing equal those without (worst relative diff {worst:.1e}), \
+                   {} LLM and {} vision segments recomputed", plain.len(), m.segments_recomputed(Role::Llm), m.segments_recomputed(Role::Vision));
+    }
+}

@@ -181,6 +181,18 @@ pub struct Training {
     pub may_stay: fn(&str) -> bool,
 }
 
+/// [`checks::gradient_checkpointing_keeps_gradients`](super::checks::gradient_checkpointing_keeps_gradients).
+pub struct Checkpointing {
+    /// The samples of the fixture's data the batch holds (with images)...
+    pub samples: &'static [usize],
+    /// ...or the batch itself, for a fixture without data.
+    pub batch: Option<fn() -> BatchTensors>,
+    /// The bound on the gradients' relative difference in bf16: [`RTOL_ACT`] (the fp32 bound)
+    /// where every tensor's gradient contributions are summed in the same order either way,
+    /// which also shows that the recomputation ran under the forward's autocast state.
+    pub bf16_rtol: f64,
+}
+
 /// Which roles train in `mode`: (vision, projector, llm).
 pub fn roles_trained(mode: Mode) -> (bool, bool, bool) {
     match mode {

@@ -25,6 +25,17 @@ pub fn family() -> Family {
 checks! { family();
     init_tiny_trains_and_generates,
     checkpoint_save_and_reload_keeps_bytes,
+    // The original code's inputs: a global view and local crops (SAM, CLIP and the LLM).
+    gradient_checkpointing_keeps_gradients(Checkpointing {
+        samples: &[],
+        batch: Some(|| batch(Kind::Float)),
+        // SAM and CLIP run twice (the global view, the crops). Under bf16 autocast, without
+        // checkpointing, both uses of a trainable fp32 tensor share autocast's cached bf16 copy,
+        // so their gradients are summed in bf16 before reaching the fp32 master; recomputed
+        // segment by segment, each use has its own copy and the sum is taken in fp32. The two
+        // differ by bf16 rounding (8 bits: 3.9e-3 relative): measured 2.2e-3. (fp32: equal to the bit.)
+        bf16_rtol: 1e-2,
+    }),
 }
 
 /// The original code's tensors and image.

@@ -37,6 +37,7 @@ checks! { family();
     lora_targets_and_counts_equal_peft(&PEFT),
     lora_forward_and_gradients_match_peft(&PEFT),
     checkpoint_save_and_reload_keeps_bytes,
+    gradient_checkpointing_keeps_gradients(Checkpointing { samples: &[0, 1], batch: None, bf16_rtol: RTOL_ACT }),
 }
 
 /// Patches bit for bit; one |SPEAKER| token per patch, each protected as an image token.

@@ -44,4 +44,5 @@ checks! { family();
         may_stay: |name| name.contains("encoder.layers.1.") || name.contains("post_layernorm"),
     }),
     checkpoint_save_and_reload_keeps_bytes,
+    gradient_checkpointing_keeps_gradients(Checkpointing { samples: &[0, 2], batch: None, bf16_rtol: RTOL_ACT }),
 }

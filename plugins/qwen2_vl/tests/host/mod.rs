@@ -51,6 +51,7 @@ checks! { family();
         may_stay: |_| false,
     }),
     checkpoint_save_and_reload_keeps_bytes,
+    gradient_checkpointing_keeps_gradients(Checkpointing { samples: &[2, 6], batch: None, bf16_rtol: RTOL_ACT }),
 }
 
 /// image_grid_thw as transformers', and as many image tokens as its mm_token_type_ids.
