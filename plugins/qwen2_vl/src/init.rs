@@ -9,6 +9,13 @@
 //! | `tiny` | 64 x 2, 4 heads | 8, 2x2 | 1,024 - 16,384 -> 4 to 64 (256x64: 64) | 128 x 4, 4/2, 384, [4, 6, 6] | 1,052,928 |
 //! | `small` | 192 x 4, 6 heads | 8, 2x2 | 1,024 - 65,536 -> 4 to 256 (256x64: 64) | 384 x 6, 6/2, 1024, [8, 12, 12] | 12,308,352 |
 //!
+//! The `qwen2_5_vl` family's presets (`init_qwen2_5_vl`) have the same sizes
+//! with Qwen2.5-VL's vision tower: RMSNorm, a gated SiLU MLP of 192 (`tiny`) /
+//! 512 (`small`), windows of 64 pixels (4 x 4 merged tokens), full attention in
+//! every other block (`tiny` block 1, `small` blocks 1 and 3); 1,061,056 and
+//! 12,307,648 parameters. transformers 5.23 loads both folders as
+//! `Qwen2_5_VLForConditionalGeneration` with no missing or unexpected keys.
+//!
 //! Both use the vocabulary of 320 (byte b -> b, `<|endoftext|>` 256,
 //! `<|im_start|>` 257, `<|im_end|>` 258, `<|vision_start|>` 259,
 //! `<|vision_end|>` 260, `<|vision_pad|>` 261, `<|image_pad|>` 262,
