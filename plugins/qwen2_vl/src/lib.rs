@@ -67,8 +67,9 @@ pub fn pixel_options(options: &ModelOptions) -> Result<PixelOptions, PluginError
     Ok(PixelOptions { min_pixels: options.usize("min_pixels")?, max_pixels: options.usize("max_pixels")? })
 }
 
-fn processor_err(e: ProcessorError) -> PluginError {
-    e.into_plugin("qwen2_vl")
+/// A processor error, filed under the family (`qwen2_vl processor`, `qwen2_5_vl processor`).
+fn processor_err(variant: Variant) -> impl Fn(ProcessorError) -> PluginError {
+    move |e| e.into_plugin(variant.family())
 }
 
 /// A Qwen2-VL (or, inside [`Qwen25VlModel`], Qwen2.5-VL) checkpoint folder, opened.
@@ -93,7 +94,7 @@ impl Qwen2VlModel {
                 format!("open it as the {} family (--plugin {})", config.variant.family(), config.variant.family()),
             ));
         }
-        let processor = Qwen2VlProcessor::from_dir_with(dir, options, chat_template).map_err(processor_err)?;
+        let processor = Qwen2VlProcessor::from_dir_with(dir, options, chat_template).map_err(processor_err(variant))?;
         let config_path = dir.join("config.json").display().to_string();
         for (key, in_config, in_tokenizer) in [
             ("image_token_id", config.image_token_id, processor.image_token_id),
@@ -145,7 +146,7 @@ impl Family for Qwen2VlModel {
     }
 
     fn prepare(&self, sample: &Sample) -> Result<PreparedSample, PluginError> {
-        let p = self.processor.process(&sample.messages).map_err(processor_err)?;
+        let p = self.processor.process(&sample.messages).map_err(processor_err(self.model.config.variant))?;
         let dim = self.processor.image_config.patch_dim() as i64;
         let pixel_values = tensor_f32(&p.pixel_values, &[p.pixel_values.len() as i64 / dim, dim])?;
         let flat: Vec<i64> = p.grids.iter().flatten().copied().collect();
