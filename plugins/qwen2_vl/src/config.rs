@@ -72,6 +72,71 @@ impl VisionConfig {
 }
 
 config_struct! {
+    /// The Qwen2.5-VL vision tower as `config.json` writes it (`Qwen2_5_VLVisionConfig`): its
+    /// `hidden_size` is the blocks' width (Qwen2-VL's `embed_dim`), `out_hidden_size` the
+    /// merger's output; read into [`VisionConfig`] and [`WindowConfig`].
+    struct Vision25 {
+        depth: i64 = 32,
+        hidden_size: i64 = 3584,
+        hidden_act: String = "silu".into(),
+        intermediate_size: i64 = 3420,
+        num_heads: i64 = 16,
+        #[serde(alias = "in_chans")]
+        in_channels: i64 = 3,
+        patch_size: i64 = 14,
+        spatial_merge_size: i64 = 2,
+        temporal_patch_size: i64 = 2,
+        tokens_per_second: f64 = 4.0,
+        window_size: i64 = 112,
+        out_hidden_size: i64 = 3584,
+        fullatt_block_indexes: Vec<i64> = vec![7, 15, 23, 31],
+        rope_theta: f64 = 10000.0,
+        rope_parameters: Option<Value> = None,
+    }
+}
+
+/// What Qwen2.5-VL's vision tower has beyond Qwen2-VL's: a gated MLP of width
+/// `intermediate_size` and windowed attention (`Qwen2_5_VLVisionConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowConfig {
+    /// Width of the blocks' gated MLP (gate_proj / up_proj).
+    pub intermediate_size: i64,
+    /// Window side in pixels (112: 4 x 4 merged tokens of 28 pixels).
+    pub window_size: i64,
+    /// Blocks that attend over the whole image (frame); the others within windows.
+    /// Indexes outside `0..depth` select nothing, as in transformers.
+    pub fullatt_block_indexes: Vec<i64>,
+    /// Temporal scaling of video positions; unused (videos are refused).
+    pub tokens_per_second: f64,
+}
+
+impl WindowConfig {
+    /// Window side in merged tokens: `window_size / merge / patch` (transformers' `vit_merger_window_size`).
+    pub fn merged_window(&self, v: &VisionConfig) -> i64 {
+        self.window_size / v.spatial_merge_size / v.patch_size
+    }
+}
+
+/// Which model a config describes (`model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `qwen2_vl`: LayerNorm, a fc1/fc2 MLP and whole-image attention in the vision blocks.
+    Qwen2Vl,
+    /// `qwen2_5_vl`: RMSNorm, a gated SiLU MLP and windowed attention ([`WindowConfig`]).
+    Qwen25Vl,
+}
+
+impl Variant {
+    /// The family (and `model_type`) name.
+    pub fn family(self) -> &'static str {
+        match self {
+            Variant::Qwen2Vl => "qwen2_vl",
+            Variant::Qwen25Vl => "qwen2_5_vl",
+        }
+    }
+}
+
+config_struct! {
     /// The Qwen2 language model (`Qwen2VLTextConfig`).
     #[derive(Debug, Clone, PartialEq)]
     pub struct TextConfig {
@@ -110,7 +175,11 @@ config_struct! {
 /// The whole `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VlConfig {
+    pub variant: Variant,
+    /// The vision tower (for Qwen2.5-VL: `hidden_size` read as `embed_dim`, `out_hidden_size` as `hidden_size`).
     pub vision: VisionConfig,
+    /// Qwen2.5-VL's window attention and gated MLP; `None` for Qwen2-VL.
+    pub window: Option<WindowConfig>,
     pub text: TextConfig,
     pub image_token_id: i64,
     pub video_token_id: i64,
@@ -123,7 +192,7 @@ fn invalid(key: &str, message: impl Into<String>) -> PluginError {
     PluginError::invalid_with_hint(
         format!("config.json: {key}"),
         message,
-        "fix the checkpoint's config.json (Qwen2-VL's keys are documented in transformers' configuration_qwen2_vl.py)",
+        "fix the checkpoint's config.json (the keys are documented in transformers' configuration_qwen2_vl.py and configuration_qwen2_5_vl.py)",
     )
 }
 
@@ -159,13 +228,46 @@ impl Qwen2VlConfig {
                 "sliding-window attention is not supported (transformers applies it only with flash-attention)",
             ));
         }
-        let mut vision: VisionConfig = config_section(section("vision_config")?, "vision_config.")?;
+        let variant = match v.get("model_type").and_then(Value::as_str) {
+            Some("qwen2_5_vl") => Variant::Qwen25Vl,
+            _ => Variant::Qwen2Vl,
+        };
+        let (mut vision, window) = match variant {
+            Variant::Qwen2Vl => (config_section::<VisionConfig>(section("vision_config")?, "vision_config.")?, None),
+            Variant::Qwen25Vl => {
+                let w: Vision25 = config_section(section("vision_config")?, "vision_config.")?;
+                let vision = VisionConfig {
+                    depth: w.depth,
+                    embed_dim: w.hidden_size,
+                    hidden_size: w.out_hidden_size,
+                    hidden_act: w.hidden_act,
+                    // Unused: the gated MLP's width is WindowConfig::intermediate_size.
+                    mlp_ratio: 0.0,
+                    num_heads: w.num_heads,
+                    in_channels: w.in_channels,
+                    patch_size: w.patch_size,
+                    spatial_merge_size: w.spatial_merge_size,
+                    temporal_patch_size: w.temporal_patch_size,
+                    rope_theta: w.rope_theta,
+                    rope_parameters: w.rope_parameters,
+                };
+                let window = WindowConfig {
+                    intermediate_size: w.intermediate_size,
+                    window_size: w.window_size,
+                    fullatt_block_indexes: w.fullatt_block_indexes,
+                    tokens_per_second: w.tokens_per_second,
+                };
+                (vision, Some(window))
+            }
+        };
         vision.resolve_rope()?;
         let top: Top = config_section(&v, "")?;
         // transformers 5 reads tie_word_embeddings at the top level; pre-v5 saves put it in text_config.
         let text_tie = nested && text_v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
         let cfg = Qwen2VlConfig {
+            variant,
             vision,
+            window,
             text,
             image_token_id: top.image_token_id,
             video_token_id: top.video_token_id,
@@ -180,28 +282,45 @@ impl Qwen2VlConfig {
     fn validate(&self) -> Result<(), PluginError> {
         let (v, t) = (&self.vision, &self.text);
         check_activations(&[("vision_config.hidden_act", &v.hidden_act), ("text_config.hidden_act", &t.hidden_act)])?;
+        // Qwen2.5-VL names the blocks' width hidden_size and the merger's output out_hidden_size.
+        let (width_key, out_key) =
+            if self.window.is_some() { ("vision_config.hidden_size", "vision_config.out_hidden_size") } else { ("vision_config.embed_dim", "vision_config.hidden_size") };
         let positive = [
             ("vision_config.depth", v.depth),
-            ("vision_config.embed_dim", v.embed_dim),
+            (width_key, v.embed_dim),
             ("vision_config.num_heads", v.num_heads),
             ("vision_config.patch_size", v.patch_size),
             ("vision_config.spatial_merge_size", v.spatial_merge_size),
             ("vision_config.temporal_patch_size", v.temporal_patch_size),
             ("vision_config.in_channels", v.in_channels),
-            ("vision_config.hidden_size", v.hidden_size),
+            (out_key, v.hidden_size),
         ];
         check_sizes("", &positive)?;
+        if let Some(w) = &self.window {
+            check_sizes("vision_config.", &[("intermediate_size", w.intermediate_size), ("window_size", w.window_size)])?;
+            if w.merged_window(v) < 1 {
+                return Err(invalid(
+                    "vision_config.window_size",
+                    format!(
+                        "{} pixels is less than one merged token ({} x {} pixels): windows would be empty",
+                        w.window_size,
+                        v.patch_size * v.spatial_merge_size,
+                        v.patch_size * v.spatial_merge_size
+                    ),
+                ));
+            }
+        }
         check_sizes("text_config.", &t.sizes.named())?;
         check_sizes("text_config.", &[("num_key_value_heads", t.num_key_value_heads)])?;
         if v.embed_dim % v.num_heads != 0 || v.head_dim() % 4 != 0 {
             return Err(invalid(
-                "vision_config.embed_dim",
+                width_key,
                 format!("{} / num_heads {} must be a multiple of 4 (2-D rotary embedding)", v.embed_dim, v.num_heads),
             ));
         }
         if v.hidden_size != t.sizes.hidden_size {
             return Err(invalid(
-                "vision_config.hidden_size",
+                out_key,
                 format!("the merger's output ({}) must equal the LLM's hidden_size ({})", v.hidden_size, t.sizes.hidden_size),
             ));
         }
@@ -327,5 +446,32 @@ mod tests {
         assert!(Qwen2VlConfig::from_json(&bad).unwrap_err().to_string().contains("use_sliding_window"));
         let e = Qwen2VlConfig::from_json("[1]").unwrap_err().to_string();
         assert!(e.contains("expected a JSON object"), "{e}");
+    }
+
+    #[test]
+    fn qwen2_5_vl_hub_config() {
+        let c = Qwen2VlConfig::from_json(include_str!("../tests/qwen2.5-vl-7b.config.json")).unwrap();
+        assert_eq!(c.variant, Variant::Qwen25Vl);
+        let (v, w) = (&c.vision, c.window.as_ref().unwrap());
+        assert_eq!((v.depth, v.embed_dim, v.hidden_size, v.num_heads, v.head_dim()), (32, 1280, 3584, 16, 80));
+        assert_eq!((v.hidden_act.as_str(), v.patch_dim(), v.rope_theta), ("silu", 1176, 10000.0));
+        assert_eq!((w.intermediate_size, w.window_size, w.merged_window(v)), (3420, 112, 4));
+        assert_eq!(w.fullatt_block_indexes, [7, 15, 23, 31]);
+        assert_eq!((c.text.sizes.hidden_size, c.text.sizes.num_hidden_layers, c.text.num_key_value_heads), (3584, 28, 4));
+        assert_eq!((c.text.rope_theta, c.text.mrope_section.as_slice()), (1_000_000.0, &[16, 24, 24][..]));
+        assert!(!c.tie_word_embeddings);
+        let c = Qwen2VlConfig::from_json(include_str!("../tests/qwen2.5-vl-3b.config.json")).unwrap();
+        assert_eq!((c.vision.hidden_size, c.text.sizes.num_hidden_layers, c.tie_word_embeddings), (2048, 36, true));
+        // Qwen2-VL's config stays Qwen2-VL's.
+        assert_eq!(Qwen2VlConfig::from_json(QWEN2_VL_2B).unwrap().variant, Variant::Qwen2Vl);
+    }
+
+    #[test]
+    fn qwen2_5_vl_bad_values_name_their_key() {
+        let text = include_str!("../tests/qwen2.5-vl-7b.config.json");
+        let e = Qwen2VlConfig::from_json(&text.replace("\"window_size\": 112", "\"window_size\": 14")).unwrap_err().to_string();
+        assert!(e.contains("vision_config.window_size") && e.contains("less than one merged token"), "{e}");
+        let e = Qwen2VlConfig::from_json(&text.replace("\"out_hidden_size\": 3584", "\"out_hidden_size\": 2048")).unwrap_err().to_string();
+        assert!(e.contains("vision_config.out_hidden_size") && e.contains("must equal the LLM's hidden_size"), "{e}");
     }
 }

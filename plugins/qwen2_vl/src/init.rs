@@ -9,6 +9,13 @@
 //! | `tiny` | 64 x 2, 4 heads | 8, 2x2 | 1,024 - 16,384 -> 4 to 64 (256x64: 64) | 128 x 4, 4/2, 384, [4, 6, 6] | 1,052,928 |
 //! | `small` | 192 x 4, 6 heads | 8, 2x2 | 1,024 - 65,536 -> 4 to 256 (256x64: 64) | 384 x 6, 6/2, 1024, [8, 12, 12] | 12,308,352 |
 //!
+//! The `qwen2_5_vl` family's presets (`init_qwen2_5_vl`) have the same sizes
+//! with Qwen2.5-VL's vision tower: RMSNorm, a gated SiLU MLP of 192 (`tiny`) /
+//! 512 (`small`), windows of 64 pixels (4 x 4 merged tokens), full attention in
+//! every other block (`tiny` block 1, `small` blocks 1 and 3); 1,061,056 and
+//! 12,307,648 parameters. transformers 5.23 loads both folders as
+//! `Qwen2_5_VLForConditionalGeneration` with no missing or unexpected keys.
+//!
 //! Both use the vocabulary of 320 (byte b -> b, `<|endoftext|>` 256,
 //! `<|im_start|>` 257, `<|im_end|>` 258, `<|vision_start|>` 259,
 //! `<|vision_end|>` 260, `<|vision_pad|>` 261, `<|image_pad|>` 262,
@@ -56,14 +63,27 @@ const PRESETS: [(&str, Preset); 2] = [
     ("small", Preset { vision: (192, 4, 6), pixels: (1024, 65536), llm: TextSizes::new(VOCAB, 384, 1024, 6, 6), kv_heads: 2 }),
 ];
 
-/// config.json of preset `p`.
-fn config(preset_name: &str, p: &Preset) -> Value {
+/// Qwen2.5-VL's vision tower at preset `p`'s width and depth: (MLP width, full-attention blocks).
+/// Windows are 64 pixels (4 x 4 merged tokens of 16 pixels), so a 256x64 text line is 4 windows.
+fn vision_25(p: &Preset) -> (i64, Vec<i64>) {
+    let (vw, depth, _) = p.vision;
+    // As Qwen2.5-VL (3420 for 1280): about 2.67 x the width, a multiple of 32; every other block
+    // (the last included) attends over the whole image, as 7, 15, 23, 31 of 32 do at a coarser step.
+    let mlp = (vw * 8 / 3 + 31) / 32 * 32;
+    (mlp, (1..depth).step_by(2).collect())
+}
+
+/// Window side in pixels of the Qwen2.5-VL presets.
+const WINDOW: i64 = 64;
+
+/// config.json of preset `p`, Qwen2-VL's or (`v25`) Qwen2.5-VL's.
+fn config_for(preset_name: &str, p: &Preset, v25: bool) -> Value {
     let (vw, depth, vheads) = p.vision;
     // M-RoPE splits head_dim / 2 frequencies over (t, h, w) as Qwen2-VL's 16/24/24 of 64.
     let half = p.llm.head_dim() / 2;
     let mrope = [half / 4, half * 3 / 8, half - half / 4 - half * 3 / 8];
     let text_config = json!({
-        "model_type": "qwen2_vl_text",
+        "model_type": if v25 { "qwen2_5_vl_text" } else { "qwen2_vl_text" },
         "num_key_value_heads": p.kv_heads,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
@@ -76,14 +96,27 @@ fn config(preset_name: &str, p: &Preset) -> Value {
         "eos_token_id": IM_END,
         "pad_token_id": ENDOFTEXT,
     });
-    config_json::<crate::Qwen2VlModel>(preset_name, json!({
-        "image_token_id": IMAGE_PAD,
-        "video_token_id": VIDEO_PAD,
-        "vision_start_token_id": VISION_START,
-        "vision_end_token_id": VISION_END,
-        "tie_word_embeddings": true,
-        "text_config": joined([p.llm.to_json(), text_config]),
-        "vision_config": {
+    let vision_config = if v25 {
+        let (mlp, full) = vision_25(p);
+        json!({
+            "model_type": "qwen2_5_vl_vision",
+            "depth": depth,
+            "hidden_size": vw,
+            "out_hidden_size": p.llm.hidden_size,
+            "hidden_act": "silu",
+            "intermediate_size": mlp,
+            "num_heads": vheads,
+            "in_channels": 3,
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "window_size": WINDOW,
+            "fullatt_block_indexes": full,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+        })
+    } else {
+        json!({
             "model_type": "qwen2_vl_vision",
             "depth": depth,
             "embed_dim": vw,
@@ -96,15 +129,41 @@ fn config(preset_name: &str, p: &Preset) -> Value {
             "spatial_merge_size": MERGE,
             "temporal_patch_size": 2,
             "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
-        },
-    }))
+        })
+    };
+    let keys = json!({
+        "image_token_id": IMAGE_PAD,
+        "video_token_id": VIDEO_PAD,
+        "vision_start_token_id": VISION_START,
+        "vision_end_token_id": VISION_END,
+        "tie_word_embeddings": true,
+        "text_config": joined([p.llm.to_json(), text_config]),
+        "vision_config": vision_config,
+    });
+    if v25 {
+        config_json::<crate::Qwen25VlModel>(preset_name, keys)
+    } else {
+        config_json::<crate::Qwen2VlModel>(preset_name, keys)
+    }
 }
 
 /// Write config.json, the tokenizer files, preprocessor_config.json (the
 /// pixel budget), processor_config.json, chat_template.jinja and
 /// generation_config.json into `dir`.
 pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    write(preset_name, dir, false)
+}
+
+/// [`init`] for the `qwen2_5_vl` family: the same files, with Qwen2.5-VL's
+/// vision tower (RMSNorm, gated SiLU MLP, 64-pixel windows, every other block
+/// attending over the whole image) and processor class.
+pub fn init_qwen2_5_vl(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
+    write(preset_name, dir, true)
+}
+
+fn write(preset_name: &str, dir: &Path, v25: bool) -> Result<(), PluginError> {
     let p = choose(preset_name, &PRESETS)?;
+    let processor_class = if v25 { "Qwen2_5_VLProcessor" } else { "Qwen2VLProcessor" };
     let (min_pixels, max_pixels) = p.pixels;
     let preprocessor = joined([json!({
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -120,7 +179,7 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     }), Pixels::CLIP.to_json()]);
     let tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": processor_class,
         "bos_token": null,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
@@ -133,11 +192,11 @@ pub fn init(preset_name: &str, dir: &Path) -> Result<(), PluginError> {
     write_files(
         dir,
         &[
-            File::Json("config.json", &config(preset_name, &p)),
+            File::Json("config.json", &config_for(preset_name, &p, v25)),
             File::Text("tokenizer.json", BYTE_TOKENIZER),
             File::Json("tokenizer_config.json", &tokenizer_config),
             File::Json("preprocessor_config.json", &preprocessor),
-            File::Json("processor_config.json", &json!({"processor_class": "Qwen2VLProcessor"})),
+            File::Json("processor_config.json", &json!({"processor_class": processor_class})),
             File::Text("chat_template.jinja", CHAT_TEMPLATE),
             File::Json("generation_config.json", &generation),
         ],

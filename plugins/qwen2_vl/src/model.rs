@@ -15,6 +15,7 @@ use crate::config::Qwen2VlConfig;
 use crate::rope::{rope_index, Grid};
 use crate::text::Text;
 use crate::vision::{Vision, VISION_STACK};
+use crate::vision25::Vision25;
 use vlmhost_plugin_sdk::Architecture;
 use tch::{Device, Kind, Tensor};
 use vlmhost_plugin_api::builder::role_rule;
@@ -26,8 +27,38 @@ use vlmhost_plugin_sdk::decoder::{attention_mask, batch_error as batch_err, imag
 pub struct Qwen2Vl {
     pub config: Qwen2VlConfig,
     pub spec: ModelSpec,
-    vision: Vision,
+    vision: Tower,
     text: Text,
+}
+
+/// The vision tower of either model (the rest is the same).
+enum Tower {
+    Qwen2Vl(Vision),
+    Qwen25Vl(Vision25),
+}
+
+impl Tower {
+    fn features(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
+        match self {
+            Tower::Qwen2Vl(v) => v.features(host, pixel_values, grids),
+            Tower::Qwen25Vl(v) => v.features(host, pixel_values, grids),
+        }
+    }
+
+    fn encode(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
+        match self {
+            Tower::Qwen2Vl(v) => v.encode(host, pixel_values, grids),
+            Tower::Qwen25Vl(v) => v.encode(host, pixel_values, grids),
+        }
+    }
+
+    /// Vision block `layer` as `encode` marked it a segment.
+    fn run_segment(&self, host: Host<'_, '_>, layer: u32, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        match self {
+            Tower::Qwen2Vl(v) => v.run_segment(host, layer, inputs),
+            Tower::Qwen25Vl(v) => v.run_segment(host, layer, inputs),
+        }
+    }
 }
 
 /// `[n, 3]` int64 grids as a list (on any device).
@@ -49,7 +80,11 @@ impl Qwen2Vl {
     pub fn new(config: Qwen2VlConfig) -> Qwen2Vl {
         let b = SpecBuilder::new();
         let root = b.root();
-        let vision = Vision::declare(&(&root / "visual"), &config.vision);
+        let visual = &root / "visual";
+        let vision = match &config.window {
+            None => Tower::Qwen2Vl(Vision::declare(&visual, &config.vision)),
+            Some(window) => Tower::Qwen25Vl(Vision25::declare(&visual, &config.vision, window)),
+        };
         let text = Text::declare(&root, &config.text, config.tie_word_embeddings);
         // transformers >= 4.52 in memory (Qwen2VLForConditionalGeneration, what
         // PEFT names) / save_original_format=False, then the hub layout, kept as it is.
@@ -66,7 +101,7 @@ impl Qwen2Vl {
             role_rule(Role::Llm, &["model.**", "lm_head.**"], &[], "model.layers.*"),
         ];
         // Non-persistent rotary buffers, should an old save contain them.
-        let spec = keys.spec(b, "qwen2_vl", roles, &["**.inv_freq"], true);
+        let spec = keys.spec(b, config.variant.family(), roles, &["**.inv_freq"], true);
         Qwen2Vl { config, spec, vision, text }
     }
 
@@ -138,9 +173,10 @@ impl Architecture for Qwen2Vl {
             Some(p) if p.len() == 2 * layers + 1 => p[0].size()[2],
             Some(p) => {
                 return Err(batch_err(format!(
-                    "the cache holds {} tensors; a qwen2_vl cache holds {} (keys and values of {layers} layers, then positions): \
+                    "the cache holds {} tensors; a {} cache holds {} (keys and values of {layers} layers, then positions): \
                      pass back what the previous call returned",
                     p.len(),
+                    c.variant.family(),
                     2 * layers + 1
                 )))
             }
@@ -251,5 +287,39 @@ mod tests {
         let linears = m.spec.modules.iter().filter(|x| x.kind == ModuleKind::Linear && x.lora).count();
         // 32 blocks x 4, merger 2, 28 layers x 7, lm_head.
         assert_eq!(linears, 32 * 4 + 2 + 28 * 7 + 1);
+    }
+
+    /// Qwen/Qwen2.5-VL-3B-Instruct's and -7B-Instruct's config.json and every tensor's shape from
+    /// transformers on the meta device (tests/real_names_qwen2_5_vl.py).
+    const CONFIG_25: [(&str, &str, &str, usize, bool); 2] = [
+        ("3b", include_str!("../tests/qwen2.5-vl-3b.config.json"), include_str!("../tests/qwen2.5-vl-3b.weights.json"), 824, true),
+        ("7b", include_str!("../tests/qwen2.5-vl-7b.config.json"), include_str!("../tests/qwen2.5-vl-7b.weights.json"), 729, false),
+    ];
+
+    #[test]
+    fn the_real_qwen2_5_vl_names_and_shapes_are_declared_exactly() {
+        for (size, config, weights, count, tied) in CONFIG_25 {
+            let m = Qwen2Vl::new(Qwen2VlConfig::from_json(config).unwrap());
+            assert_eq!(m.spec.family, "qwen2_5_vl");
+            let ours: BTreeMap<String, Vec<i64>> =
+                m.spec.params.iter().filter(|p| p.tied_to.is_empty()).map(|p| (p.name.to_string(), p.shape.to_vec())).collect();
+            let weights: serde_json::Value = serde_json::from_str(weights).unwrap();
+            let theirs: BTreeMap<String, Vec<i64>> = serde_json::from_value(weights["weights"].clone()).unwrap();
+            assert_eq!(ours.len(), count, "{size}");
+            assert_eq!(ours, theirs, "{size}");
+            let head = m.spec.params.iter().find(|p| p.name == "lm_head.weight").unwrap();
+            assert_eq!(head.tied_to.is_empty(), !tied, "{size}");
+            // Every name maps to transformers 5's in-memory one and back (checkpoints saved either way load).
+            for name in ours.keys() {
+                let in_memory = map_key(&m.spec.transformers_names, name);
+                assert!(in_memory.starts_with("model.visual.") || in_memory.starts_with("model.language_model.") || in_memory == "lm_head.weight", "{in_memory}");
+                assert_eq!(&map_key(&m.spec.key_rules, &in_memory), name);
+            }
+            // The patch embedding: a Conv3d run as Linear, no LoRA; the vision linears: 5 per block.
+            let pe = m.spec.modules.iter().find(|x| x.name == "visual.patch_embed.proj").unwrap();
+            assert!(pe.kind == ModuleKind::Conv && !pe.lora && (pe.in_features, pe.out_features) == (1176, 1280), "{size}");
+            let vision_linears = m.spec.modules.iter().filter(|x| x.kind == ModuleKind::Linear && x.lora && x.name.starts_with("visual.blocks.")).count();
+            assert_eq!(vision_linears, 32 * 5, "{size}");
+        }
     }
 }

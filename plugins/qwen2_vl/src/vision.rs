@@ -149,7 +149,7 @@ impl Vision {
 
 /// `apply_rotary_pos_emb_vision`: rotate in float32, back to the input's kind.
 /// `x` `[n, heads, hd]`, `cos`/`sin` `[n, 1, hd]`.
-fn rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R {
+pub(crate) fn rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R {
     let kind = x.kind();
     Ok(ops::apply_rope(&x.f_to_kind(Kind::Float)?, cos, sin)?.f_to_kind(kind)?)
 }

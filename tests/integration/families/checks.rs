@@ -19,7 +19,8 @@ pub fn init_tiny_trains_and_generates(f: &Family) {
     let dir = tempdir();
     let cwd = dir.path();
     let plugin = f.plugin();
-    let run = run_ok(&["init", "--plugin", &plugin, "--preset", "tiny", "--output", "model"], cwd);
+    // --family: a library may serve several families (the Qwen2-VL one serves qwen2_5_vl too).
+    let run = run_ok(&["init", "--plugin", &plugin, "--family", family, "--preset", "tiny", "--output", "model"], cwd);
     eprintln!("{family}: {}", run.stdout.trim());
     for file in ["config.json", "tokenizer.json", "model.safetensors"] {
         assert!(cwd.join("model").join(file).is_file(), "{family}: init wrote no {file}\n{}", run.all());

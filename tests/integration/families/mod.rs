@@ -74,6 +74,7 @@ registry! {
     fuyu => "../../../plugins/fuyu/tests/host/mod.rs",
     llava => "../../../plugins/llava/tests/host/mod.rs",
     qwen2_vl => "../../../plugins/qwen2_vl/tests/host/mod.rs",
+    qwen2_5_vl => "../../../plugins/qwen2_vl/tests/host_qwen2_5_vl/mod.rs",
 }
 
 /// The registered family named `name`.
