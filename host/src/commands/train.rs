@@ -35,6 +35,10 @@ pub struct Args {
     /// Held-out data for validation (overrides train.val_dataset and train.val_size).
     #[arg(long, value_name = "FILE")]
     val_dataset: Option<PathBuf>,
+    /// The device's peak TFLOP/s for MFU (overrides train.peak_tflops and
+    /// the table of known GPUs).
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
 }
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
@@ -57,6 +61,10 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     if args.max_steps.is_some() {
         cfg.train.max_steps = args.max_steps;
         cfg.validate().map_err(|e| anyhow!("--max-steps: {e}"))?;
+    }
+    if args.peak_tflops.is_some() {
+        cfg.train.peak_tflops = args.peak_tflops;
+        cfg.validate().map_err(|e| anyhow!("--peak-tflops: {e}"))?;
     }
     if args.val_dataset.is_some() {
         cfg.train.val_dataset = args.val_dataset;
