@@ -352,6 +352,12 @@ mod tests {
         write_run(&b, &[Some(3.0), None, Some(2.5)], &[10.0, 20.0, 5.0], None, true);
 
         let out = tmp.path().join("report.png");
+        // A finished run's summary names the attention kernels that ran.
+        std::fs::write(
+            a.join(metrics::SUMMARY_FILE),
+            r#"{"attention_kernels": {"calls": 96, "flash": 90, "flash_cpu": 0, "efficient": 0, "cudnn": 0, "math": 6, "other": 0}}"#,
+        )
+        .unwrap();
         let rep = report(&[a.clone(), b.clone()], &out).unwrap();
         assert_eq!(rep.plot.as_deref(), Some(out.as_path()));
         let img = image::open(&out).unwrap();
@@ -374,9 +380,9 @@ mod tests {
         assert!(lines[0].contains("| CER |"), "{md}");
         assert_eq!(
             lines[2],
-            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | 530 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
+            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | – | – | flash 90, math 6 | 530 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
         );
-        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | 2002 | 25.0s | – | – | – | – |");
+        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | – | – | – | 2002 | 25.0s | – | – | – | – |");
 
         // The starting point's scores (eval-before.json) get their own columns.
         std::fs::write(b.join(EVAL_BEFORE_FILE), r#"{"loss": 4.0, "cer": 0.875, "exact_match": 0.0}"#).unwrap();
