@@ -39,8 +39,8 @@ Two subcommands:
 
     python3 scripts/bench/gpu_train.py prepare --site           # here
     python3 scripts/bench/gpu_train.py run --out "$OUT"          # on the device (scripts/gpu_bench.sh)
-    # CPU smoke test of the whole path (tiny depth, small pages, no checkpointing):
-    .venv/bin/python scripts/bench/gpu_train.py run --device cpu --layers 1 --image-size 448 \\
+    # CPU smoke test of the whole path (tiny depth, small pages, fp32, no checkpointing):
+    .venv/bin/python scripts/bench/gpu_train.py run --device cpu --precision fp32 --layers 1 --image-size 448 \\
         --answer-tokens 40,80 --samples 2 --steps 2 --warmup 1 --no-gradient-checkpointing \\
         --families qwen2_vl,llava --out target/bench/gpu-cpu
 """
@@ -390,6 +390,9 @@ def shrink(family: str, shapes: dict, cfg: dict, layers: int) -> tuple[dict, dic
                 if key in sub:
                     sub[key] = layers
     if family == "llava":
+        # LLaVA-1.5-7B's config leaves the depths to LlamaConfig's and CLIPVisionConfig's defaults.
+        cfg.setdefault("text_config", {})["num_hidden_layers"] = layers
+        cfg.setdefault("vision_config", {})["num_hidden_layers"] = layers
         cfg["vision_feature_layer"] = -1
     return keep, cfg
 
@@ -438,7 +441,7 @@ def token_counter(model: Path):
 
 def vlmhost_config(path: Path, batch: int, args: argparse.Namespace) -> None:
     path.write_text(
-        "mode: llm\nprecision: bf16\n"
+        f"mode: llm\nprecision: {args.precision}\n"
         "lora:\n  r: 16\n  lora_alpha: 32\n  lora_dropout: 0.05\n"
         "optimizer:\n  lr: 1.0e-4\n"
         f"train:\n  batch_size: {batch}\n  schedule: constant\n  max_length: 8192\n  seed: 42\n  save_every: 0\n"
@@ -505,7 +508,7 @@ def run_reference_process(family: str, model: Path, data: Path, work: Path, name
     out = work / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "reference", "--family", family, "--model", str(model),
            "--data", str(data), "--batch-size", str(batch), "--steps", str(steps), "--warmup", str(args.warmup),
-           "--device", args.device, "--json", str(out), "--work", str(work)]
+           "--device", args.device, "--json", str(out), "--work", str(work), "--precision", args.precision]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     res = run_logged(cmd, work / f"{name}.log", budget)
@@ -535,12 +538,19 @@ def reference(args: argparse.Namespace) -> None:
         conv = []
         for m in rec["messages"]:
             parts = []
-            for i, piece in enumerate(m["content"].split("<image>")):
-                if i > 0:
-                    parts.append({"type": "image", "image": Image.open(paths.pop(0)).convert("RGB")})
-                    piece = piece[1:] if piece.startswith("\n") else piece
-                if piece:
-                    parts.append({"type": "text", "text": piece})
+            if isinstance(m["content"], list):  # typed parts (synth-ocr writes these)
+                for part in m["content"]:
+                    if part["type"] == "image":
+                        parts.append({"type": "image", "image": Image.open(data.parent / part["path"]).convert("RGB")})
+                    else:
+                        parts.append({"type": "text", "text": part["text"]})
+            else:
+                for i, piece in enumerate(m["content"].split("<image>")):
+                    if i > 0:
+                        parts.append({"type": "image", "image": Image.open(paths.pop(0)).convert("RGB")})
+                        piece = piece[1:] if piece.startswith("\n") else piece
+                    if piece:
+                        parts.append({"type": "text", "text": piece})
             conv.append({"role": m["role"], "content": parts})
         enc = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt",
                                             return_assistant_tokens_mask=True, add_generation_prompt=False)
@@ -549,7 +559,9 @@ def reference(args: argparse.Namespace) -> None:
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "assistant_masks")}
         samples.append({"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100)), **extra})
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    bf16 = args.precision == "bf16"
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                        attn_implementation="sdpa").to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
@@ -571,7 +583,7 @@ def reference(args: argparse.Namespace) -> None:
         batch = collate([samples[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -607,6 +619,8 @@ def load_processor(family: str, model: Path):
     try:
         return AutoProcessor.from_pretrained(model)
     except ImportError:
+        if family == "qwen2_vl":
+            return qwen2_vl_processor_without_video(model)
         if family != "llava":
             raise
     from transformers import AutoTokenizer, LlavaProcessor
@@ -616,6 +630,24 @@ def load_processor(family: str, model: Path):
     kw = {k: v for k, v in pc.items() if k in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens", "image_token")}
     return LlavaProcessor(image_processor=CLIPImageProcessorPil(**pc["image_processor"]), tokenizer=AutoTokenizer.from_pretrained(model),
                           chat_template=(model / "chat_template.jinja").read_text(), **kw)
+
+
+def qwen2_vl_processor_without_video(model: Path):
+    """Qwen2VLProcessor with the PIL image processor and no video processor (which needs torchvision)."""
+    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImagesOnly(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+
+    return ImagesOnly(Qwen2VLImageProcessorPil.from_pretrained(model), AutoTokenizer.from_pretrained(model),
+                      chat_template=(model / "chat_template.jinja").read_text())
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
@@ -631,7 +663,14 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         out["labels"][i, :k] = s["labels"]
         out["attention_mask"][i, :k] = 1
     for key in samples[0]:
-        if key not in out:
+        if key in out:
+            continue
+        per_token = all(s[key].dim() == 2 and s[key].shape[0] == 1 and s[key].shape[1] == s["input_ids"].numel() for s in samples)
+        if per_token:  # [1, L] per sample (mm_token_type_ids): right-padded with 0
+            out[key] = torch.zeros((len(samples), n), dtype=samples[0][key].dtype)
+            for i, s in enumerate(samples):
+                out[key][i, : s[key].shape[1]] = s[key][0]
+        else:
             out[key] = torch.cat([s[key] for s in samples], 0)
     return out
 
@@ -744,7 +783,7 @@ def markdown(report: dict) -> str:
     a = report["args"]
     head = (f"GPU: {report.get('gpu')}; torch {report.get('torch')}; reference: {report.get('reference_stack')}\n\n"
             f"Steps {a['steps']} (medians over steps after the first {a['warmup']}); pages {a['image_size']} px; answers "
-            f"{a['answer_tokens']} tokens; gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}; bf16 weights, "
+            f"{a['answer_tokens']} tokens; gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}; {a['precision']} weights, "
             f"LoRA r=16 on the LLM's linear layers, projector fully trained.\n\n")
     if "deepseek_gundam_largest_batch" in report:
         ratios.append(f"- DeepSeek-OCR gundam: largest batch that trains: {report['deepseek_gundam_largest_batch']}")
@@ -766,6 +805,8 @@ def main() -> None:
         r.add_argument("--batch-size", type=int, default=1)
         r.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
         r.add_argument("--work", default=os.environ.get("VLMHOST_BENCH_WORK", "/tmp/vlmhost-bench"))
+        r.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                       help="the recipe's precision (fp32 only for CPU smoke tests: bf16 Conv3d is very slow on CPUs without AVX512-BF16)")
     r = sub.choices["run"]
     r.add_argument("--families", default="qwen2_vl,deepseek_ocr,llava")
     r.add_argument("--samples", type=int, default=8)
