@@ -44,6 +44,9 @@ std::atomic<bool> g_counting{false};
 std::atomic<int> g_paused{0};
 std::mutex g_mutex;
 at::CallbackHandle g_handle = 0;
+// SDPA entry calls open on this thread: autocast re-dispatches the entry op
+// with cast inputs, and that inner call is the same attention, not another.
+thread_local int t_entry_depth = 0;
 
 // The kernel an op name names, or -1. Forward kernels only: the backward
 // ops (`..._backward`) are not counted.
@@ -103,15 +106,25 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   if (!g_counting.load(std::memory_order_relaxed)) {
     return nullptr;
   }
+  // (The window opens and closes between steps, never inside an attention call.)
   const int k = kernel_of(fn.name());
   if (k < 0) {
     return nullptr;
+  }
+  if (k == kEntry && t_entry_depth++ > 0) {
+    return nullptr;  // autocast's inner call of the same attention
   }
   g_counts[k].fetch_add(1, std::memory_order_relaxed);
   if (k == kEntry && g_paused.load(std::memory_order_relaxed) == 0) {
     count_attention_flops(fn);
   }
   return nullptr;
+}
+
+void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
+  if (t_entry_depth > 0 && kernel_of(fn.name()) == kEntry) {
+    --t_entry_depth;
+  }
 }
 
 }  // namespace
@@ -124,7 +137,7 @@ int vlmhost_observer_enable(int on) {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (on && g_handle == 0) {
       g_handle = at::addGlobalCallback(
-          at::RecordFunctionCallback(&on_start).needsInputs(true).scopes({at::RecordScope::FUNCTION}));
+          at::RecordFunctionCallback(&on_start, &on_end).needsInputs(true).scopes({at::RecordScope::FUNCTION}));
     } else if (!on && g_handle != 0) {
       at::removeCallback(g_handle);
       g_handle = 0;
