@@ -1,7 +1,8 @@
 //! Links libtorch for real (see vlmhost-build) and compiles the small C++
-//! shims against the same libtorch: bf16 autocast (`csrc/autocast.cpp`), activation
-//! checkpointing (`csrc/checkpoint.cpp`) and
-//! the CUDA allocator's memory counters (`csrc/memory.cpp`), and the c10d
+//! shims against the same libtorch: bf16 autocast (`csrc/autocast.cpp`),
+//! activation checkpointing (`csrc/checkpoint.cpp`), the CUDA allocator's
+//! memory counters (`csrc/memory.cpp`), the observer of attention kernels
+//! and their FLOPs (`csrc/ops_observer.cpp`), and the c10d
 //! collectives of data-parallel training (`csrc/dist.cpp`: Gloo always; NCCL
 //! when libtorch_cuda and the CUDA and NCCL headers of the `nvidia-*` wheels
 //! are there, which `doctor` reports).
@@ -13,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
     println!("cargo:rerun-if-changed=csrc/checkpoint.cpp");
+    println!("cargo:rerun-if-changed=csrc/ops_observer.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-changed=csrc/dist_nccl.cpp");
     println!("cargo:rerun-if-changed=csrc/third_party");
@@ -30,7 +32,7 @@ fn main() {
             .warnings(false);
         b
     };
-    shim().file("csrc/autocast.cpp").file("csrc/memory.cpp").file("csrc/checkpoint.cpp").compile("vlmhost_shims");
+    shim().file("csrc/autocast.cpp").file("csrc/memory.cpp").file("csrc/checkpoint.cpp").file("csrc/ops_observer.cpp").compile("vlmhost_shims");
 
     let mut dist = shim();
     dist.file("csrc/dist.cpp").include("csrc/third_party/gloo").define("USE_C10D_GLOO", None);

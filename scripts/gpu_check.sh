@@ -11,6 +11,8 @@
 #   eval-{cuda,cpu}.json   eval of the base model on both devices (parity of the CUDA path)
 #   dp-*                   data parallel (#19): a world of 1 through torchrun on NCCL against
 #                          the plain CUDA run (one GPU is lent, so one rank), and doctor under torchrun
+# The real-size benchmark against transformers + PEFT is its own script, scripts/gpu_bench.sh
+# (it needs its own carry list and most of a device session); GPU_BENCH=1 runs it after these checks.
 set -euo pipefail
 out="${OUT:-/tmp/vlmhost-gpu}"
 mkdir -p "$out"
@@ -108,3 +110,6 @@ for f in ("ds-generate-cuda.json", "bench-moe-cuda.txt"):
     p = out / f
     print(p.read_text().strip()[-600:] if p.exists() else f"{f}: missing")
 PY
+if [[ "${GPU_BENCH:-0}" == 1 ]]; then
+    scripts/gpu_bench.sh || echo "gpu_bench failed" | tee -a "$out/errors.txt"
+fi

@@ -291,7 +291,4 @@ char* vlmhost_checkpoint(void* state, vlmhost_segment_run run, vlmhost_segment_d
   }
 }
 
-// Whether autograd records operations on this thread.
-int vlmhost_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
-
 }  // extern "C"

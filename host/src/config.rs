@@ -288,6 +288,9 @@ pub struct TrainSettings {
     /// Gradient clipping (global L2 norm); 0 turns it off.
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// The device's peak TFLOP/s for MFU (`--peak-tflops`); absent: the
+    /// known peak of the CUDA GPU for the precision (none on the CPU).
+    pub peak_tflops: Option<f64>,
     /// Validation samples held out of the training file: a fraction (< 1) or a count.
     pub val_size: f64,
     /// A separate validation file (instead of `val_size`).
@@ -333,6 +336,7 @@ impl Default for TrainSettings {
             warmup_steps: 0,
             max_grad_norm: 1.0,
             seed: 42,
+            peak_tflops: None,
             val_size: 0.0,
             val_dataset: None,
             eval_every: 0,
@@ -465,6 +469,9 @@ impl TrainConfig {
         }
         if !non_negative(t.max_grad_norm) {
             return bad("train.max_grad_norm", &t.max_grad_norm, "zero (no clipping) or positive");
+        }
+        if let Some(p) = t.peak_tflops.filter(|p| !positive(*p)) {
+            return bad("train.peak_tflops", &p, "a positive number of TFLOP/s, such as 989 (H100 SXM, bf16)");
         }
         if t.max_length == 0 {
             return bad("train.max_length", &0, "at least 1 token");

@@ -22,9 +22,17 @@ its loop), the first 2 steps excluded as warm-up; peak RSS is the process's
 maximum resident set from `wait4` (model loading included on both sides).
 The release binary is used when target/release/vlmhost exists, else the debug
 one (noted in the output; debug timings mean little). Prints a table and the
-ratios vlmhost / reference and writes target/bench/train_step.json.
+ratios vlmhost / reference and writes target/bench/train_step.json
+(train_step-bf16.json etc. for other options).
 
-    .venv/bin/python scripts/bench/train_step.py [--threads 1] [--models tiny,150m]
+Options of the recipe, on both sides: `--precision fp32|bf16` (vlmhost
+`--precision`; the reference loads the frozen weights in bf16, keeps the
+trainable tensors as fp32 masters and runs under bf16 autocast),
+`--gradient-checkpointing` (vlmhost `--gradient-checkpointing`, transformers'
+non-reentrant checkpointing), `--attn-implementation eager|sdpa` (the
+reference's attention; vlmhost always calls SDPA).
+
+    .venv/bin/python scripts/bench/train_step.py [--threads 1] [--models tiny,150m] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -116,26 +124,34 @@ def step_stats(elapsed: list[float]) -> dict:
     }
 
 
-def run_vlmhost(binary: Path, model: Path, steps: int, threads: int, work: Path) -> dict:
+def run_vlmhost(binary: Path, model: Path, steps: int, threads: int, work: Path, opts: argparse.Namespace) -> dict:
     cfg = work / "config.yaml"
     cfg.write_text(CONFIG_YAML)
     out = work / "vlmhost-run"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [str(binary), "train", "--plugin", "llava", "--model", str(model), "--dataset", str(DATA),
-           "--config", str(cfg), "--output", str(out), "--max-steps", str(steps)]
+           "--config", str(cfg), "--output", str(out), "--max-steps", str(steps), "--precision", opts.precision]
+    if opts.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     wall, rss = run_measured(cmd, env, work / "vlmhost.log")
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(metrics) == steps, f"vlmhost wrote {len(metrics)} steps, wanted {steps}"
     losses = [m["loss"] for m in metrics]
+    summary = json.loads((out / "summary.json").read_text())
     return {"wall_seconds": wall, "peak_rss_bytes": rss, "losses": losses,
+            "model_flops_per_step": metrics[-1].get("model_flops"),
+            "attention_kernels": summary.get("attention_kernels"),
             **step_stats([m["elapsed_seconds"] for m in metrics])}
 
 
-def run_reference(model: Path, steps: int, threads: int, work: Path) -> dict:
+def run_reference(model: Path, steps: int, threads: int, work: Path, opts: argparse.Namespace) -> dict:
     out = work / "reference-run"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(REFERENCE), "--output", str(out), "--model", str(model), "--data", str(DATA),
-           "--steps", str(steps), "--threads", str(threads), "--nondeterministic"]
+           "--steps", str(steps), "--threads", str(threads), "--nondeterministic", "--precision", opts.precision,
+           "--attn-implementation", opts.attn_implementation]
+    if opts.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     wall, rss = run_measured(cmd, env, work / "reference.log")
     ref = json.loads((out / "train_reference.json").read_text())
     return {"wall_seconds": wall, "peak_rss_bytes": rss, "losses": ref["losses"],
@@ -161,6 +177,9 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,150m")
     parser.add_argument("--steps-tiny", type=int, default=20)
     parser.add_argument("--steps-150m", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="eager")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     binary, profile = vlmhost_binary()
@@ -170,15 +189,17 @@ def main() -> None:
         make_big_model()
 
     report = {"binary": str(binary.relative_to(ROOT)), "profile": profile, "threads": args.threads,
+              "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+              "reference_attn_implementation": args.attn_implementation,
               "warmup_steps_excluded": WARMUP, "config": CONFIG_YAML, "models": {}}
     for name in chosen:
         path, steps = models[name]
         with tempfile.TemporaryDirectory(prefix=f"train_step_{name}_", dir=OUT) as tmp:
             work = Path(tmp)
             print(f"[{name}] vlmhost ({profile}), {steps} steps ...", flush=True)
-            vh = run_vlmhost(binary, path, steps, args.threads, work)
+            vh = run_vlmhost(binary, path, steps, args.threads, work, args)
             print(f"[{name}] transformers+peft, {steps} steps ...", flush=True)
-            rf = run_reference(path, steps, args.threads, work)
+            rf = run_reference(path, steps, args.threads, work, args)
         report["models"][name] = {
             "model": str(path.relative_to(ROOT)),
             "parameters": count_params(path),
@@ -188,10 +209,13 @@ def main() -> None:
             "ratio_step_time": vh["step_seconds_median"] / rf["step_seconds_median"],
             "ratio_peak_rss": vh["peak_rss_bytes"] / rf["peak_rss_bytes"],
         }
-    (OUT / "train_step.json").write_text(json.dumps(report, indent=2))
+    suffix = ("" if args.precision == "fp32" else f"-{args.precision}") + ("-gc" if args.gradient_checkpointing else "")
+    result_file = OUT / f"train_step{suffix}.json"
+    result_file.write_text(json.dumps(report, indent=2))
 
     mib = 1 << 20
-    print(f"\nvlmhost binary: {report['binary']} ({profile}); threads {args.threads}; "
+    print(f"\nvlmhost binary: {report['binary']} ({profile}); threads {args.threads}; precision {args.precision}; "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; reference attention {args.attn_implementation}; "
           f"step time = median over steps {WARMUP + 1}..N")
     print(f"{'model':>6} {'params':>11} {'steps':>5} | {'vlmhost s/step':>14} {'ref s/step':>10} {'ratio':>6} | "
           f"{'vlmhost RSS':>11} {'ref RSS':>9} {'ratio':>6} | loss first->last (vlmhost / ref)")
@@ -201,7 +225,7 @@ def main() -> None:
               f"{f['step_seconds_median']:>10.4f} {r['ratio_step_time']:>6.2f} | "
               f"{v['peak_rss_bytes'] / mib:>8.0f} MiB {f['peak_rss_bytes'] / mib:>5.0f} MiB {r['ratio_peak_rss']:>6.2f} | "
               f"{v['losses'][0]:.3f}->{v['losses'][-1]:.3f} / {f['losses'][0]:.3f}->{f['losses'][-1]:.3f}")
-    print(f"wrote {(OUT / 'train_step.json').relative_to(ROOT)}")
+    print(f"wrote {result_file.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

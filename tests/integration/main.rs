@@ -18,4 +18,5 @@ mod plugin_kit;
 mod plugins;
 mod precision;
 mod robustness;
+mod throughput;
 mod train;

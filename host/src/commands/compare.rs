@@ -4,7 +4,8 @@
 //! folder gets a new one from `vlmhost init` (the `tiny` preset by default).
 //! The result is a report in Markdown, JSON and one loss-curve PNG:
 //! parameters and trainable parameters per role, final training and
-//! validation loss, held-out CER, tokens/s and peak memory.
+//! validation loss, held-out CER, tokens/s, TFLOP/s and MFU, the attention
+//! kernels that ran, and peak memory.
 
 use crate::report::metrics::EVAL_FILE;
 use crate::report::runs::{self as report, RunSummary};
@@ -269,12 +270,12 @@ impl CompareReport {
                 millions(total)
             ));
         }
-        out.push_str("\n## Training\n\n| family | steps | first loss | last loss | final val loss | CER | WER | tokens/s | peak RSS (MiB) | peak CUDA allocated (MiB) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("\n## Training\n\n| family | steps | first loss | last loss | final val loss | CER | WER | tokens/s | TFLOP/s | MFU | attention kernels | peak RSS (MiB) | peak CUDA allocated (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for f in &self.families {
             let r = &f.run;
             let eval = r.eval.as_ref();
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 f.family,
                 r.steps,
                 num(r.first_loss, 4),
@@ -283,6 +284,9 @@ impl CompareReport {
                 num(eval.and_then(|e| e.cer), 4),
                 num(eval.and_then(|e| e.wer), 4),
                 num(r.median_tokens_per_second, 0),
+                num(r.median_tflops, 2),
+                r.median_mfu.map_or_else(|| "–".to_owned(), |m| format!("{:.1}%", 100.0 * m)),
+                r.attention_kernels.as_deref().unwrap_or("–"),
                 num(f.peak_rss_mib, 0),
                 num(f.cuda_peak_allocated_mib, 0),
             ));

@@ -40,6 +40,10 @@ pub struct Args {
     /// train.gradient_checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// The device's peak TFLOP/s for MFU (overrides train.peak_tflops and
+    /// the table of known GPUs).
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
 }
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
@@ -62,6 +66,10 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     if args.max_steps.is_some() {
         cfg.train.max_steps = args.max_steps;
         cfg.validate().map_err(|e| anyhow!("--max-steps: {e}"))?;
+    }
+    if args.peak_tflops.is_some() {
+        cfg.train.peak_tflops = args.peak_tflops;
+        cfg.validate().map_err(|e| anyhow!("--peak-tflops: {e}"))?;
     }
     if args.val_dataset.is_some() {
         cfg.train.val_dataset = args.val_dataset;

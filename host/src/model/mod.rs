@@ -10,7 +10,9 @@
 //! * [`batch`] pads samples into a batch and computes the causal-LM loss;
 //!   [`generate`] decodes greedily with the plugin's key/value cache;
 //!   [`autocast`] runs a closure in bf16 autocast (models with bf16 weights);
-//!   [`memory`] reads the CUDA allocator's counters and the peak RSS.
+//!   [`memory`] reads the CUDA allocator's counters and the peak RSS;
+//!   [`kernels`] counts which attention kernel libtorch runs, and [`flops`]
+//!   the model FLOPs of a step (the formula, the pause for recomputation).
 //! * [`peft`] reads and writes adapters in PEFT's format.
 //! * `segments`: the plugin's segments (decoder layers, vision blocks), run
 //!   plainly or with activation checkpointing ([`HostModel::backward`]).
@@ -22,6 +24,8 @@ pub mod autocast;
 pub mod memory;
 pub mod batch;
 pub mod checkpoint;
+pub mod flops;
+pub mod kernels;
 pub mod generate;
 mod host_model;
 pub mod lora;

@@ -56,6 +56,7 @@ impl Ops<'_> {
         let w = &params[m.weight as usize];
         let b = (m.bias != u32::MAX).then(|| &params[m.bias as usize]);
         let mut y = x.f_linear(w, b).map_err(torch_err)?;
+        super::flops::count_linear(&x, w, self.model.adapter(index as usize));
         if let Some(a) = self.model.adapter(index as usize) {
             y = y.f_add(&a.delta(&x, self.training).map_err(torch_err)?).map_err(torch_err)?;
         }

@@ -48,7 +48,7 @@ extern "C" {
     ) -> *mut c_char;
     fn vlmhost_segment_push(out: *mut c_void, t: *const C_tensor);
     fn vlmhost_segment_fail(out: *mut c_void, message: *const c_char, len: usize);
-    fn vlmhost_grad_enabled() -> i32;
+    fn vlmhost_grad_enabled() -> i32; // csrc/ops_observer.cpp
 }
 
 /// Whether autograd records operations on this thread.
@@ -165,6 +165,8 @@ unsafe extern "C" fn run_state(state: *mut c_void, live: *const c_void, inputs: 
         // SAFETY: registered by `Lent` for the borrow of the backward pass now running.
         let model = unsafe { &*(address as *const HostModel) };
         model.recomputed[state.segment.role as usize].fetch_add(1, Ordering::Relaxed);
+        // Model FLOPs count the forward once; its recomputation is not the model's work.
+        let _pause = super::flops::pause();
         Ops { model, training: true, recompute: true }.run_segment(state.segment, &inputs)
     }));
     let result = result.unwrap_or_else(|_| Err(PluginError::Torch { message: "a segment panicked in the host".into() }));

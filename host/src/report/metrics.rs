@@ -35,6 +35,8 @@ pub struct StepMetrics {
     pub grad_norm: Option<f64>,
     pub tokens: usize,
     pub supervised_tokens: usize,
+    /// `tokens` (the language model's input positions, text and image
+    /// placeholders, padding excluded; all ranks) over the step's time.
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,6 +46,55 @@ pub struct StepMetrics {
     /// The run's peak memory so far.
     #[serde(flatten)]
     pub memory: PeakMemory,
+    /// The step's model FLOPs and their rate.
+    #[serde(flatten)]
+    pub throughput: Throughput,
+}
+
+/// Model FLOPs (`crate::model::flops`: the host's linear layers and the
+/// attention calls, forward and backward, recomputation excluded) over time:
+/// per step in `metrics.jsonl`, for the whole run in `summary.json`. Per
+/// process: in a data-parallel run, rank 0's share on its own device.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Throughput {
+    /// Model FLOPs of the step(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_flops: Option<f64>,
+    /// Seconds of the step(s): forward, backward and optimizer, from the
+    /// batch's preparation to the weights' update (validation and
+    /// checkpoints excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_seconds: Option<f64>,
+    /// `model_flops / step_seconds` in TFLOP/s: on CUDA, or on the CPU when
+    /// a peak is given (`train.peak_tflops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub achieved_tflops: Option<f64>,
+    /// Model FLOPs utilisation: `achieved_tflops / peak`, a fraction of 1;
+    /// only with a known peak (the GPU's, or `train.peak_tflops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+}
+
+impl Throughput {
+    /// `flops` in `seconds` on a CUDA device or not, against `peak_tflops`.
+    pub fn new(flops: f64, seconds: f64, cuda: bool, peak_tflops: Option<f64>) -> Throughput {
+        let tflops = flops / seconds.max(1e-9) / 1e12;
+        Throughput {
+            model_flops: Some(flops),
+            step_seconds: Some(seconds),
+            achieved_tflops: (cuda || peak_tflops.is_some()).then_some(tflops),
+            mfu: peak_tflops.filter(|p| *p > 0.0).map(|p| tflops / p),
+        }
+    }
+
+    /// ` 312.4 TFLOP/s MFU 31.6%` for the progress line (empty without a rate).
+    pub fn progress(&self) -> String {
+        let mut s = self.achieved_tflops.map_or(String::new(), |t| format!(" {t:.1} TFLOP/s"));
+        if let Some(m) = self.mfu {
+            s += &format!(" MFU {:.1}%", 100.0 * m);
+        }
+        s
+    }
 }
 
 /// The most memory a run has used so far, in MiB: in every line of
@@ -146,6 +197,8 @@ pub struct MetricsRecord {
     pub skipped: Option<String>,
     #[serde(flatten)]
     pub memory: PeakMemory,
+    #[serde(flatten)]
+    pub throughput: Throughput,
 }
 
 /// Why `metrics.jsonl` could not be read.

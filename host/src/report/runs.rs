@@ -41,6 +41,12 @@ pub struct RunSummary {
     /// Steps skipped for a non-finite loss.
     pub skipped_steps: usize,
     pub median_tokens_per_second: Option<f64>,
+    /// The median step's achieved TFLOP/s and MFU (model FLOPs; `metrics.jsonl`).
+    pub median_tflops: Option<f64>,
+    pub median_mfu: Option<f64>,
+    /// Attention calls by kernel (`summary.json`'s `attention_kernels`), as
+    /// `flash 96, math 0`; absent for runs that did not finish.
+    pub attention_kernels: Option<String>,
     /// The most memory the run used, in MiB: the CUDA allocator's peak of
     /// memory held by tensors, else (CPU runs) the process's peak RSS.
     pub peak_memory_mib: Option<f64>,
@@ -128,6 +134,20 @@ fn read_eval(run_dir: &Path, file: &str) -> anyhow::Result<Option<EvalMetrics>> 
     Ok(Some(EvalMetrics { loss: get("loss")?, cer: get("cer")?, wer: get("wer")?, exact_match: get("exact_match")? }))
 }
 
+/// `summary.json`'s `attention_kernels` as one line, when the run wrote one.
+fn read_kernels(run_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = run_dir.join(metrics::SUMMARY_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    Ok(v.get("attention_kernels")
+        .and_then(|k| serde_json::from_value::<crate::model::kernels::AttentionKernels>(k.clone()).ok())
+        .map(|k| k.line()))
+}
+
 /// Summarise one run folder (its records are returned for the plot).
 pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecord>)> {
     if !run_dir.is_dir() {
@@ -155,6 +175,9 @@ pub fn summarise(run_dir: &Path) -> anyhow::Result<(RunSummary, Vec<MetricsRecor
         median_tokens_per_second: median(
             records.iter().filter(|r| r.skipped.is_none()).filter_map(|r| r.tokens_per_second.filter(|t| t.is_finite() && *t > 0.0)).collect(),
         ),
+        median_tflops: median(records.iter().filter(|r| r.skipped.is_none()).filter_map(|r| r.throughput.achieved_tflops.filter(|t| t.is_finite())).collect()),
+        median_mfu: median(records.iter().filter(|r| r.skipped.is_none()).filter_map(|r| r.throughput.mfu.filter(|t| t.is_finite())).collect()),
+        attention_kernels: read_kernels(run_dir)?,
         peak_memory_mib: records
             .iter()
             .filter_map(|r| r.memory.watched_mib())
@@ -240,7 +263,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let with_eval = self.runs.iter().any(|r| r.eval.is_some());
         let mut head = vec![
-            "run", "plugin", "model", "mode", "steps", "first loss", "last loss", "best loss (step)", "final val loss", "tokens/s (median)", "peak memory (MiB)", "wall time",
+            "run", "plugin", "model", "mode", "steps", "first loss", "last loss", "best loss (step)", "final val loss", "tokens/s (median)", "TFLOP/s", "MFU", "attention kernels", "peak memory (MiB)", "wall time",
         ];
         let with_before = self.runs.iter().any(|r| r.eval_before.is_some());
         if with_before {
@@ -267,6 +290,9 @@ impl Report {
                 best,
                 num(r.final_val_loss, 4),
                 num(r.median_tokens_per_second, 0),
+                num(r.median_tflops, 2),
+                r.median_mfu.map_or_else(|| "–".to_owned(), |m| format!("{:.1}%", 100.0 * m)),
+                text(&r.attention_kernels),
                 num(r.peak_memory_mib, 0),
                 r.wall_seconds.map_or_else(|| "–".to_owned(), duration),
             ];
@@ -326,6 +352,12 @@ mod tests {
         write_run(&b, &[Some(3.0), None, Some(2.5)], &[10.0, 20.0, 5.0], None, true);
 
         let out = tmp.path().join("report.png");
+        // A finished run's summary names the attention kernels that ran.
+        std::fs::write(
+            a.join(metrics::SUMMARY_FILE),
+            r#"{"attention_kernels": {"calls": 96, "flash": 90, "flash_cpu": 0, "efficient": 0, "cudnn": 0, "math": 6, "other": 0}}"#,
+        )
+        .unwrap();
         let rep = report(&[a.clone(), b.clone()], &out).unwrap();
         assert_eq!(rep.plot.as_deref(), Some(out.as_path()));
         let img = image::open(&out).unwrap();
@@ -348,9 +380,9 @@ mod tests {
         assert!(lines[0].contains("| CER |"), "{md}");
         assert_eq!(
             lines[2],
-            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | 530 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
+            "| run-a | qwen2_vl | /models/qwen2-vl-2b | llm | 4 | 2.0000 | 1.3000 | 1.2500 (3) | 1.4000 | 250 | – | – | flash 90, math 6 | 530 | 4.0s | 1.4100 | 0.1250 | 0.2500 | 0.5000 |"
         );
-        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | 2002 | 25.0s | – | – | – | – |");
+        assert_eq!(lines[3], "| run-b | – | – | – | 3 (1 skipped) | 3.0000 | 2.5000 | 2.5000 (3) | – | 200 | – | – | – | 2002 | 25.0s | – | – | – | – |");
 
         // The starting point's scores (eval-before.json) get their own columns.
         std::fs::write(b.join(EVAL_BEFORE_FILE), r#"{"loss": 4.0, "cer": 0.875, "exact_match": 0.0}"#).unwrap();

@@ -26,8 +26,10 @@ use crate::config::TrainConfig;
 use crate::dist::Group;
 use crate::files::{self, fault};
 use crate::model::weights::read_tensors;
+use crate::model::flops::{self, StepFlops};
+use crate::model::kernels::{AttentionKernels, Observer};
 use crate::model::HostModel;
-use crate::report::metrics::{MetricsLog, PeakMemory, StepMetrics, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE, SUMMARY_FILE};
+use crate::report::metrics::{MetricsLog, PeakMemory, StepMetrics, Throughput, CONFIG_FILE, EVAL_BEFORE_FILE, EVAL_FILE, SUMMARY_FILE};
 use crate::report::ocr::OcrMetrics;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -67,6 +69,19 @@ pub struct TrainSummary {
     /// The run's peak memory.
     #[serde(flatten)]
     pub memory: PeakMemory,
+    /// The language model's input positions trained on (all ranks; padding excluded).
+    pub tokens: usize,
+    /// `tokens` over the steps' time (`step_seconds`).
+    pub tokens_per_second: Option<f64>,
+    /// The model FLOPs of all steps, their time, the achieved TFLOP/s and MFU.
+    #[serde(flatten)]
+    pub throughput: Throughput,
+    /// The peak TFLOP/s the MFU is taken against (`train.peak_tflops`, or
+    /// the known GPU's for the precision).
+    pub peak_tflops: Option<f64>,
+    /// Calls of scaled-dot-product attention by the kernel libtorch chose,
+    /// over the steps' forward and backward passes (validation aside).
+    pub attention_kernels: AttentionKernels,
 }
 
 /// Run training. The model's rules (mode, LoRA) are already applied. With
@@ -112,6 +127,15 @@ struct Run<'a> {
     /// Generated validation answers are scored (`train.eval_generate` with a validation set).
     generate_eval: bool,
     generation_before: Option<OcrMetrics>,
+    /// Counts the attention kernels and FLOPs while a step's window is open.
+    observer: Observer,
+    /// The peak TFLOP/s for MFU, if known.
+    peak_tflops: Option<f64>,
+    /// Totals over the steps: LLM tokens, model FLOPs, seconds, kernels.
+    tokens: usize,
+    flops: f64,
+    step_seconds: f64,
+    kernels: AttentionKernels,
 }
 
 impl<'a> Run<'a> {
@@ -175,6 +199,11 @@ impl<'a> Run<'a> {
         // The run's CUDA peaks count from here: the weights, adapters and optimizer state in place.
         crate::model::memory::reset_cuda_peak(model.device());
         let progress = Progress::new(job.progress_bar && writer, writer, &state);
+        let observer = Observer::start()?;
+        let peak_tflops = flops::peak_tflops(model.device(), cfg.precision.is_bf16(model.device().is_cuda()), t.peak_tflops);
+        if writer && model.device().is_cuda() && peak_tflops.is_none() {
+            eprintln!("note: no known peak TFLOP/s for this GPU: no MFU (give --peak-tflops or train.peak_tflops)");
+        }
         Ok(Run {
             model,
             cfg,
@@ -195,6 +224,12 @@ impl<'a> Run<'a> {
             last_checkpoint: resume_dir.unwrap_or_default(),
             generate_eval,
             generation_before,
+            observer,
+            peak_tflops,
+            tokens: 0,
+            flops: 0.0,
+            step_seconds: 0.0,
+            kernels: AttentionKernels::default(),
         })
     }
 
@@ -257,7 +292,14 @@ impl<'a> Run<'a> {
         let micro: Vec<Vec<usize>> = global.iter().map(|b| self.world.shard(b)).collect();
         let lr = learning_rate(cfg.optimizer.lr, t.schedule, t.warmup_steps, self.state.step, self.state.total_steps);
         self.opt.zero_grad();
-        let (loss_sum, tokens) = self.forward_backward(&micro, supervised)?;
+        let _ = (StepFlops::take(), AttentionKernels::read(true));
+        let (loss_sum, tokens) = {
+            // Model FLOPs and attention kernels of this step's forward and backward passes.
+            let _window = self.observer.window();
+            self.forward_backward(&micro, supervised)?
+        };
+        let step_flops = StepFlops::take().total() as f64;
+        self.kernels = self.kernels.add(&AttentionKernels::read(true));
         let (loss_sum, tokens) = self.world.sum_step(loss_sum, tokens, self.model.device())?;
         let mut record = StepMetrics {
             step: self.state.step + 1,
@@ -267,11 +309,12 @@ impl<'a> Run<'a> {
             grad_norm: None,
             tokens,
             supervised_tokens: supervised,
-            tokens_per_second: tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_second: 0.0,
             elapsed_seconds: 0.0,
             val_loss: None,
             skipped: None,
             memory: PeakMemory::read(self.model.device()),
+            throughput: Throughput::default(),
         };
         match loss_sum {
             Some(sum) => {
@@ -299,6 +342,13 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        // The step's time: from its batches' preparation to the update (validation and checkpoints aside).
+        let seconds = step_start.elapsed().as_secs_f64();
+        record.tokens_per_second = tokens as f64 / seconds.max(1e-9);
+        record.throughput = Throughput::new(step_flops, seconds, self.model.device().is_cuda(), self.peak_tflops);
+        self.tokens += tokens;
+        self.flops += step_flops;
+        self.step_seconds += seconds;
         self.state.step += 1;
         record.val_loss = self.validate()?;
         record.elapsed_seconds = self.start.elapsed().as_secs_f64();
@@ -345,6 +395,13 @@ impl<'a> Run<'a> {
     /// and the plots.
     fn finish(self) -> Result<TrainSummary> {
         self.progress.finish();
+        if self.world.is_writer() {
+            eprintln!("attention kernels: {}", self.kernels.line());
+            if let Some(w) = self.model.device().is_cuda().then(|| self.kernels.cuda_warning()).flatten() {
+                tracing::warn!("{w}");
+                eprintln!("warning: {w}");
+            }
+        }
         let job = self.job;
         let output = &job.output;
         if !self.world.is_writer() {
@@ -385,6 +442,15 @@ impl<'a> Run<'a> {
             generation_before: self.generation_before,
             generation_after,
             memory: PeakMemory::read(self.model.device()),
+            tokens: self.tokens,
+            tokens_per_second: (self.step_seconds > 0.0).then(|| self.tokens as f64 / self.step_seconds),
+            throughput: if self.state.step > 0 && self.step_seconds > 0.0 {
+                Throughput::new(self.flops, self.step_seconds, self.model.device().is_cuda(), self.peak_tflops)
+            } else {
+                Throughput::default()
+            },
+            peak_tflops: self.peak_tflops,
+            attention_kernels: self.kernels,
         }
     }
 }
@@ -448,12 +514,13 @@ impl Progress {
 
     fn show(&self, record: &StepMetrics, state: &TrainState) {
         let line = format!(
-            "step {}/{} loss {} lr {:.3e} {:.0} tok/s{}{}",
+            "step {}/{} loss {} lr {:.3e} {:.0} tok/s{}{}{}",
             state.step,
             state.total_steps,
             record.loss.map_or("skipped".to_owned(), |l| format!("{l:.4}")),
             record.lr,
             record.tokens_per_second,
+            record.throughput.progress(),
             record.memory.watched_mib().map_or(String::new(), |m| format!(" mem {:.2} GiB", m / 1024.0)),
             record.val_loss.map_or(String::new(), |v| format!(" val {v:.4}"))
         );
