@@ -38,10 +38,14 @@ enum Tower {
 }
 
 impl Tower {
+    /// Image features that replace the image tokens, `[tokens, hidden]`; the
+    /// encoder runs without autograd when nothing of the vision role trains.
     fn features(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
+        let encode = || self.encode(host, pixel_values, grids);
+        let encoded = if host.role_trains(Role::Vision) { encode()? } else { tch::no_grad(encode)? };
         match self {
-            Tower::Qwen2Vl(v) => v.features(host, pixel_values, grids),
-            Tower::Qwen25Vl(v) => v.features(host, pixel_values, grids),
+            Tower::Qwen2Vl(v) => v.merge(host, &encoded),
+            Tower::Qwen25Vl(v) => v.merge(host, &encoded),
         }
     }
 

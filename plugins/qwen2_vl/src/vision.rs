@@ -39,11 +39,7 @@ impl Block {
     fn forward(&self, host: Host<'_, '_>, c: &VisionConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[i64]) -> R {
         let (n, hd, heads) = (x.size()[0], c.head_dim(), c.num_heads);
         let y = ops::layer_norm(host, &self.norm1, x)?;
-        // [n, 3, heads, hd] -> 3 x [n, heads, hd]
-        let qkv = host.linear(self.qkv, &y)?.f_reshape([n, 3, heads, hd])?;
-        let q = rope_f32(&qkv.f_select(1, 0)?, cos, sin)?;
-        let k = rope_f32(&qkv.f_select(1, 1)?, cos, sin)?;
-        let v = qkv.f_select(1, 2)?;
+        let (q, k, v) = rotated_qkv(host, self.qkv, &y, heads, hd, cos, sin)?;
         let att = segment_attention(&q, &k, &v, segments, (hd as f64).powf(-0.5))?;
         let x = x.f_add(&host.linear(self.proj, &att.f_reshape([n, c.embed_dim])?)?)?;
         let y = ops::layer_norm(host, &self.norm2, &x)?;
@@ -97,17 +93,7 @@ impl Vision {
     /// `pixel_values` `[patches, C*T*P*P]` of images with `grids`.
     pub fn encode(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
         let c = &self.config;
-        let n: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        let size = pixel_values.size();
-        if size.len() != 2 || size[0] != n || size[1] != c.patch_dim() {
-            return Err(PluginError::invalid(
-                "batch: pixel_values",
-                format!("shape {size:?}, but image_grid_thw {grids:?} needs [{n}, {}]", c.patch_dim()),
-            ));
-        }
-        let w = host.param(self.patch_embed.weight)?;
-        // Conv3d with kernel == stride == the whole patch: one matrix product. [n, embed]
-        let mut x = pixel_values.f_to_kind(w.kind())?.f_matmul(&w.f_reshape([c.embed_dim, -1])?.f_transpose(0, 1)?)?;
+        let mut x = embed_patches(host, c, &self.patch_embed, pixel_values, grids)?;
         let hd = c.head_dim();
         let (cos, sin) = vision_cos_sin(&vision_positions(grids, c.spatial_merge_size), hd, c.rope_theta, x.device())?;
         // Attention segments: one per frame (h * w patches).
@@ -137,14 +123,33 @@ impl Vision {
         let y = host.linear(self.merger.0, &y)?.f_gelu("none")?;
         host.linear(self.merger.1, &y)
     }
+}
 
-    /// Image features that replace the image tokens, `[tokens, hidden]`; the
-    /// encoder runs without autograd when nothing of the vision role trains.
-    pub fn features(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
-        let encoded =
-            if host.role_trains(Role::Vision) { self.encode(host, pixel_values, grids)? } else { tch::no_grad(|| self.encode(host, pixel_values, grids))? };
-        self.merge(host, &encoded)
+/// The patch embedding of `pixel_values` `[patches, C*T*P*P]` of images with
+/// `grids`: `[patches, embed]`. The Conv3d's kernel equals its stride and the
+/// whole patch, so it is one matrix product. (Qwen2-VL and Qwen2.5-VL.)
+pub fn embed_patches(host: Host<'_, '_>, c: &VisionConfig, conv: &ConvParams, pixel_values: &Tensor, grids: &[Grid]) -> R {
+    let n: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+    let size = pixel_values.size();
+    if size.len() != 2 || size[0] != n || size[1] != c.patch_dim() {
+        return Err(PluginError::invalid(
+            "batch: pixel_values",
+            format!("shape {size:?}, but image_grid_thw {grids:?} needs [{n}, {}]", c.patch_dim()),
+        ));
     }
+    let w = host.param(conv.weight)?;
+    Ok(pixel_values.f_to_kind(w.kind())?.f_matmul(&w.f_reshape([c.embed_dim, -1])?.f_transpose(0, 1)?)?)
+}
+
+/// The fused `qkv` projection of `y` `[n, embed]` split into queries, keys and
+/// values `[n, heads, hd]`, queries and keys rotated ([`rope_f32`]).
+pub fn rotated_qkv(host: Host<'_, '_>, qkv: LinearId, y: &Tensor, heads: i64, hd: i64, cos: &Tensor, sin: &Tensor) -> R<(Tensor, Tensor, Tensor)> {
+    let n = y.size()[0];
+    // [n, 3, heads, hd] -> 3 x [n, heads, hd]
+    let qkv = host.linear(qkv, y)?.f_reshape([n, 3, heads, hd])?;
+    let q = rope_f32(&qkv.f_select(1, 0)?, cos, sin)?;
+    let k = rope_f32(&qkv.f_select(1, 1)?, cos, sin)?;
+    Ok((q, k, qkv.f_select(1, 2)?))
 }
 
 /// `apply_rotary_pos_emb_vision`: rotate in float32, back to the input's kind.

@@ -28,11 +28,10 @@
 
 use crate::config::{VisionConfig, WindowConfig};
 use crate::rope::{vision_cos_sin, vision_positions, Grid};
-use crate::vision::rope_f32;
+use crate::vision::{embed_patches, rotated_qkv, VISION_STACK};
 use tch::Tensor;
 use vlmhost_plugin_api::builder::{ConvParams, RmsNormParams, SpecPath};
 use vlmhost_plugin_api::ops;
-use crate::vision::VISION_STACK;
 use vlmhost_plugin_api::{Host, LinearId, PluginError, Role, Segment};
 use vlmhost_plugin_sdk::decoder::{one_output, segment_error, SwiGlu};
 
@@ -56,11 +55,7 @@ impl Block {
     fn forward(&self, host: Host<'_, '_>, c: &VisionConfig, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &Segments) -> R {
         let (n, hd, heads) = (x.size()[0], c.head_dim(), c.num_heads);
         let y = ops::rms_norm(host, &self.norm1, x)?;
-        // [n, 3, heads, hd] -> 3 x [n, heads, hd]
-        let qkv = host.linear(self.qkv, &y)?.f_reshape([n, 3, heads, hd])?;
-        let q = rope_f32(&qkv.f_select(1, 0)?, cos, sin)?;
-        let k = rope_f32(&qkv.f_select(1, 1)?, cos, sin)?;
-        let v = qkv.f_select(1, 2)?;
+        let (q, k, v) = rotated_qkv(host, self.qkv, &y, heads, hd, cos, sin)?;
         let att = segments.attention(&q, &k, &v, (hd as f64).powf(-0.5))?;
         let x = x.f_add(&host.linear(self.proj, &att.f_reshape([n, c.embed_dim])?)?)?;
         let y = ops::rms_norm(host, &self.norm2, &x)?;
@@ -157,20 +152,11 @@ impl Vision25 {
     /// images with `grids`.
     pub fn encode(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
         let c = &self.config;
-        let n: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        let size = pixel_values.size();
-        if size.len() != 2 || size[0] != n || size[1] != c.patch_dim() {
-            return Err(PluginError::invalid(
-                "batch: pixel_values",
-                format!("shape {size:?}, but image_grid_thw {grids:?} needs [{n}, {}]", c.patch_dim()),
-            ));
-        }
+        let x = embed_patches(host, c, &self.patch_embed, pixel_values, grids)?;
+        let n = x.size()[0];
         let merge = c.spatial_merge_size;
         let unit = merge * merge;
-        let w = host.param(self.patch_embed.weight)?;
         let device = pixel_values.device();
-        // Conv3d with kernel == stride == the whole patch: one matrix product. [n, embed]
-        let x = pixel_values.f_to_kind(w.kind())?.f_matmul(&w.f_reshape([c.embed_dim, -1])?.f_transpose(0, 1)?)?;
         // Into window order, whole merged tokens (merge x merge consecutive patches) at a time.
         let win = window_index(grids, merge, self.window.merged_window(c));
         let order = Tensor::f_from_slice(&win.order)?.f_to_device(device)?;
@@ -214,14 +200,6 @@ impl Vision25 {
         let y = ops::rms_norm(host, &self.ln_q, encoded)?.f_reshape([-1, self.config.merged_dim()])?;
         let y = host.linear(self.merger.0, &y)?.f_gelu("none")?;
         host.linear(self.merger.1, &y)
-    }
-
-    /// Image features that replace the image tokens, `[tokens, hidden]`; the
-    /// encoder runs without autograd when nothing of the vision role trains.
-    pub fn features(&self, host: Host<'_, '_>, pixel_values: &Tensor, grids: &[Grid]) -> R {
-        let encoded =
-            if host.role_trains(Role::Vision) { self.encode(host, pixel_values, grids)? } else { tch::no_grad(|| self.encode(host, pixel_values, grids))? };
-        self.merge(host, &encoded)
     }
 }
 

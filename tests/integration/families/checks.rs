@@ -416,3 +416,44 @@ pub fn gradient_checkpointing_keeps_gradients(f: &Family, c: Checkpointing) {
                    {} LLM and {} vision segments recomputed", plain.len(), m.segments_recomputed(Role::Llm), m.segments_recomputed(Role::Vision));
     }
 }
+
+/// `model_untied` (its own `lm_head.weight`) and `model_inmemory` (transformers 5's in-memory key
+/// layout) open, and on samples `samples` their logits equal transformers' (`untied_logits` and the
+/// sample's logits); the fixture's `model` ties the head to `tied_to`.
+pub fn untied_head_and_in_memory_layout(f: &Family, samples: &[usize], tied_to: &str) {
+    let cfg = TrainConfig::default();
+    let untied = f.open_with(&f.options_for("model_untied", Mode::Llm), &cfg);
+    let head = untied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap();
+    assert!(head.tied_to.is_empty());
+    let inmem = f.open_with(&f.options_for("model_inmemory", Mode::Llm), &cfg);
+    let tied = f.open(Mode::Llm, &cfg);
+    assert_eq!(tied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap().tied_to, tied_to);
+    assert!(tied.load_report().missing.is_empty() && inmem.load_report().missing.is_empty());
+    let s = f.samples(&untied);
+    for &i in samples {
+        let r = f.reference(&format!("sample_{i}.safetensors"));
+        let batch = f.collate(&s, &[i]);
+        let untied_logits = tch::no_grad(|| untied.forward(&batch, false)).unwrap();
+        assert_close(&format!("{} untied head, sample {i}: logits", f.name), &untied_logits, &r["untied_logits"], RTOL_ACT, ATOL_FLOOR);
+        let (d, _) = forward_matches(&format!("{} in-memory layout, sample {i}", f.name), &inmem, &batch, &r);
+        eprintln!("{} sample {i}: untied head and in-memory layout match (in-memory logits {d:.2e})", f.name);
+    }
+}
+
+/// The adapter PEFT saved (`peft_adapter`) loads through the plugin's key rules with PEFT's
+/// logits on `sample` (`lora_sample_N`), and is written back under exactly PEFT's names.
+pub fn peft_adapter_loads_and_saves_under_peft_names(f: &Family, sample: usize) {
+    let adapter = f.fixture().join("peft_adapter");
+    let m = vlmhost::commands::open_model(&f.options(Mode::Llm), &TrainConfig::default(), Some(&adapter))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let r = f.reference(&format!("lora_sample_{sample}.safetensors"));
+    forward_matches(&format!("{} adapter from PEFT, sample {sample}", f.name), &m, &f.collate(&f.samples(&m), &[sample]), &r);
+    let dir = tempdir();
+    vlmhost::model::peft::save(&m, dir.path()).unwrap();
+    let keys = |path: PathBuf| -> Vec<String> {
+        let mut k: Vec<String> = Tensor::read_safetensors(path).unwrap().into_iter().map(|(n, _)| n).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(dir.path().join("adapter_model.safetensors")), keys(adapter.join("adapter_model.safetensors")));
+}

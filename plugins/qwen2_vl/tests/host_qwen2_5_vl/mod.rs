@@ -10,23 +10,14 @@ use crate::families::prelude::*;
 use vlmhost::model::generate::{greedy, stop_tokens, StopReason};
 use vlmhost::plugin_api::sample::parse_line;
 
+/// Qwen2-VL's fixture layout, served by the same library.
 pub fn family() -> Family {
-    Family {
-        pad_id: |f| f.json("reference/samples.json")["pad_token_id"].as_i64().unwrap(),
-        ..Family::new("qwen2_5_vl", "vlmhost_plugin_qwen2_vl")
-    }
+    Family { name: "qwen2_5_vl", ..super::qwen2_vl::family() }
 }
 
-/// Every role trains, with LoRA, on all linears.
-const PEFT: Peft = Peft {
-    mode: Mode::Both,
-    targets: &Role::ALL,
-    projector_modules: &["visual.merger.mlp.0", "visual.merger.mlp.2"],
-    never: &[("patch_embed", "the Conv3d patch embedding takes no adapter")],
-    samples: &[0, 4],
-    // 3 vision blocks x 5 (qkv, proj, gate/up/down) + merger 2 + 2 layers x 7 = 31 modules, A and B each.
-    gradients: 62,
-};
+/// Every role trains, with LoRA, on all linears (as for Qwen2-VL): 3 vision blocks x 5 (qkv,
+/// proj, gate/up/down) + merger 2 + 2 layers x 7 = 31 modules, A and B each.
+const PEFT: Peft = Peft { gradients: 62, ..super::qwen2_vl::PEFT };
 
 checks! { family();
     init_tiny_trains_and_generates,
@@ -53,6 +44,9 @@ checks! { family();
         may_stay: |_| false,
     }),
     checkpoint_save_and_reload_keeps_bytes,
+    // model_untied: its own lm_head.weight; model_inmemory: model.visual.* / model.language_model.* keys.
+    untied_head_and_in_memory_layout(&[0, 4, 6, 7], "model.embed_tokens.weight"),
+    peft_adapter_loads_and_saves_under_peft_names(4),
     // Sample 7's image spans windows of two sizes; the middle block attends over whole frames.
     gradient_checkpointing_keeps_gradients(Checkpointing { samples: &[6, 7], batch: None, bf16_rtol: RTOL_ACT }),
 }
@@ -74,49 +68,6 @@ fn cached_decoding_equals_transformers(d: &Decoded) {
     let delta = ids(&r["rope_deltas"])[0];
     assert!(delta < 0, "two images: positions advance slower than tokens ({delta})");
     assert_eq!(ids(d.cache.last().unwrap()), [p.input_ids.len() as i64 + delta]);
-}
-
-#[test]
-fn untied_head_and_in_memory_layout() {
-    // model_untied: its own lm_head.weight; model_inmemory: model.visual.* / model.language_model.* keys.
-    let f = family();
-    let cfg = TrainConfig::default();
-    let untied = f.open_with(&f.options_for("model_untied", Mode::Llm), &cfg);
-    let head = untied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap();
-    assert!(head.tied_to.is_empty());
-    let inmem = f.open_with(&f.options_for("model_inmemory", Mode::Llm), &cfg);
-    let tied = f.open(Mode::Llm, &cfg);
-    assert_eq!(tied.spec().params.iter().find(|p| p.name == "lm_head.weight").unwrap().tied_to, "model.embed_tokens.weight");
-    assert!(tied.load_report().missing.is_empty() && inmem.load_report().missing.is_empty());
-    let s = f.samples(&untied);
-    for i in [0, 4, 6, 7] {
-        let r = f.reference(&format!("sample_{i}.safetensors"));
-        let batch = f.collate(&s, &[i]);
-        let untied_logits = tch::no_grad(|| untied.forward(&batch, false)).unwrap();
-        assert_close(&format!("qwen2_5_vl untied head, sample {i}: logits"), &untied_logits, &r["untied_logits"], RTOL_ACT, ATOL_FLOOR);
-        let (d, _) = forward_matches(&format!("qwen2_5_vl in-memory layout, sample {i}"), &inmem, &batch, &r);
-        eprintln!("qwen2_5_vl sample {i}: untied head and in-memory layout match (in-memory logits {d:.2e})");
-    }
-}
-
-#[test]
-fn peft_adapter_loads_and_saves_under_peft_names() {
-    // The adapter PEFT saved loads through the plugin's key rules with PEFT's logits ...
-    let f = family();
-    let adapter = f.fixture().join("peft_adapter");
-    let m = vlmhost::commands::open_model(&f.options(Mode::Llm), &TrainConfig::default(), Some(&adapter))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let r = f.reference("lora_sample_4.safetensors");
-    forward_matches("qwen2_5_vl adapter from PEFT, sample 4", &m, &f.collate(&f.samples(&m), &[4]), &r);
-    // ... and is written back under exactly PEFT's names (transformers' in-memory names).
-    let dir = tempdir();
-    vlmhost::model::peft::save(&m, dir.path()).unwrap();
-    let keys = |path: PathBuf| -> Vec<String> {
-        let mut k: Vec<String> = Tensor::read_safetensors(path).unwrap().into_iter().map(|(n, _)| n).collect();
-        k.sort();
-        k
-    };
-    assert_eq!(keys(dir.path().join("adapter_model.safetensors")), keys(adapter.join("adapter_model.safetensors")));
 }
 
 #[test]
